@@ -1,0 +1,1 @@
+"""The click front-end of surgery: parse, call the library, render."""

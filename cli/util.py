@@ -1,0 +1,100 @@
+"""Shared CLI pieces: progress bars on stderr, tables, JSON output, option types."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+
+import click
+
+
+def echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def table(rows: list[list], headers: list[str], align: str | None = None) -> str:
+    """A plain-text table; align is a string of 'l'/'r' per column."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    align = align or "l" * len(headers)
+    out = []
+    for j, r in enumerate(cells):
+        out.append("  ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(r, widths, align)).rstrip())
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+@contextmanager
+def progress_bar(enabled: bool = True):
+    """Yields a callback(desc, done, total) drawing a tqdm bar on stderr."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(desc: str, done: int, total: int, postfix: str | None = None) -> None:
+        if not enabled:
+            return
+        bar = bars.get(desc)
+        if bar is None:
+            for b in bars.values():
+                b.close()
+            bars.clear()
+            bar = bars[desc] = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+        bar.n = done
+        if postfix:
+            bar.set_postfix_str(postfix, refresh=False)
+        bar.refresh()
+
+    try:
+        yield update
+    finally:
+        for b in bars.values():
+            b.close()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def human_count(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000 or unit == "B":
+            return f"{n:.0f}" if unit == "" else f"{n:.2f}{unit}"
+        n /= 1000
+    return str(n)
+
+
+class SizeType(click.ParamType):
+    """'5GB', '500MB', '2GiB' -> bytes; bad values are a usage error (exit 2)."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from surgery.errors import OptionError
+        from surgery.io import parse_size
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except OptionError as e:
+            self.fail(str(e), param, ctx)
+
+
+class RegexType(click.ParamType):
+    name = "regex"
+
+    def convert(self, value, param, ctx):
+        import re
+
+        try:
+            re.compile(value)
+        except re.error as e:
+            self.fail(f"{value!r} is not a valid regular expression ({e})", param, ctx)
+        return value

@@ -1,0 +1,10 @@
+"""Checkpoint I/O: index from headers, lazy reader, streaming atomic writer."""
+
+from .index import CheckpointIndex, TensorInfo, open_checkpoint, safe_torch_load
+from .reader import LazyReader
+from .writer import ShardedWriter, atomic_output_dir, check_output_path, non_weight_files, parse_size
+
+__all__ = [
+    "CheckpointIndex", "TensorInfo", "open_checkpoint", "safe_torch_load", "LazyReader",
+    "ShardedWriter", "atomic_output_dir", "check_output_path", "non_weight_files", "parse_size",
+]

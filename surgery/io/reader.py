@@ -1,0 +1,80 @@
+"""Lazy reader: one tensor at a time, at most one shard open, in shard order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .index import CheckpointIndex, TensorInfo, safe_torch_load
+
+
+class LazyReader:
+    """Reads tensors of an indexed checkpoint on demand.
+
+    safetensors: each tensor is read with one seek + readinto into its own
+    buffer, so memory is the tensor itself. torch files: the shard is mapped
+    (torch.load(mmap=True)), so pages are read only when touched.
+    """
+
+    def __init__(self, index: CheckpointIndex):
+        self.index = index
+        self._shard: Path | None = None
+        self._fh = None
+        self._sd: dict[str, torch.Tensor] | None = None
+
+    def __enter__(self) -> "LazyReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._fh, self._sd, self._shard = None, None, None
+
+    def _open(self, shard: Path) -> None:
+        if self._shard == shard:
+            return
+        self.close()
+        if self.index.format == "safetensors":
+            try:
+                self._fh = open(shard, "rb")
+            except OSError as e:
+                raise CheckpointError(f"{shard}: cannot open ({e.strerror or e})") from None
+        else:
+            self._sd = safe_torch_load(shard, mmap=True)
+        self._shard = shard
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.index.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.index.root}: no tensor named {name!r}") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.info(name)
+        self._open(info.shard)
+        if self._sd is not None:
+            return self._sd[name]
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        self._fh.seek(info.offset)
+        got = self._fh.readinto(buf.numpy()) if info.nbytes else 0
+        if got != info.nbytes:
+            raise CheckpointError(
+                f"{info.shard}: tensor {name!r} is truncated ({got} of {info.nbytes} bytes); re-download the checkpoint"
+            )
+        return buf.view(info.dtype).reshape(info.shape)
+
+    def order(self, names: Iterable[str] | None = None) -> list[str]:
+        """Names sorted so each shard is visited once, data in file order."""
+        names = list(self.index.tensors) if names is None else list(names)
+        rank = {s: i for i, s in enumerate(self.index.shards)}
+        return sorted(names, key=lambda n: (rank[self.info(n).shard], self.info(n).offset))
+
+    def iter(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.order(names):
+            yield name, self.get(name)
