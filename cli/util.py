@@ -41,7 +41,8 @@ def progress_bar(enabled: bool = True):
             for b in bars.values():
                 b.close()
             bars.clear()
-            bar = bars[desc] = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+            bar = bars[desc] = tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True,
+                                   disable=None)  # None: no bar when stderr is not a terminal
         bar.n = done
         if postfix:
             bar.set_postfix_str(postfix, refresh=False)

@@ -1,3 +1,3 @@
 """One module per command; importing them registers them on the `surgery` group."""
 
-from . import inspect_cmd  # noqa: F401
+from . import extract_cmd, inspect_cmd  # noqa: F401

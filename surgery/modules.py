@@ -1,0 +1,96 @@
+"""What kind of layer each tensor of a checkpoint belongs to.
+
+The answer decides how a delta becomes LoRA factors: a Linear weight is (out, in),
+a GPT-2 Conv1D weight is stored (in, out), an Embedding is (vocab, dim). We build
+the architecture from config.json on the meta device (no memory, no data, no
+remote code) and read the module types; without a usable config we fall back to
+name heuristics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+
+import torch
+from torch import nn
+
+from .io import CheckpointIndex
+
+# kinds: "linear" (out, in) | "conv1d" (in, out) | "embedding" (vocab, dim)
+#        "bias" (of a linear/conv1d) | "norm" (1-D params of a module with no 2-D weight)
+#        "other" (anything else: buffers, int tensors, >2-D weights)
+_EMB_NAME = re.compile(r"(embed|wte|wpe|embeddings)", re.I)
+_NORM_NAME = re.compile(r"(norm|ln_|ln\d|layernorm)", re.I)
+
+
+def _meta_model(config: dict) -> nn.Module | None:
+    try:
+        import transformers
+        from transformers import AutoConfig
+    except ImportError:  # pragma: no cover
+        return None
+    if config.get("auto_map"):
+        return None  # custom code: we never run it; use heuristics
+    archs = config.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    try:
+        cfg = AutoConfig.for_model(**config)
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        with torch.device("meta"), contextlib.redirect_stderr(io.StringIO()):
+            if cls is not None:
+                return cls(cfg)
+            return transformers.AutoModel.from_config(cfg)
+    except Exception:  # noqa: BLE001 - any failure means "use the heuristics"
+        return None
+
+
+def _from_model(model: nn.Module) -> dict[str, str]:
+    from transformers.pytorch_utils import Conv1D
+
+    kinds: dict[str, str] = {}
+    for name, mod in model.named_modules():
+        p = f"{name}." if name else ""
+        if isinstance(mod, nn.Linear):
+            kinds[p + "weight"], kinds[p + "bias"] = "linear", "bias"
+        elif isinstance(mod, Conv1D):
+            kinds[p + "weight"], kinds[p + "bias"] = "conv1d", "bias"
+        elif isinstance(mod, nn.Embedding):
+            kinds[p + "weight"] = "embedding"
+        else:
+            params = list(mod.named_parameters(recurse=False))
+            if params and all(t.dim() == 1 for _, t in params):
+                for n, _ in params:
+                    kinds[p + n] = "norm"
+    return kinds
+
+
+def _heuristic(name: str, shape: tuple[int, ...], floating: bool) -> str:
+    if not floating:
+        return "other"
+    if len(shape) == 2 and name.endswith(".weight"):
+        return "embedding" if _EMB_NAME.search(name.rsplit(".", 2)[-2]) else "linear"
+    if len(shape) == 1:
+        return "norm" if _NORM_NAME.search(name) else "bias"
+    return "other"
+
+
+def tensor_kinds(index: CheckpointIndex) -> dict[str, str]:
+    """tensor name -> kind, for every tensor of the checkpoint."""
+    model = _meta_model(index.config) if index.config else None
+    known = _from_model(model) if model is not None else {}
+    names = list(index.tensors)
+    if known and sum(n in known for n in names) < 0.5 * len(names):
+        known = {}  # names do not line up with the architecture (prefix differs): heuristics
+    out = {}
+    for n in names:
+        t = index.tensors[n]
+        k = known.get(n)
+        if k is None or not t.dtype.is_floating_point:
+            k = _heuristic(n, t.shape, t.dtype.is_floating_point)
+        if k in ("linear", "conv1d", "embedding") and len(t.shape) != 2:
+            k = "other"
+        out[n] = k
+    return out
