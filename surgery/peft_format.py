@@ -622,6 +622,10 @@ def write_adapter(
         if k in _COMPUTED:
             raise AdapterError(f"extra_config may not set {k!r}; it is derived from the modules")
         cfg[k] = v
+    try:
+        json.dumps(cfg)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"adapter config is not JSON-serialisable ({e}); pass plain values in extra_config") from None
     alphas = {n: _alpha_for_scaling(float(m.scaling), m.rank) for n, m in modules.items()}
     parsed = parse_adapter_config(cfg, "adapter config being written")
     if not _resolves(parsed, modules, alphas):
