@@ -168,7 +168,7 @@ def extract_lora(
     energy: float | None = None,
     budget: str | int | None = None,
     svd: str = "auto",
-    niter: int = 2,
+    niter: int = 4,
     max_rank: int | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),

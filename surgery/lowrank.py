@@ -8,21 +8,26 @@ Public API::
     res.total_energy                           ‖M‖²_F, accumulated in fp64
     res.method                                 "exact" | "randomized"
     res.k, res.shape                           computed rank, (m, n)
-    res.error(r) / res.rel_error(r)            ‖M − U_r S_r V_rᵀ‖_F, and that / ‖M‖_F   (0 ≤ r ≤ k)
+    res.beyond_energy                          ‖M‖²_F not reachable by the k factors (see below)
+    res.sq_error(r), res.error(r), res.rel_error(r)   ‖M − U_r S_r V_rᵀ‖²_F, its root, / ‖M‖_F (0 ≤ r ≤ k)
     res.energy_kept(r)                         1 − error(r)² / ‖M‖²_F
     res.rank_for_energy(energy)                smallest r ≤ k with energy_kept(r) ≥ energy
     lora_factors(res, r) -> (A (r, n), B (m, r))   B @ A = U_r S_r V_rᵀ, √S on both sides
     rank_for_energy(S, total_energy, energy) -> int
     allocate_budget({name: (S, m, n)}, budget) -> {name: rank}
     parse_budget("2%" | "1e6" | "150000", model_params) -> int
+    default_oversample(rank) -> max(10, rank // 4)
     lapack_threads()                           context manager used around LAPACK calls
 
-Exact error for free. For any orthonormal U_r with S_r V_rᵀ = U_rᵀ M (true for the
-exact SVD, and for the randomized one, whose factors are the exact SVD of Q Qᵀ M):
-    ‖M − U_r S_r V_rᵀ‖²_F = ‖M‖²_F − Σ_{i≤r} σ_i²   (clamped at 0).
-The exact method computes the whole spectrum anyway, so it keeps Σ_{i>k} σ_i² and
-reports err²(r) = Σ_{i>r} σ_i² directly: the subtraction above cancels
-catastrophically for small errors (its floor is ≈ sqrt(eps_fp32)·‖M‖_F ≈ 3e-4·‖M‖_F).
+Exact error without another SVD. For any orthonormal U_r with S_r V_rᵀ = U_rᵀ M (true
+for the exact SVD, and for the randomized one, whose factors are the exact SVD of
+Q Qᵀ M): ‖M − U_r S_r V_rᵀ‖²_F = ‖M‖²_F − Σ_{i≤r} σ_i². That subtraction cancels
+badly when the error is small next to ‖M‖ (its floor is ≈ sqrt(eps_fp32)·‖M‖_F ≈
+3e-4·‖M‖_F: 0.1% wrong on a low-rank-plus-noise matrix), so the engine sums what is
+dropped instead: err²(r) = Σ_{r<i≤k} σ_i² + beyond_energy, where beyond_energy is
+Σ_{i>k} σ_i² for the exact method (it computes the whole spectrum anyway) and, for
+the randomized one, Σ_{k<i≤l} σ_i² + ‖M − Q Qᵀ M‖²_F (one extra product, no SVD).
+err²(0) is ‖M‖²_F by definition; err² is clamped to ‖M‖²_F.
 
 Rank policies. Fixed rank: `truncated_svd(M, rank)` clamps rank to min(m, n).
 Energy and budget policies only see the singular values that were computed: with
@@ -120,8 +125,8 @@ class SVDResult:
     Vh: Tensor  # (k, n)
     total_energy: float  # ‖M‖²_F, fp64 accumulation
     method: str  # "exact" | "randomized"
-    # Σ_{i>k} σ_i² when the whole spectrum was computed (exact method), else None.
-    beyond_energy: float | None = field(default=None, repr=False)
+    # Squared error of the full rank-k approximation: what the k factors cannot reach.
+    beyond_energy: float = field(repr=False)
 
     @property
     def k(self) -> int:
@@ -145,12 +150,12 @@ class SVDResult:
         """err²(r) for r = 0..k, fp64, computed once."""
         s2 = self.S.double().pow(2)  # (k,)
         zero = torch.zeros(1, dtype=torch.float64)
-        if self.beyond_energy is not None:
-            # Whole spectrum known: sum the dropped σ² directly (no cancellation).
-            tail = torch.cat([s2.flip(0).cumsum(0).flip(0), zero])  # (k+1,) Σ_{i>r} among computed
-            return tail + self.beyond_energy
-        kept = torch.cat([zero, s2.cumsum(0)])  # (k+1,)
-        return (self.total_energy - kept).clamp_min(0.0)
+        # Sum what is dropped (no cancellation, see the module docstring).
+        tail = torch.cat([s2.flip(0).cumsum(0).flip(0), zero])  # (k+1,) Σ_{r<i≤k} σ_i²
+        # Σσ² of an fp32 SVD differs from ‖M‖² by ~1e-7 relative; rank 0 keeps all of M.
+        err = (tail + self.beyond_energy).clamp_max(self.total_energy)
+        err[0] = self.total_energy
+        return err
 
     def sq_error(self, r: int) -> float:
         """‖M − U_r S_r V_rᵀ‖²_F, exact (see the module docstring)."""
@@ -203,12 +208,16 @@ def _check_energy(energy) -> float:
     return e
 
 
-def _frob_sq(M: Tensor) -> float:
-    """‖M‖²_F accumulated in fp64, a block of rows at a time (no full fp64 copy)."""
+def _frob_sq(M: Tensor, Q: Tensor | None = None, B: Tensor | None = None) -> float:
+    """‖M‖²_F, or ‖M − Q B‖²_F, accumulated in fp64 a block of rows at a time
+    (no full fp64 copy, no full residual in memory)."""
     rows = max(1, (1 << 22) // max(1, M.shape[1]))
     total = 0.0
     for i in range(0, M.shape[0], rows):
-        total += M[i : i + rows].double().pow(2).sum().item()
+        block = M[i : i + rows]  # (rows, n)
+        if Q is not None:
+            block = block - Q[i : i + rows] @ B  # (rows, n) residual outside span(Q)
+        total += block.double().pow(2).sum().item()
     return total
 
 
@@ -247,8 +256,10 @@ def _qr_q(X: Tensor) -> Tensor:
 
 def _randomized(
     M: Tensor, l: int, niter: int, seed: int, name: str | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Halko–Martinsson–Tropp range finder + power iterations; exact SVD of Qᵀ M."""
+) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Halko–Martinsson–Tropp range finder + power iterations; exact SVD of Qᵀ M.
+
+    Also returns ‖M − Q Qᵀ M‖²_F, the energy outside the found subspace."""
     m, n = M.shape
     gen = torch.Generator(device=M.device).manual_seed(seed)
     omega = torch.randn(n, l, generator=gen, device=M.device, dtype=M.dtype)  # (n, l)
@@ -260,7 +271,7 @@ def _randomized(
         Q = _qr_q(M @ Z)  # (m, l)
     B = Q.T @ M  # (l, n)
     Ub, S, Vh = _svd(B, name)  # (l, l), (l,), (l, n)
-    return Q @ Ub, S, Vh  # (m, l)
+    return Q @ Ub, S, Vh, _frob_sq(M, Q, B)  # (m, l), (l,), (l, n), float
 
 
 def default_oversample(rank: int) -> int:
@@ -350,15 +361,15 @@ def truncated_svd(
                 Vh=torch.zeros(0, n),
                 total_energy=total,
                 method=chosen,
-                beyond_energy=total if chosen == "exact" else None,
+                beyond_energy=total,
             )
         if chosen == "exact":
             U, S, Vh = _svd(M32, name)  # (m, mn), (mn,), (mn, n)
             beyond = S[k:].double().pow(2).sum().item()
         else:
             l = min(k + oversample, mn)
-            U, S, Vh = _randomized(M32, l, niter, seed, name)  # (m, l), (l,), (l, n)
-            beyond = None
+            U, S, Vh, outside = _randomized(M32, l, niter, seed, name)  # (m, l), (l,), (l, n)
+            beyond = S[k:].double().pow(2).sum().item() + outside
         U, S, Vh = U[:, :k], S[:k], Vh[:k]  # (m, k), (k,), (k, n)
     return SVDResult(
         U=U.to("cpu", torch.float32).contiguous(),

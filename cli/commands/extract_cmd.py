@@ -43,7 +43,7 @@ def render_extract(res, top: int | None = 20) -> str:
 @click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Smallest rank keeping this fraction of each delta's energy.")
 @click.option("--budget", help="Total LoRA parameters spread over all modules: a count (2e6) or a share of the model (1%).")
 @click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True)
-@click.option("--niter", type=click.IntRange(min=0), default=2, show_default=True, help="Power iterations (randomized SVD).")
+@click.option("--niter", type=click.IntRange(min=0), default=4, show_default=True, help="Power iterations (randomized SVD).")
 @click.option("--max-rank", type=click.IntRange(min=1), help="Rank cap for --energy/--budget (default 256 unless --svd exact).")
 @click.option("--include", multiple=True, type=RegexType(), help="Only modules matching this regex (repeatable).")
 @click.option("--exclude", multiple=True, type=RegexType(), help="Skip modules matching this regex (repeatable).")
