@@ -154,6 +154,19 @@ def non_weight_files(src: Path) -> list[Path]:
     return out
 
 
+def _small_config_dir(d: Path, limit: int = 10 * 2**20) -> bool:
+    """A sub-directory of configs only: no weight files, no links, under `limit` bytes."""
+    total = 0
+    for p in d.rglob("*"):
+        if p.is_symlink() or (p.is_file() and p.name.endswith(NON_WEIGHT_SUFFIXES)):
+            return False
+        if p.is_file():
+            total += p.stat().st_size
+            if total > limit:
+                return False
+    return True
+
+
 class ShardedWriter:
     """Stream tensors into safetensors shards in an atomic output directory."""
 
@@ -263,9 +276,18 @@ class ShardedWriter:
         return p
 
     def copy_files(self, src_dir: Path, names: Iterable[str] | None = None) -> list[str]:
-        """Copy non-weight files (config, tokenizer...) from src_dir; all of them if names is None."""
+        """Copy non-weight files (config, tokenizer...) from src_dir; all of them if names is None.
+
+        With names=None, small sub-directories holding no weights (sentence-transformers'
+        1_Pooling/, for example) are copied too."""
         src_dir = Path(src_dir)
         files = non_weight_files(src_dir) if names is None else [src_dir / n for n in names if (src_dir / n).is_file()]
         for p in files:
             shutil.copy2(p, self.tmp_dir / p.name)
-        return [p.name for p in files]
+        copied = [p.name for p in files]
+        if names is None and src_dir.is_dir():
+            for sub in sorted(src_dir.iterdir()):
+                if sub.is_dir() and not sub.name.startswith(".") and _small_config_dir(sub):
+                    shutil.copytree(sub, self.tmp_dir / sub.name)
+                    copied.append(sub.name + "/")
+        return copied

@@ -1,0 +1,741 @@
+"""merge / unmerge: LoRA adapters folded into (or out of) a base checkpoint.
+
+Math, replicated from PEFT 0.21.2 (tuners/lora/layer.py, variants.py, dora.py):
+
+    Linear     Δ = transpose(B @ A, fan_in_fan_out) * scaling      (weight layout: (out, in), Conv1D (in, out))
+    Embedding  Δ = (B @ A).T * scaling                             (weight (vocab, dim))
+    bias       b' = b + lora_B.bias * scaling                      (lora_bias)
+    DoRA       n = ‖transpose(W + Δ, fan_in_fan_out)‖ over dim 1   (per output row; per embedding *column*
+               W' = (m / n) ⊙ (W + Δ)                              for embeddings), norm of the unmerged
+                                                                   base plus the scaled delta, in fp32
+    scaling    lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (per module via rank/alpha_pattern)
+
+Numerics: everything is computed in fp32 (A, B, magnitude and the base weight are
+upcast), then cast once to the output dtype, which is bit-identical to PEFT's
+`merge_and_unload` for Linear / Conv1D / DoRA (its `weight.data += delta` with an
+fp32 delta rounds once too). PEFT's Embedding merge rounds the delta to the weight
+dtype before adding; we do the same there, so embeddings are bit-identical too.
+(PEFT's unmerge also rounds the delta first; ours rounds once, which is closer.)
+
+Several adapters: each adapter's change is scaled by its weight and the changes are
+summed onto the base in one pass:  W' = W + Σ_k w_k (M_k(W) − W), which for plain
+LoRA is W + Σ w_k Δ_k. For DoRA M_k(W) is the DoRA merge of adapter k alone on the
+base (PEFT merging several DoRA adapters in turn would make the result depend on the
+order). Full tensors (modules_to_save, embedding base layers) replace the base
+tensor before the deltas are added (as PEFT loads them into the model first).
+
+Unmerge subtracts Σ w_k Δ_k. DoRA is refused (the merged weight has the row norms
+m; the norm ‖W + Δ‖ it was divided by is lost, so W cannot be recovered), and so are
+full tensors (the base values they replaced are not in the adapter).
+
+Tied embeddings: when the base stores only the input embedding and ties the output
+head to it (tie_word_embeddings), PEFT's layers share one Parameter, so a LoRA on
+the head (e.g. lm_head) or on the embedding changes both; we fold such deltas into
+the one stored tensor and keep the tie, like PEFT + save_pretrained. A full
+replacement of a tied head (modules_to_save=["lm_head"]) unties it: the head is
+written as its own tensor and tie_word_embeddings is set to false.
+
+Streaming: the base is read tensor by tensor in shard order (LazyReader.iter) and
+written through ShardedWriter into a temporary sibling renamed into place at the
+end; memory is one tensor in flight plus the adapters. Every check on keys,
+patterns and shapes runs before the first byte is written.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import AdapterError, CheckpointError, OptionError, ValidationError
+from .io import LazyReader, ShardedWriter, check_output_path, open_checkpoint, parse_size
+from .peft_format import LoraAdapterConfig, LoraModule, read_adapter
+
+Progress = Callable[[str, int, int], None]
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# transformers models whose projection layers are GPT-2 Conv1D (weight stored (in, out)).
+# PEFT sets fan_in_fan_out from the module type, whatever the config says; so do we.
+_CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+_CONV1D_NAMES = {"c_attn", "c_proj", "c_fc", "q_attn"}
+# Tensors that follow the vocabulary size (a resized embedding resizes them all).
+_VOCAB_TENSORS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "lm_head.weight",
+                  "embed_in.weight", "embed_out.weight", "shared.weight")
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class AdapterReport:
+    path: str
+    weight: float
+    modules: int            # LoRA modules applied
+    dora: bool
+    rslora: bool
+    replaced: list[str] = field(default_factory=list)  # full tensors written from the adapter
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    unmerge: bool
+    adapters: list[AdapterReport]
+    tensors: int             # tensors written
+    changed: list[str]       # tensors whose values changed (merged or replaced)
+    shards: int
+    bytes: int
+    dtype: str | None        # --dtype, None = per-tensor base dtype
+    vocab_size: int | None   # new vocab size when an adapter resized the embedding
+    notes: list[str]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        d["tensors_changed"] = len(self.changed)
+        return d
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class _Op:
+    """One adapter's action on one stored base tensor."""
+
+    adapter: int
+    kind: str                 # "lora" | "dora" | "bias" | "replace"
+    weight: float
+    module: LoraModule | None = None
+    fifo: bool = False        # weight stored (in, out) (GPT-2 Conv1D)
+    tensor: torch.Tensor | None = None  # replacement ("replace")
+
+
+@dataclass
+class _Base:
+    """What the plan needs to know about the base: names, shapes, dtypes, ties, config."""
+
+    where: str
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    tied: dict[str, str]      # head name (not stored) -> stored source name
+    config: dict | None
+    read: Callable[[str], torch.Tensor] | None = None  # stored tensor by name (for equality checks)
+
+    def same_as_stored(self, name: str, t: torch.Tensor) -> bool:
+        """A full tensor that only restates the base (PEFT saves embedding base layers) is a no-op."""
+        src = self.tied.get(name, name)
+        if self.read is None or src not in self.shapes or tuple(t.shape) != self.shapes[src]:
+            return False
+        return torch.equal(self.read(src), t.to(self.dtypes[src]))
+
+    def modules(self) -> set[str]:
+        out = set()
+        for name in [*self.shapes, *self.tied]:
+            parts = name.split(".")
+            out.update(".".join(parts[:i]) for i in range(1, len(parts)))
+        return out
+
+
+@dataclass
+class _Adapter:
+    path: str
+    config: LoraAdapterConfig
+    modules: dict[str, LoraModule]
+    full: dict[str, torch.Tensor]
+    weight: float
+
+
+@dataclass
+class _Plan:
+    base: _Base
+    adapters: list[_Adapter]
+    ops: dict[str, list[_Op]]           # stored tensor name -> ops
+    extra: dict[str, list[_Op]]         # new tensors (an untied head) -> ops (a replace)
+    new_shapes: dict[str, tuple[int, ...]]
+    config_updates: dict
+    notes: list[str]
+    unmerge: bool
+    dtype: torch.dtype | None
+    device: torch.device
+    applied: list[set[str]]             # per adapter: modules applied
+
+
+def _is_conv1d(base: _Base, module: str) -> bool | None:
+    if not base.config:
+        return None
+    mt = base.config.get("model_type")
+    return mt in _CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in _CONV1D_NAMES
+
+
+def _pattern_hits(key: str, modules: set[str]) -> bool:
+    rx = re.compile(rf"(.*\.)?({key})$")
+    return any(rx.match(m) for m in modules)
+
+
+def _target_hits(entry: str, modules: set[str]) -> bool:
+    return any(m == entry or m.endswith("." + entry) for m in modules)
+
+
+def _check_patterns(ad: _Adapter, base: _Base, modules: set[str]) -> None:
+    cfg = ad.config
+    for key in ("rank_pattern", "alpha_pattern"):
+        for k in getattr(cfg, key):
+            if not _pattern_hits(k, modules):
+                raise AdapterError(
+                    f"{ad.path}: {key} key {k!r} matches no module of the base {base.where}; "
+                    f"PEFT would silently ignore it; fix or remove the key in adapter_config.json"
+                )
+    tm = cfg.target_modules
+    if isinstance(tm, list):
+        for entry in tm:
+            if not _target_hits(entry, modules):
+                raise AdapterError(
+                    f"{ad.path}: target_modules entry {entry!r} matches no module of the base {base.where}; "
+                    f"is the adapter for another model? fix target_modules in adapter_config.json"
+                )
+    elif isinstance(tm, str) and tm != "all-linear" and not any(re.fullmatch(tm, m) for m in modules):
+        raise AdapterError(
+            f"{ad.path}: target_modules regex {tm!r} matches no module of the base {base.where}; "
+            f"is the adapter for another model?"
+        )
+
+
+def _missing_hint(name: str, base: _Base) -> str:
+    close = [n for n in base.shapes if n.endswith("." + name) or name.endswith("." + n)]
+    if close:
+        return f"; the base has {close[0]!r}: was the adapter trained on another head/wrapper (different name prefix)?"
+    return "; is the adapter for another model?"
+
+
+def _resolve(name: str, base: _Base) -> str | None:
+    """Stored tensor that `name` lives in (a tied head lives in its source)."""
+    if name in base.shapes:
+        return name
+    return base.tied.get(name)
+
+
+def _build_plan(
+    base: _Base,
+    adapters: list[_Adapter],
+    *,
+    unmerge: bool,
+    dtype: torch.dtype | None,
+    device: torch.device,
+) -> _Plan:
+    modules = base.modules()
+    ops: dict[str, list[_Op]] = {}
+    extra: dict[str, list[_Op]] = {}
+    notes: list[str] = []
+    config_updates: dict = {}
+    new_shapes: dict[str, tuple[int, ...]] = {}
+    applied: list[set[str]] = [set() for _ in adapters]
+
+    # 1. full tensors (replace first: deltas are checked against the replaced shape)
+    replaced_by: dict[str, str] = {}
+    for i, ad in enumerate(adapters):
+        same = {n for n, t in ad.full.items() if base.same_as_stored(n, t)}
+        if same:
+            notes.append(f"{ad.path}: {', '.join(sorted(same))} equal the base (saved by PEFT beside a targeted "
+                         f"embedding/head); nothing to replace")
+            ad.full = {n: t for n, t in ad.full.items() if n not in same}
+        if ad.full and unmerge:
+            raise AdapterError(
+                f"{ad.path}: stores full tensors ({', '.join(sorted(ad.full)[:3])}) that replace base weights; "
+                f"unmerge cannot recover the values they replaced; merge from the original base instead"
+            )
+        for name, t in ad.full.items():
+            if name in replaced_by:
+                raise AdapterError(
+                    f"{name}: replaced by both {replaced_by[name]} and {ad.path} (modules_to_save); merge them separately"
+                )
+            replaced_by[name] = ad.path
+            op = _Op(i, "replace", ad.weight, tensor=t)
+            if not t.is_floating_point():
+                raise AdapterError(f"{ad.path}: full tensor {name!r} has dtype {t.dtype}; expected floating point")
+            if name in base.shapes:
+                old = base.shapes[name]
+                if tuple(t.shape) != old:
+                    if not (name.endswith(_VOCAB_TENSORS) and len(old) == 2 and tuple(t.shape[1:]) == old[1:]):
+                        raise AdapterError(
+                            f"{ad.path}: full tensor {name!r} has shape {tuple(t.shape)} but the base has {old}; "
+                            f"is the adapter for another model?"
+                        )
+                    if ad.weight != 1.0:
+                        raise OptionError(
+                            f"{ad.path}: resizes {name} to {tuple(t.shape)}; a resized tensor cannot be scaled, use weight 1"
+                        )
+                    new_shapes[name] = tuple(t.shape)
+                ops.setdefault(name, []).append(op)
+            elif name in base.tied:
+                # The head gets its own trained copy: untie it (see module docstring).
+                if ad.weight != 1.0:
+                    raise OptionError(f"{ad.path}: replaces tied {name}; it cannot be scaled, use weight 1")
+                extra[name] = [op]
+                config_updates["tie_word_embeddings"] = False
+                notes.append(f"{name} was tied to {base.tied[name]}; {ad.path} replaces it, so it is written "
+                             f"untied (tie_word_embeddings=false)")
+            else:
+                raise AdapterError(
+                    f"{ad.path}: full tensor {name!r} (modules_to_save) matches no tensor of the base {base.where}"
+                    + _missing_hint(name, base)
+                )
+            applied[i].add(name.rsplit(".", 1)[0])
+
+    # a resized vocabulary must resize every vocab-sized tensor
+    if new_shapes:
+        sizes = {s[0] for s in new_shapes.values()}
+        if len(sizes) != 1:
+            raise AdapterError(f"adapters resize the vocabulary inconsistently: {new_shapes}; resize all to one size")
+        vocab = sizes.pop()
+        old_vocab = next(base.shapes[n][0] for n in new_shapes)
+        for name, shape in base.shapes.items():
+            if name.endswith(_VOCAB_TENSORS) and shape and shape[0] == old_vocab and name not in new_shapes:
+                raise AdapterError(
+                    f"the adapter resizes the vocabulary to {vocab} but {name} keeps {old_vocab} rows "
+                    f"and is not in modules_to_save; the merged model would not load"
+                )
+        cfg = base.config or {}
+        if "vocab_size" in cfg:
+            config_updates["vocab_size"] = vocab
+        elif isinstance(cfg.get("text_config"), dict) and "vocab_size" in cfg["text_config"]:
+            config_updates["text_config.vocab_size"] = vocab
+        notes.append(f"vocabulary resized {old_vocab} -> {vocab} (config.json vocab_size updated)")
+
+    def shape_of(name: str) -> tuple[int, ...]:
+        return new_shapes.get(name, base.shapes[name])
+
+    # 2. LoRA modules
+    for i, ad in enumerate(adapters):
+        _check_patterns(ad, base, modules)
+        cfg = ad.config
+        if unmerge and cfg.use_dora:
+            raise AdapterError(
+                f"{ad.path}: DoRA merges cannot be undone from the merged weights (the norm ‖W+ΔW‖ that scaled "
+                f"each row is lost); re-merge from the original base instead of --unmerge"
+            )
+        for mname, m in ad.modules.items():
+            wname = f"{mname}.weight"
+            target = _resolve(wname, base)
+            if target is None:
+                raise AdapterError(
+                    f"{ad.path}: LoRA module {mname!r} has no weight {wname!r} in the base {base.where}"
+                    + _missing_hint(wname, base)
+                )
+            if target != wname:
+                notes.append(f"{wname} is tied to {target}: {ad.path}'s delta on {mname} changes the shared tensor "
+                             f"(as in PEFT, where both modules share one parameter)")
+            if target in extra or wname in extra:
+                raise AdapterError(f"{ad.path}: {mname} has a LoRA delta but {wname} is replaced (modules_to_save)")
+            shape = shape_of(target)
+            dt = base.dtypes[target]
+            if not dt.is_floating_point:
+                raise AdapterError(f"{ad.path}: {mname}: base weight {target} has dtype {dt}; cannot add a LoRA delta")
+            if len(shape) != 2:
+                raise AdapterError(
+                    f"{ad.path}: {mname}: base weight {target} has shape {shape}; only Linear, Conv1D and "
+                    f"Embedding LoRA can be merged"
+                )
+            r = m.A.shape[0]
+            if m.kind == "embedding":
+                fifo = False
+                want_a, want_b = (r, shape[0]), (shape[1], r)
+                out_dim = shape[1]
+            else:
+                conv1d = _is_conv1d(base, mname)
+                fifo = cfg.fan_in_fan_out if conv1d is None else conv1d
+                if conv1d is not None and conv1d != cfg.fan_in_fan_out:
+                    notes.append(f"{ad.path}: fan_in_fan_out={cfg.fan_in_fan_out} ignored for {mname}: it is a "
+                                 f"{'Conv1D' if conv1d else 'Linear'} layer (PEFT overrides it the same way)")
+                out_dim, in_dim = (shape[1], shape[0]) if fifo else shape
+                want_a, want_b = (r, in_dim), (out_dim, r)
+            if tuple(m.A.shape) != want_a or tuple(m.B.shape) != want_b:
+                raise AdapterError(
+                    f"{ad.path}: {mname}: shape mismatch: A {tuple(m.A.shape)} / B {tuple(m.B.shape)} do not fit "
+                    f"the base weight {target} {shape} (expected A {want_a}, B {want_b}"
+                    f"{', fan_in_fan_out' if fifo else ''}); is the adapter for another model?"
+                )
+            if m.magnitude is not None and tuple(m.magnitude.shape) != (out_dim,):
+                raise AdapterError(
+                    f"{ad.path}: {mname}: lora_magnitude_vector has shape {tuple(m.magnitude.shape)}, "
+                    f"expected ({out_dim},)"
+                )
+            kind = "dora" if m.magnitude is not None else "lora"
+            ops.setdefault(target, []).append(_Op(i, kind, ad.weight, module=m, fifo=fifo))
+            if m.bias is not None:
+                bname = f"{mname}.bias"
+                btarget = bname if bname in base.shapes else None
+                if btarget is None:
+                    if bool((m.bias == 0).all()):  # explicit zeros: nothing to add
+                        applied[i].add(mname)
+                        continue
+                    raise AdapterError(
+                        f"{ad.path}: {mname} has a non-zero lora_B.bias but the base layer has no bias "
+                        f"{bname!r}; PEFT cannot merge it either"
+                    )
+                if base.shapes[btarget] != (out_dim,):
+                    raise AdapterError(
+                        f"{ad.path}: {mname}: lora_B.bias {tuple(m.bias.shape)} does not fit base {btarget} "
+                        f"{base.shapes[btarget]}"
+                    )
+                ops.setdefault(btarget, []).append(_Op(i, "bias", ad.weight, module=m))
+            applied[i].add(mname)
+
+    return _Plan(base, adapters, ops, extra, new_shapes, config_updates, list(dict.fromkeys(notes)),
+                 unmerge, dtype, device, applied)
+
+
+# ----------------------------------------------------------------------------- math
+
+
+def _t(x: torch.Tensor, fifo: bool) -> torch.Tensor:
+    return x.T if fifo else x
+
+
+def lora_delta(m: LoraModule, fifo: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
+    """PEFT's get_delta_weight in fp32, in the layout of the stored weight."""
+    a = m.A.to(device=device, dtype=torch.float32)  # (r, in) / embedding (r, vocab)
+    b = m.B.to(device=device, dtype=torch.float32)  # (out, r) / embedding (dim, r)
+    if m.kind == "embedding":
+        return (b @ a).T * m.scaling  # (vocab, dim)
+    return _t(b @ a, fifo) * m.scaling  # (out, in), Conv1D (in, out)
+
+
+def dora_merge(base32: torch.Tensor, m: LoraModule, fifo: bool, delta: torch.Tensor) -> torch.Tensor:
+    """PEFT's DoRA merge: (m / ‖W + Δ‖) ⊙ (W + Δ), norm of the unmerged base plus the scaled delta."""
+    mag = m.magnitude.to(device=base32.device, dtype=torch.float32)  # (out,) / embedding (dim,)
+    if m.kind == "embedding":
+        # DoraEmbeddingLayer has fan_in_fan_out=True: norm over the vocabulary, one per embedding dim
+        norm = torch.linalg.norm(base32.T + 1 * delta.T, dim=1)  # (dim,)
+        factor = (mag / norm).view(1, -1)  # (1, dim)
+    else:
+        norm = torch.linalg.norm(_t(base32, fifo) + 1 * _t(delta, fifo), dim=1)  # (out,)
+        factor = _t((mag / norm).view(-1, 1), fifo)  # (out, 1), Conv1D (1, out)
+    return factor * (base32 + delta)
+
+
+def _apply_ops(t: torch.Tensor, ops: Sequence[_Op], unmerge: bool, device: torch.device) -> torch.Tensor:
+    """Base tensor + every op on it, in fp32 (see the module docstring for the semantics)."""
+    base32 = t.to(device=device, dtype=torch.float32)
+    for op in ops:
+        if op.kind == "replace":
+            s = op.tensor.to(device=device, dtype=torch.float32)
+            base32 = s if op.weight == 1.0 else base32 + op.weight * (s - base32)
+    out = base32
+    sign = -1.0 if unmerge else 1.0
+    for op in ops:
+        if op.kind == "lora":
+            d = lora_delta(op.module, op.fifo, device)
+            d = d if (op.weight == 1.0 and not unmerge) else (sign * op.weight) * d
+            if op.module.kind == "embedding" and not unmerge:
+                # PEFT's Embedding.merge adds get_delta_weight(...).to(weight dtype): the delta is
+                # rounded to the base dtype first (Linear adds the fp32 delta, one rounding)
+                d = d.to(t.dtype).float()
+            out = out + d
+        elif op.kind == "bias":
+            d = op.module.bias.to(device=device, dtype=torch.float32) * op.module.scaling  # (out,)
+            out = out + d if (op.weight == 1.0 and not unmerge) else out + (sign * op.weight) * d
+        elif op.kind == "dora":
+            merged = dora_merge(base32, op.module, op.fifo, lora_delta(op.module, op.fifo, device))
+            if out is base32 and op.weight == 1.0:
+                out = merged  # bit-identical to PEFT for a lone DoRA adapter
+            else:
+                out = out + op.weight * (merged - base32)
+    return out
+
+
+def _finish(name: str, t: torch.Tensor, plan: _Plan, ops: Sequence[_Op] | None) -> torch.Tensor:
+    out_dtype = plan.dtype if (plan.dtype is not None and t.is_floating_point()) else t.dtype
+    if not ops:
+        return t if out_dtype == t.dtype else t.to(out_dtype)
+    res = _apply_ops(t, ops, plan.unmerge, plan.device).to(out_dtype).cpu()
+    if not bool(torch.isfinite(res).all()):
+        bad = int((~torch.isfinite(res)).sum())
+        who = ", ".join(sorted({plan.adapters[op.adapter].path for op in ops}))
+        raise ValidationError(
+            f"merged tensor {name} has {bad} non-finite value(s) (NaN/inf in {out_dtype}) after applying {who}; "
+            f"the adapter is broken or its weight too large; nothing was written"
+        )
+    return res
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _check_weights(adapters: Sequence, weights: Sequence[float] | None) -> list[float]:
+    if weights is None:
+        return [1.0] * len(adapters)
+    weights = list(weights)
+    if len(weights) != len(adapters):
+        raise OptionError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s); give one --weight per adapter or none")
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise OptionError(f"weight {w!r} is not a finite number")
+    return [float(w) for w in weights]
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OptionError(f"unknown device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError("--device cuda: no CUDA device is available; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise OptionError(f"unsupported device {device!r}; use cpu or cuda")
+    return dev
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if isinstance(dtype, torch.dtype) and dtype not in DTYPES.values():
+            raise OptionError(f"unsupported dtype {dtype}; use bf16, fp16 or fp32")
+        return dtype
+    if dtype not in DTYPES:
+        raise OptionError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32")
+    return DTYPES[dtype]
+
+
+def _normalize_full(path: Path, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the wrapper copies PEFT saves beside a resized embedding in modules_to_save:
+    `<m>.original_module.<p>` (the base values) and `<m>.modules_to_save.<p>` (the same
+    trained values as `<m>.<p>`); PEFT's loader places only `<m>.<p>`."""
+    out: dict[str, torch.Tensor] = {}
+    dup: dict[str, torch.Tensor] = {}
+    for name, t in full.items():
+        if ".original_module." in name:
+            continue
+        if ".modules_to_save." in name:
+            dup[name.replace(".modules_to_save.", ".")] = t
+            continue
+        out[name] = t
+    for name, t in dup.items():
+        if name not in out:
+            out[name] = t
+        elif not torch.equal(out[name], t):
+            raise AdapterError(f"{path}: {name} and its modules_to_save copy differ; re-save the adapter with PEFT")
+    return out
+
+
+def _load_adapters(adapters: Sequence, weights: list[float]) -> list[_Adapter]:
+    out = []
+    for path, w in zip(adapters, weights):
+        p = Path(path)
+        if not p.is_dir():
+            raise AdapterError(f"{p}: not an adapter directory (expected adapter_config.json + adapter_model.safetensors)")
+        cfg, modules, full = read_adapter(p)
+        out.append(_Adapter(str(path), cfg, modules, _normalize_full(p, full), w))
+    return out
+
+
+def _base_from_index(idx) -> _Base:
+    def read(name: str) -> torch.Tensor:
+        with LazyReader(idx) as r:
+            return r.get(name)
+
+    return _Base(
+        where=str(idx.source or idx.root),
+        shapes={n: tuple(i.shape) for n, i in idx.tensors.items()},
+        dtypes={n: i.dtype for n, i in idx.tensors.items()},
+        tied=dict(idx.tied),
+        config=idx.config,
+        read=read,
+    )
+
+
+def _prepare(base, adapters, weights, unmerge, dtype, device):
+    if not adapters:
+        raise OptionError("no adapters given; pass at least one adapter directory")
+    weights = _check_weights(adapters, weights)
+    dt, dev = _dtype(dtype), _device(device)
+    idx = open_checkpoint(base)
+    if idx.kind != "model":
+        raise CheckpointError(f"{base}: is an adapter, not a base model; pass the base model first, then the adapter(s)")
+    loaded = _load_adapters(adapters, weights)
+    plan = _build_plan(_base_from_index(idx), loaded, unmerge=unmerge, dtype=dt, device=dev)
+    return idx, plan
+
+
+def _iter_plan(idx, plan: _Plan, progress: Progress | None) -> Iterator[tuple[str, torch.Tensor]]:
+    total = len(idx.tensors) + len(plan.extra)
+    desc = "unmerge" if plan.unmerge else "merge"
+    done = 0
+    with LazyReader(idx) as reader:
+        for name, t in reader.iter():
+            yield name, _finish(name, t, plan, plan.ops.get(name))
+            done += 1
+            if progress:
+                progress(desc, done, total)
+    for name, ops in plan.extra.items():
+        src = idx.tensors[plan.base.tied[name]]
+        # the head starts from the shared tensor's dtype; its values come from the replace op
+        yield name, _finish(name, ops[0].tensor.to(src.dtype), plan, ops)
+        done += 1
+        if progress:
+            progress(desc, done, total)
+
+
+def merged_state_dict_iter(
+    base: str | Path,
+    adapters: Sequence[str | Path],
+    *,
+    weights: Sequence[float] | None = None,
+    unmerge: bool = False,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, merged tensor) for every tensor of the base, in shard order, one at a time.
+
+    All checks run when this is called, before the first tensor is yielded.
+    """
+    idx, plan = _prepare(base, adapters, weights, unmerge, dtype, device)
+    return _iter_plan(idx, plan, progress)
+
+
+# ----------------------------------------------------------------------------- on disk
+
+
+def _default_shard_size(idx, plan: _Plan) -> int:
+    """The largest base shard, in output bytes: the output gets the same number of shards."""
+    per: dict[Path, int] = {}
+    for name, info in idx.tensors.items():
+        shape = plan.new_shapes.get(name, info.shape)
+        dt = plan.dtype if (plan.dtype is not None and info.dtype.is_floating_point) else info.dtype
+        per[info.shard] = per.get(info.shard, 0) + math.prod(shape) * torch.empty((), dtype=dt).element_size()
+    return max(max(per.values(), default=1), 1)
+
+
+def _updated_config(config: dict, plan: _Plan) -> dict:
+    cfg = dict(config)
+    for key, value in plan.config_updates.items():
+        if key.startswith("text_config."):
+            cfg["text_config"] = {**cfg["text_config"], key.split(".", 1)[1]: value}
+        elif key == "tie_word_embeddings" and isinstance(cfg.get("text_config"), dict) \
+                and "tie_word_embeddings" in cfg["text_config"] and "tie_word_embeddings" not in cfg:
+            cfg["text_config"] = {**cfg["text_config"], key: value}
+        else:
+            cfg[key] = value
+    if plan.dtype is not None:
+        name = {v: k for k, v in {"bfloat16": torch.bfloat16, "float16": torch.float16,
+                                  "float32": torch.float32}.items()}[plan.dtype]
+        for key in ("dtype", "torch_dtype"):
+            if key in cfg:
+                cfg[key] = name
+        if "dtype" not in cfg and "torch_dtype" not in cfg:
+            cfg["dtype"] = name
+    return cfg
+
+
+def merge(
+    base: str | Path,
+    adapters: Sequence[str | Path],
+    out: str | Path,
+    *,
+    weights: Sequence[float] | None = None,
+    unmerge: bool = False,
+    dtype: str | torch.dtype | None = None,
+    shard_size: int | str | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Fold LoRA adapters into a base checkpoint (or out of it with unmerge=True), streaming.
+
+    base: HF model directory (single/sharded safetensors or .bin) or a weights file.
+    adapters: PEFT LoRA adapter directories; weights: one per adapter (default 1.0).
+    dtype: "bf16" | "fp16" | "fp32" for every floating tensor (default: each tensor's own).
+    shard_size: bytes or "5GB" (default: the base's largest shard, so the shard count is kept).
+    Raises SurgeryError subclasses before writing anything for bad input; ValidationError
+    (and no output) when a merged tensor is not finite.
+    """
+    t0 = time.perf_counter()
+    size = parse_size(shard_size) if shard_size is not None else None
+    _check_weights(adapters, weights)
+    check_output_path(Path(out), overwrite, [Path(base), *map(Path, adapters)])
+    idx, plan = _prepare(base, adapters, weights, unmerge, dtype, device)
+    size = size or _default_shard_size(idx, plan)
+    inputs = [Path(base), *map(Path, adapters)]
+    changed: list[str] = []
+    with ShardedWriter(out, shard_size=size, overwrite=overwrite, inputs=inputs) as w:
+        for name, t in _iter_plan(idx, plan, progress):
+            w.add(name, t)
+            if name in plan.ops or name in plan.extra:
+                changed.append(name)
+        if idx.source is not None and Path(idx.source).is_dir():
+            w.copy_files(idx.root)
+        if idx.config is not None and (plan.config_updates or plan.dtype is not None):
+            w.write_json("config.json", _updated_config(idx.config, plan))
+        nbytes = w.total_size
+    n_shards = len(list(Path(out).glob("model*.safetensors")))
+    reports = [
+        AdapterReport(ad.path, ad.weight, len(plan.applied[i] & set(ad.modules)), ad.config.use_dora,
+                      ad.config.use_rslora, sorted(ad.full))
+        for i, ad in enumerate(plan.adapters)
+    ]
+    vocab = plan.config_updates.get("vocab_size", plan.config_updates.get("text_config.vocab_size"))
+    return MergeResult(
+        out=Path(out), unmerge=unmerge, adapters=reports, tensors=len(idx.tensors) + len(plan.extra),
+        changed=changed, shards=n_shards, bytes=nbytes,
+        dtype={v: k for k, v in DTYPES.items()}.get(plan.dtype), vocab_size=vocab,
+        notes=plan.notes, seconds=time.perf_counter() - t0,
+    )
+
+
+# ----------------------------------------------------------------------------- in memory
+
+
+def apply_adapters_to_model(
+    model: torch.nn.Module,
+    adapters: Sequence[str | Path],
+    weights: Sequence[float] | None = None,
+    *,
+    unmerge: bool = False,
+) -> dict:
+    """Fold adapters into a loaded model's parameters in place (for export-onnx --adapter).
+
+    Names are the model's state_dict names (for transformers models, the checkpoint
+    names). Parameters that share storage (tied embeddings) are updated once.
+    Vocabulary resizes are refused here (merge to disk with `surgery merge` first).
+    Returns {"changed": [...], "modules": [per-adapter count], "notes": [...]}.
+    """
+    weights = _check_weights(adapters, weights)
+    if not adapters:
+        raise OptionError("no adapters given; pass at least one adapter directory")
+    sd = model.state_dict(keep_vars=True)
+    shapes, dtypes, tied, seen = {}, {}, {}, {}
+    for name, t in sd.items():
+        key = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            tied[name] = seen[key]  # same storage: PEFT would change both through one parameter
+            continue
+        if key is not None:
+            seen[key] = name
+        shapes[name], dtypes[name] = tuple(t.shape), t.dtype
+    config = getattr(getattr(model, "config", None), "to_dict", lambda: None)()
+    base = _Base("the model", shapes, dtypes, tied, config, read=lambda n: sd[n].detach())
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    plan = _build_plan(base, _load_adapters(adapters, weights), unmerge=unmerge, dtype=None, device=dev)
+    if plan.new_shapes or plan.extra:
+        raise AdapterError("the adapter resizes or unties embeddings; merge it to disk with `surgery merge` first")
+    with torch.no_grad():
+        for name, ops in plan.ops.items():
+            t = sd[name]
+            t.data.copy_(_finish(name, t.data, plan, ops).to(t.device))
+    return {
+        "changed": sorted(plan.ops),
+        "modules": [len(a) for a in plan.applied],
+        "notes": plan.notes,
+    }
+
+
+__all__ = [
+    "AdapterReport", "MergeResult", "merge", "merged_state_dict_iter", "apply_adapters_to_model",
+    "lora_delta", "dora_merge", "DTYPES",
+]
