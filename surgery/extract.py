@@ -145,7 +145,8 @@ def _plan(base_idx, ft_idx, kinds, embeddings, other_deltas, keep) -> list[_Plan
             plans.append(_Plan(name, kind, "bias"))
         else:  # norms and other float tensors
             act = "full" if other_deltas == "full" and kind == "norm" and keep(module) else "skip"
-            why = {"full": "", "skip": "--other-deltas skip" if kind == "norm" else f"{kind} tensor"}[act]
+            why = "" if act == "full" else f"{kind} tensor" if kind != "norm" else (
+                "--other-deltas skip" if keep(module) else "excluded by --include/--exclude")
             plans.append(_Plan(name, kind, act, why))
     if not any(p.action == "lora" for p in plans):
         raise OptionError(
@@ -233,11 +234,13 @@ def extract_lora(
     svd_kw = dict(method=svd, niter=niter, seed=seed, device=device)
 
     with LazyReader(base_idx) as rb, LazyReader(ft_idx) as rf:
+        def finite(name: str, w: torch.Tensor, who: str) -> torch.Tensor:
+            if w.is_floating_point() and not torch.isfinite(w).all():
+                raise CheckpointError(f"{name}: non-finite values (NaN/Inf) in the {who} checkpoint")
+            return w
+
         def delta_of(p: _Plan):
-            wb, wf = rb.get(p.name), rf.get(p.name)
-            for w, who in ((wb, "base"), (wf, "fine-tune")):
-                if w.is_floating_point() and not torch.isfinite(w).all():
-                    raise CheckpointError(f"{p.name}: non-finite values (NaN/Inf) in the {who} checkpoint")
+            wb, wf = finite(p.name, rb.get(p.name), "base"), finite(p.name, rf.get(p.name), "fine-tune")
             return wb, wf, wf.float() - wb.float()
 
         # Budget: first pass for the spectra, then the allocator picks ranks.
@@ -268,7 +271,8 @@ def extract_lora(
                 if not torch.equal(rb.get(name), rf.get(name)):
                     result.skipped.append({"tensor": name, "why": "non-float tensor differs; not representable"})
                 continue
-            wb, wf, d = delta_of(p) if not p.grown else (None, rf.get(name), None)
+            # A grown tensor has no delta (shapes differ) but is saved whole: still check it.
+            wb, wf, d = delta_of(p) if not p.grown else (None, finite(name, rf.get(name), "fine-tune"), None)
             if p.action == "full":
                 if p.grown:
                     result.notes.append(
@@ -352,6 +356,9 @@ def extract_lora(
                 rep = next(r for r in result.modules if r.module == m.module)
                 result.modules.remove(rep)
                 result.adapter_params -= rep.params
+                # saved whole, it is no LoRA: its error and norm leave the overall error
+                sq_err = max(0.0, sq_err - (rep.rel_error * rep.delta_norm) ** 2)
+                sq_tot = max(0.0, sq_tot - rep.delta_norm ** 2)
                 result.notes.append(f"{name}: saved whole (PEFT cannot combine lora_bias with an embedding LoRA; "
                                     "--bias skip keeps it a LoRA and drops the bias deltas)")
     elif bias == "skip":

@@ -85,6 +85,8 @@ def check_output_path(out: Path, overwrite: bool, inputs: Iterable[Path] = ()) -
             raise OutputError(f"output {out} is the input {inp}; choose another output path (inputs are never modified)")
         if ro.is_relative_to(root) and ri.is_dir():
             raise OutputError(f"output {out} is inside the input directory {inp}; choose a path outside it")
+        if ri.is_relative_to(ro):  # --overwrite would delete the input
+            raise OutputError(f"output {out} contains the input {inp}; choose another output path")
     if out.exists() and not overwrite:
         raise OutputError(f"output {out} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
