@@ -1,0 +1,389 @@
+"""analyze: the spectra of a model's matrices, and of the delta between two models.
+
+What a user reads before choosing ``--rank``. For every matrix-shaped weight
+(Linear, Conv1D, Embedding; oriented (out, in), which changes no singular value):
+
+- shape and Frobenius norm ‖W‖_F;
+- stable rank  ‖W‖²_F / σ₁²  (exact: σ₁ is always among the computed values);
+- effective rank (Roy & Vetterli, 2007): exp(H(p)) with p_i = σ_i / Σ_j σ_j and
+  H the Shannon entropy (natural log). 1 for a rank-1 matrix, min(m, n) for a
+  flat spectrum;
+- energy kept at each requested rank r: Σ_{i≤r} σ_i² / ‖W‖²_F.
+
+With a BASE, the same for the delta Δ = MODEL − BASE, plus the relative change
+‖Δ‖_F / ‖W_base‖_F, the smallest rank keeping 90 / 95 / 99 % of ‖Δ‖²_F, and (with
+a parameter budget) the rank per module chosen by the allocator extract-lora uses.
+
+SVD policy (stated in every result as ``method_note``): exact when
+min(m, n) ≤ ``exact_max`` (default 1024), else randomized top-k with
+k = max(``cap``, largest requested rank) (default cap 256). For randomized layers
+energies and stable rank are still exact (measured against the full ‖W‖²_F), the
+90/95/99 % ranks are exact when reached within k (else reported as "> k"), but the
+effective rank is computed from the top-k values only (``spectrum_complete`` is
+false; the CLI marks it with "~").
+
+Streaming: one tensor (pair) at a time in shard order; only the singular values
+are kept (at most k floats per module).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import CheckpointError, OptionError, OutputError, SurgeryError
+from .io import LazyReader, open_checkpoint
+from .lowrank import SVDResult, allocate_budget, parse_budget, truncated_svd
+from .modules import tensor_kinds
+
+Progress = Callable[[str, int, int], None]
+
+MATRIX_KINDS = ("linear", "conv1d", "embedding")
+DEFAULT_RANKS = (8, 16, 32, 64)
+DELTA_ENERGIES = (0.90, 0.95, 0.99)
+EXACT_MAX = 1024
+RANDOMIZED_CAP = 256
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def module_filter(include: Sequence[str] = (), exclude: Sequence[str] = ()) -> Callable[[str], bool]:
+    """keep(module) for --include / --exclude regexes (re.search on the module name)."""
+    try:
+        inc = [re.compile(p) for p in include]
+        exc = [re.compile(p) for p in exclude]
+    except re.error as e:
+        raise OptionError(f"invalid --include/--exclude regex {e.pattern!r}: {e}") from None
+
+    def keep(module: str) -> bool:
+        if inc and not any(p.search(module) for p in inc):
+            return False
+        return not any(p.search(module) for p in exc)
+
+    keep.include = inc  # type: ignore[attr-defined]
+    return keep
+
+
+def check_includes_match(keep, modules: Sequence[str], where) -> None:
+    """Each --include pattern must match at least one candidate module (else a typo)."""
+    for p in getattr(keep, "include", []):
+        if not any(p.search(m) for m in modules):
+            raise OptionError(f"--include {p.pattern!r} matches no matrix module of {where}; check the pattern")
+
+
+def oriented(t: Tensor, kind: str) -> Tensor:
+    """The (out, in) matrix of a weight in storage layout (Conv1D stores (in, out)), fp32."""
+    t = t.float()
+    return t.T if kind == "conv1d" else t
+
+
+def matrix_tensors(index, kinds: dict[str, str] | None = None) -> dict[str, str]:
+    """name -> kind for the 2-D floating weights of Linear / Conv1D / Embedding modules."""
+    kinds = tensor_kinds(index) if kinds is None else kinds
+    return {
+        n: k for n, k in kinds.items()
+        if k in MATRIX_KINDS and n.endswith(".weight") and len(index.tensors[n].shape) == 2
+        and index.tensors[n].dtype.is_floating_point
+    }
+
+
+def open_model(path, what: str):
+    idx = open_checkpoint(path)
+    if idx.kind != "model":
+        raise CheckpointError(f"{idx.source or path}: {what} is an adapter directory; give a model checkpoint")
+    return idx
+
+
+def check_finite(t: Tensor, name: str, where) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"{name}: non-finite values (NaN/Inf) in {where}; fix or --exclude this tensor")
+
+
+# ----------------------------------------------------------------------------- spectra
+
+
+@dataclass
+class SpectrumStats:
+    shape: tuple[int, int]
+    norm: float  # ‖M‖_F
+    stable_rank: float  # ‖M‖²_F / σ₁²
+    effective_rank: float  # exp(entropy of σ / Σσ), over the computed values
+    energy: dict[int, float]  # requested rank -> fraction of ‖M‖²_F kept
+    method: str  # "exact" | "randomized"
+    k: int  # singular values computed
+    spectrum_complete: bool  # all min(m, n) values computed (effective rank exact)
+    singular_values: list[float] = field(repr=False, default_factory=list)
+    rank_for_energy: dict[str, int | None] = field(default_factory=dict)  # "0.9" -> r, None = beyond k
+
+
+def effective_rank(S: Tensor) -> float:
+    """Roy & Vetterli: exp(−Σ p_i log p_i), p_i = σ_i / Σσ (0 for a zero spectrum)."""
+    s = S.double().clamp_min(0)
+    total = float(s.sum())
+    if total == 0.0:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return math.exp(float(-(p * p.log()).sum()))
+
+
+def spectrum(M: Tensor, *, exact_max: int = EXACT_MAX, cap: int = RANDOMIZED_CAP, niter: int = 4,
+             seed: int = 0, name: str | None = None) -> SVDResult:
+    """The SVD analyze uses: exact for min(m, n) ≤ exact_max, else randomized top-cap."""
+    mn = min(M.shape)
+    if mn <= exact_max:
+        return truncated_svd(M, None, method="exact", name=name)
+    return truncated_svd(M, min(cap, mn), method="randomized", niter=niter, seed=seed, name=name)
+
+
+def spectrum_stats(res: SVDResult, ranks: Sequence[int], energies: Sequence[float] = ()) -> SpectrumStats:
+    m, n = res.shape
+    mn = min(m, n)
+    total = res.total_energy
+    s1 = float(res.S[0]) if res.k else 0.0
+    energy = {}
+    for r in ranks:
+        rr = min(r, res.k) if res.k else 0
+        # beyond the computed k only when the spectrum is complete (then k == rank): everything is kept
+        energy[int(r)] = res.energy_kept(rr) if r <= res.k or res.k >= mn or total == 0 else float("nan")
+    rfe: dict[str, int | None] = {}
+    for e in energies:
+        r = res.rank_for_energy(e)
+        rfe[f"{e:g}"] = r if res.energy_kept(r) >= e else None
+    return SpectrumStats(
+        shape=(m, n),
+        norm=math.sqrt(total),
+        stable_rank=total / (s1 * s1) if s1 > 0 else 0.0,
+        effective_rank=effective_rank(res.S),
+        energy=energy,
+        method=res.method,
+        k=res.k,
+        spectrum_complete=res.k >= mn or total == 0.0,
+        singular_values=[float(x) for x in res.S],
+        rank_for_energy=rfe,
+    )
+
+
+# ----------------------------------------------------------------------------- analyze
+
+
+@dataclass
+class ModuleAnalysis:
+    module: str
+    tensor: str
+    kind: str
+    weight: SpectrumStats
+    delta: SpectrumStats | None = None
+    rel_change: float | None = None  # ‖Δ‖_F / ‖W_base‖_F
+    recommended_rank: int | None = None  # from --budget
+
+
+@dataclass
+class AnalyzeResult:
+    model: str
+    base: str | None
+    ranks: list[int]
+    modules: list[ModuleAnalysis]
+    method_note: str
+    effective_rank_definition: str
+    budget: int | None = None
+    budget_used: int | None = None
+    model_params: int = 0
+    skipped: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+EFFECTIVE_RANK_DEF = "Roy & Vetterli (2007): exp(H(p)), p_i = s_i / sum_j s_j, H the Shannon entropy (natural log)"
+
+
+def method_note(exact_max: int, cap: int, niter: int) -> str:
+    return (
+        f"SVD: exact when min(m, n) <= {exact_max}; otherwise randomized top-k (k = max({cap}, largest --ranks), "
+        f"{niter} power iterations). For randomized layers energies, stable rank and the 90/95/99% ranks are exact "
+        "(measured against the full squared Frobenius norm; a rank beyond k shows as '>k'), the effective rank "
+        "uses the top-k singular values only (marked '~')."
+    )
+
+
+def _check_ranks(ranks) -> list[int]:
+    out = []
+    for r in ranks:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise OptionError(f"--ranks must be positive integers, got {r!r}; e.g. --ranks 8,16,32,64")
+        out.append(r)
+    if not out:
+        raise OptionError("--ranks is empty; e.g. --ranks 8,16,32,64")
+    return sorted(set(out))
+
+
+def analyze(
+    model: str | Path,
+    base: str | Path | None = None,
+    *,
+    ranks: Sequence[int] = DEFAULT_RANKS,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    budget: str | int | None = None,
+    exact_max: int = EXACT_MAX,
+    cap: int = RANDOMIZED_CAP,
+    niter: int = 4,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> AnalyzeResult:
+    """Spectral statistics of MODEL's matrices (and of MODEL − BASE). See the module docstring."""
+    t0 = time.perf_counter()
+    ranks = _check_ranks(ranks)
+    for v, what in ((exact_max, "exact_max"), (cap, "cap")):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise OptionError(f"{what} must be a positive integer, got {v!r}")
+    if budget is not None and base is None:
+        raise OptionError("--budget recommends ranks for the delta FT - BASE; give --base too")
+    keep = module_filter(include, exclude)
+    idx = open_model(model, "MODEL")
+    bidx = open_model(base, "BASE") if base is not None else None
+    mats = matrix_tensors(idx)
+    check_includes_match(keep, [n.rsplit(".", 1)[0] for n in mats], model)
+    selected = {n: k for n, k in mats.items() if keep(n.rsplit(".", 1)[0])}
+    if not selected:
+        raise OptionError(f"no matrix weight of {model} is selected; check --include/--exclude")
+    skipped: list[dict] = []
+    if bidx is not None:
+        for n in list(selected):
+            bi = bidx.tensors.get(n)
+            if bi is None or bi.shape != idx.tensors[n].shape:
+                why = "missing from BASE" if bi is None else f"shape {bi.shape} in BASE vs {idx.tensors[n].shape}"
+                raise CheckpointError(f"{n}: {why}; MODEL and BASE must share an architecture")
+    budget_params = parse_budget(budget, idx.total_params) if budget is not None else None
+    k_cap = max(cap, max(ranks))
+    kw = dict(exact_max=exact_max, cap=k_cap, niter=niter, seed=seed)
+
+    out: list[ModuleAnalysis] = []
+    delta_spectra: dict[str, tuple[Tensor, int, int]] = {}
+    with LazyReader(idx) as rm, (LazyReader(bidx) if bidx is not None else _Null()) as rb:
+        order = rm.order(selected)
+        for i, name in enumerate(order):
+            kind = selected[name]
+            module = name.rsplit(".", 1)[0]
+            w = rm.get(name)
+            check_finite(w, name, model)
+            M = oriented(w, kind)  # (out, in)
+            res = spectrum(M, name=name, **kw)
+            entry = ModuleAnalysis(module, name, kind, spectrum_stats(res, ranks))
+            if bidx is not None:
+                wb = rb.get(name)
+                check_finite(wb, name, base)
+                D = M - oriented(wb, kind)  # (out, in)
+                dres = spectrum(D, name=name, **kw)
+                entry.delta = spectrum_stats(dres, ranks, DELTA_ENERGIES)
+                bnorm = float(wb.float().norm())
+                entry.rel_change = entry.delta.norm / bnorm if bnorm else (0.0 if entry.delta.norm == 0 else math.inf)
+                delta_spectra[module] = (dres.S, *dres.shape)
+                del D, dres
+            out.append(entry)
+            del w, M, res
+            if progress:
+                progress("analyze", i + 1, len(order))
+
+    used = None
+    if budget_params is not None:
+        alloc = allocate_budget(delta_spectra, budget_params)
+        used = 0
+        for e in out:
+            e.recommended_rank = alloc.get(e.module, 0)
+            used += e.recommended_rank * sum(e.delta.shape)
+    return AnalyzeResult(
+        model=str(model), base=None if base is None else str(base), ranks=ranks, modules=out,
+        method_note=method_note(exact_max, k_cap, niter), effective_rank_definition=EFFECTIVE_RANK_DEF,
+        budget=budget_params, budget_used=used, model_params=idx.total_params, skipped=skipped,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def layer_type(module: str) -> str:
+    """Module name with layer indices replaced by '*': groups the same layer across blocks."""
+    return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", module)
+
+
+def check_plot_path(path: str | Path, overwrite: bool = False) -> Path:
+    """Validate a --plot path before any work: known extension, not there unless overwrite."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise OptionError(f"--plot {path}: use a .png, .svg or .pdf file name")
+    if path.exists() and (not overwrite or path.is_dir()):
+        raise OutputError(f"plot file {path} already exists; pass --overwrite to replace it")
+    return path
+
+
+def plot_spectra(result: AnalyzeResult, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Per layer type: normalised singular values (log scale) and the cumulative energy curve
+    of each layer — of the delta when the analysis has a BASE, else of the weights. PNG/SVG/PDF
+    by extension; written to a temporary sibling and renamed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SurgeryError("--plot needs matplotlib, which is not installed; pip install 'surgery[plot]'") from None
+    path = check_plot_path(path, overwrite)
+    groups: dict[str, list[ModuleAnalysis]] = {}
+    for m in result.modules:
+        groups.setdefault(layer_type(m.module), []).append(m)
+    which = "delta" if result.base is not None else "weight"
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 2.6 * len(groups)), squeeze=False)
+    for row, (gname, mods) in enumerate(groups.items()):
+        ax_s, ax_e = axes[row]
+        for m in mods:
+            st = m.delta if which == "delta" else m.weight
+            S = torch.tensor(st.singular_values, dtype=torch.float64)
+            if not len(S) or float(S[0]) == 0.0:
+                continue
+            x = torch.arange(1, len(S) + 1)
+            label = m.module if len(mods) <= 12 else None
+            ax_s.semilogy(x, (S / S[0]).clamp_min(1e-12), lw=0.9, label=label)
+            total = st.norm ** 2
+            ax_e.plot(torch.cat([torch.zeros(1), x]), torch.cat([torch.zeros(1), S.pow(2).cumsum(0) / total]), lw=0.9)
+        ax_s.set_title(f"{gname} ({which}): sigma_i / sigma_1", fontsize=8)
+        ax_e.set_title(f"{gname} ({which}): energy kept at rank r", fontsize=8)
+        ax_e.set_ylim(0, 1.02)
+        for e in DELTA_ENERGIES if which == "delta" else ():
+            ax_e.axhline(e, color="grey", lw=0.5, ls=":")
+        for ax in (ax_s, ax_e):
+            ax.tick_params(labelsize=7)
+            ax.set_xlabel("rank", fontsize=7)
+    fig.suptitle(f"{result.model}" + (f" - {result.base}" if result.base else ""), fontsize=9)
+    fig.tight_layout()
+    tmp = path.parent / f".{path.stem}.surgery-tmp-{os.getpid()}{path.suffix}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write the plot {path} ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
+    return path

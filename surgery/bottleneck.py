@@ -1,0 +1,449 @@
+"""init-adapter: serial bottleneck adapters (Houlsby et al., 2019), SVD-initialised.
+
+An adapter sits after a sub-layer's output projection (attention output / FFN
+output, before the residual add and the norm) and maps its output h (dim d) to
+
+    h + up(act(down(h)))        down: Linear(d, R), up: Linear(R, d)
+
+Initialisation (`init_adapter`):
+  svd (default)  down.weight = U_Rᵀ (R, d): the top-R left singular vectors of the
+                 projection's weight W (d, k) — the directions its output h mostly
+                 lies in, which is exactly the adapter's input. up = 0 and zero
+                 biases, so the model's outputs are unchanged at initialisation,
+                 and the first gradient step (on `up`) already sees the main
+                 components of h.
+  delta          from a fine-tune: the map X = Δ W⁺ (d, d) is the best linear
+                 function of h reproducing the delta Δ = W_ft − W_base of that
+                 projection (X W ≈ Δ, least squares). Its rank-R SVD gives
+                 down = √S_R V_Rᵀ, up = U_R √S_R, and up.bias = Δb − X_R b cancels what
+                 the adapter adds through the bias b of h and adds the bias delta.
+                 With activation "identity" the adapted projection computes
+                 (W + X_R W) x + b + Δb exactly; `captured` reports
+                 1 − ‖Δ − X_R W‖²_F / ‖Δ‖²_F per module. With a non-linearity the
+                 same weights pass through it, so the capture figure is that of the
+                 linear bottleneck.
+
+Sites (`placement`): "attn" = the attention output projection, "ffn" = the FFN
+output projection, "both". Recognised names: BERT/RoBERTa (attention.output.dense,
+layer.N.output.dense), Llama/Mistral/Qwen (self_attn.o_proj, mlp.down_proj), GPT-2
+(attn.c_proj, mlp.c_proj, Conv1D), OPT/BART (out_proj, fc2), GPT-NeoX
+(attention.dense, mlp.dense_4h_to_h); any other model takes `modules=REGEX`.
+
+On-disk format (PEFT has no bottleneck adapters), a directory with
+  bottleneck_config.json      {"format": "surgery-bottleneck", "format_version": 1,
+                               "bottleneck": R, "activation": "gelu", "placement": "ffn",
+                               "init": "svd" | "delta", "base_model_name_or_path": ...,
+                               "modules": {"<module>": {"dim": d, "bottleneck": R, "site": "ffn"}}}
+  bottleneck_model.safetensors  "<module>.down.weight" (R, d), "<module>.down.bias" (R,),
+                                "<module>.up.weight" (d, R), "<module>.up.bias" (d,)
+                                fp32, metadata {"format": "pt"}
+where <module> is the output projection's name in the base model.
+
+Python API::
+
+    init_adapter(model, out, bottleneck=R, placement="ffn", from_delta=None, ...) -> BottleneckResult
+    adapters = load_bottleneck(dir)                       # -> BottleneckSet
+    handle = attach_bottleneck(hf_model, dir_or_set, freeze_base=False)
+    handle.parameters() / handle.num_trainable()          # the adapters' parameters
+    handle.remove()                                       # back to the original model
+    save_bottleneck(handle, out_dir)                      # after training
+
+`attach_bottleneck` registers each adapter as a child module named "bottleneck"
+of its projection (so .to(), .parameters() and optimisers see it) and a forward
+hook that replaces the projection's output by the adapter's; `remove()` undoes
+both.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from .analyze import check_finite, module_filter, open_model, oriented
+from .errors import AdapterError, CheckpointError, OptionError
+from .io import LazyReader, ShardedWriter, check_output_path
+from .lowrank import lapack_threads, truncated_svd
+from .modules import tensor_kinds
+
+Progress = Callable[[str, int, int], None]
+FORMAT = "surgery-bottleneck"
+FORMAT_VERSION = 1
+CONFIG_NAME = "bottleneck_config.json"
+WEIGHTS_NAME = "bottleneck_model.safetensors"
+PLACEMENTS = ("ffn", "attn", "both")
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "identity": nn.Identity}
+CHILD = "bottleneck"
+
+_SITES = {
+    "attn": re.compile(r"(^|\.)(attention\.output\.dense|self_attn\.o_proj|self_attn\.out_proj|attn\.c_proj"
+                       r"|attn\.out_proj|attn\.o_proj|attention\.dense|self_attention\.dense|attention\.o_proj)$"),
+    "ffn": re.compile(r"(^|\.)(layers?\.\d+\.output\.dense|mlp\.down_proj|mlp\.c_proj|mlp\.fc2|fc2"
+                      r"|mlp\.dense_4h_to_h|feed_forward\.w2|ffn\.lin2|mlp\.down|feed_forward\.down_proj)$"),
+}
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+class BottleneckAdapter(nn.Module):
+    """h -> h + up(act(down(h))); 2·d·R + R + d parameters."""
+
+    def __init__(self, dim: int, bottleneck: int, activation: str = "gelu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise OptionError(f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}")
+        self.down = nn.Linear(dim, bottleneck)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(bottleneck, dim)
+        self.activation = activation
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + self.up(self.act(self.down(h)))
+
+
+def sites(modules: Sequence[str], placement: str, pattern: str | None = None) -> dict[str, str]:
+    """module -> site ("attn" | "ffn" | "custom") for the chosen placement."""
+    if placement not in PLACEMENTS:
+        raise OptionError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    if pattern is not None:
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise OptionError(f"invalid --modules regex {pattern!r}: {e}") from None
+        return {m: "custom" for m in modules if rx.search(m)}
+    want = ("attn", "ffn") if placement == "both" else (placement,)
+    out = {}
+    for m in modules:
+        for s in want:
+            if _SITES[s].search(m) and not (s == "ffn" and _SITES["attn"].search(m)):
+                out[m] = s
+                break
+    return out
+
+
+# ----------------------------------------------------------------------------- init
+
+
+@dataclass
+class BottleneckModule:
+    module: str
+    site: str
+    dim: int
+    bottleneck: int
+    params: int
+    top_energy: float  # share of ‖W‖²_F in the top-R left singular directions (svd init)
+    captured: float | None = None  # delta init: 1 − ‖Δ − X_R W‖² / ‖Δ‖²
+
+
+@dataclass
+class BottleneckResult:
+    out: Path
+    bottleneck: int
+    placement: str
+    activation: str
+    init: str
+    modules: list[BottleneckModule]
+    trainable_params: int = 0
+    model_params: int = 0
+    captured: float | None = None  # over all modules, energy-weighted
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+def _out_dim(shape: tuple[int, ...], kind: str) -> int:
+    return shape[1] if kind == "conv1d" else shape[0]
+
+
+def delta_factors(W: Tensor, b: Tensor | None, dW: Tensor, db: Tensor | None, R: int, *, rcond: float = 1e-5):
+    """down (R, d), up (d, R), up_bias (d,), captured, from W (d, k) and its delta dW (d, k)."""
+    d = W.shape[0]
+    with lapack_threads():
+        # X = Δ W⁺: least-squares solution of X W = Δ; small singular values of W cut at rcond
+        X = dW @ torch.linalg.pinv(W, rtol=rcond)  # (d, d)
+    res = truncated_svd(X, R, method="exact" if min(X.shape) <= 1024 else "auto")
+    root = res.S.sqrt()  # (k,)
+    down = torch.zeros(R, d)
+    up = torch.zeros(d, R)
+    down[: res.k] = root[:, None] * res.Vh  # (k, d)
+    up[:, : res.k] = res.U * root  # (d, k)
+    XR = up @ down  # (d, d)
+    total = float(dW.double().pow(2).sum())
+    err = float((dW - XR @ W).double().pow(2).sum())
+    captured = 1.0 - err / total if total else 1.0
+    up_bias = -(XR @ b) if b is not None else torch.zeros(d)  # (d,) cancels X_R applied to the bias of h
+    if db is not None:
+        up_bias = up_bias + db
+    return down, up, up_bias, captured
+
+
+def init_adapter(
+    model: str | Path,
+    out: str | Path,
+    *,
+    bottleneck: int,
+    placement: str = "ffn",
+    from_delta: tuple[str | Path, str | Path] | None = None,
+    activation: str = "gelu",
+    modules: str | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> BottleneckResult:
+    """Write bottleneck adapters for MODEL's chosen sub-layers to OUT (see the module docstring)."""
+    t0 = time.perf_counter()
+    R = bottleneck
+    if isinstance(R, bool) or not isinstance(R, int) or R < 1:
+        raise OptionError(f"--bottleneck must be a positive integer, got {R!r}")
+    if activation not in ACTIVATIONS:
+        raise OptionError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    out = Path(out)
+    inputs = [Path(model)] + ([Path(p) for p in from_delta] if from_delta else [])
+    check_output_path(out, overwrite, inputs)
+    idx = open_model(model, "MODEL")
+    kinds = tensor_kinds(idx)
+    keep = module_filter(include, exclude)
+    projs = {n.rsplit(".", 1)[0]: k for n, k in kinds.items()
+             if k in ("linear", "conv1d") and n.endswith(".weight") and len(idx.tensors[n].shape) == 2}
+    chosen = {m: s for m, s in sites(list(projs), placement, modules).items() if keep(m)}
+    if not chosen:
+        how = f"--modules {modules!r}" if modules else f"--placement {placement}"
+        raise OptionError(f"{how} selects no output projection of {model}; name them with --modules REGEX")
+    for m in chosen:
+        shape = idx.tensors[m + ".weight"].shape
+        if R > min(shape):
+            raise OptionError(f"--bottleneck {R} exceeds min{tuple(shape)} = {min(shape)} for {m}; "
+                              f"use --bottleneck <= {min(shape)}")
+    bidx = fidx = None
+    if from_delta:
+        bidx, fidx = open_model(from_delta[0], "BASE"), open_model(from_delta[1], "FT")
+        for m in chosen:
+            for name in (m + ".weight", m + ".bias"):
+                shapes = [i.tensors[name].shape if name in i.tensors else None for i in (idx, bidx, fidx)]
+                if len(set(shapes)) != 1:
+                    raise CheckpointError(f"{name}: shapes {shapes} in MODEL/BASE/FT differ; "
+                                          "--from-delta needs the same architecture")
+    result = BottleneckResult(out=out, bottleneck=R, placement=placement if not modules else "custom",
+                              activation=activation, init="delta" if from_delta else "svd", modules=[],
+                              model_params=idx.total_params)
+    config_modules = {}
+    sq_err = sq_tot = 0.0
+    with ShardedWriter(out, shard_size=None, overwrite=overwrite, basename="bottleneck_model",
+                       inputs=inputs) as w, LazyReader(idx) as r:
+        rb = LazyReader(bidx) if bidx else None
+        rf = LazyReader(fidx) if fidx else None
+        try:
+            order = r.order([m + ".weight" for m in chosen])
+            for i, name in enumerate(order):
+                m = name.rsplit(".", 1)[0]
+                kind = projs[m]
+                wt = r.get(name)
+                check_finite(wt, name, model)
+                W = oriented(wt, kind)  # (d, k)
+                d = W.shape[0]
+                top = truncated_svd(W, R, method="exact" if min(W.shape) <= 1024 else "auto", name=name)
+                top_energy = top.energy_kept(top.k)
+                captured = None
+                if from_delta:
+                    Wb = oriented(rb.get(name), kind)  # (d, k)
+                    dW = oriented(rf.get(name), kind) - Wb  # (d, k)
+                    has_b = m + ".bias" in idx.tensors
+                    b = rb.get(m + ".bias").float() if has_b else None
+                    db = rf.get(m + ".bias").float() - b if has_b else None
+                    down_w, up_w, up_b, captured = delta_factors(Wb, b, dW, db, R)
+                    down_b = torch.zeros(R)
+                    tot = float(dW.double().pow(2).sum())
+                    sq_tot += tot
+                    sq_err += (1.0 - captured) * tot
+                else:
+                    down_w = torch.zeros(R, d)
+                    down_w[: top.k] = top.U.T  # (k, d) top left singular vectors of W
+                    down_b, up_w, up_b = torch.zeros(R), torch.zeros(d, R), torch.zeros(d)
+                for slot, t in (("down.weight", down_w), ("down.bias", down_b), ("up.weight", up_w),
+                                ("up.bias", up_b)):
+                    w.add(f"{m}.{slot}", t.float().contiguous())
+                params = 2 * d * R + R + d
+                result.modules.append(BottleneckModule(m, chosen[m], d, R, params, top_energy, captured))
+                result.trainable_params += params
+                config_modules[m] = {"dim": d, "bottleneck": R, "site": chosen[m]}
+                if progress:
+                    progress("init-adapter", i + 1, len(order))
+        finally:
+            for rr in (rb, rf):
+                if rr is not None:
+                    rr.close()
+        if from_delta:
+            result.captured = 1.0 - sq_err / sq_tot if sq_tot else 1.0
+            if activation != "identity":
+                result.notes.append(f"'captured' is for the linear bottleneck; with --activation {activation} the "
+                                    "same weights pass through the non-linearity (use identity for an exact start)")
+        w.write_json(CONFIG_NAME, {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "bottleneck": R, "activation": activation,
+            "placement": result.placement, "init": result.init, "base_model_name_or_path": str(model),
+            "modules": config_modules,
+        })
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+# ----------------------------------------------------------------------------- load / attach
+
+
+@dataclass
+class BottleneckSet:
+    config: dict
+    adapters: dict[str, BottleneckAdapter]  # module name -> adapter
+
+
+def load_bottleneck(path: str | Path) -> BottleneckSet:
+    """Read and validate a bottleneck adapter directory."""
+    path = Path(path)
+    cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise AdapterError(f"{path}: not a bottleneck adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
+                           "create one with `surgery init-adapter`")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{cfg_path}: cannot read ({e}); re-create the adapter") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise AdapterError(f"{cfg_path}: format is not {FORMAT!r}; this is not a surgery bottleneck adapter")
+    if cfg.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(f"{cfg_path}: format_version {cfg.get('format_version')!r} is not supported "
+                           f"(this surgery reads {FORMAT_VERSION}); upgrade surgery")
+    act = cfg.get("activation")
+    if act not in ACTIVATIONS:
+        raise AdapterError(f"{cfg_path}: unknown activation {act!r}; use one of {', '.join(ACTIVATIONS)}")
+    mods = cfg.get("modules")
+    if not isinstance(mods, dict) or not mods:
+        raise AdapterError(f"{cfg_path}: 'modules' must be a non-empty object")
+    try:
+        with safe_open(str(w_path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
+        raise AdapterError(f"{w_path}: cannot read ({e}); re-create the adapter") from None
+    adapters = {}
+    expected = set()
+    for m, spec in mods.items():
+        try:
+            d, R = int(spec["dim"]), int(spec["bottleneck"])
+        except (KeyError, TypeError, ValueError):
+            raise AdapterError(f"{cfg_path}: module {m!r} needs integer 'dim' and 'bottleneck'") from None
+        ad = BottleneckAdapter(d, R, act)
+        shapes = {"down.weight": (R, d), "down.bias": (R,), "up.weight": (d, R), "up.bias": (d,)}
+        sd = {}
+        for slot, shape in shapes.items():
+            key = f"{m}.{slot}"
+            expected.add(key)
+            t = tensors.get(key)
+            if t is None or tuple(t.shape) != shape:
+                got = "missing" if t is None else f"shape {tuple(t.shape)}"
+                raise AdapterError(f"{w_path}: {key} is {got}, expected {shape}; the file does not match its config")
+            sd[slot] = t.float()
+        ad.load_state_dict(sd)
+        adapters[m] = ad
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise AdapterError(f"{w_path}: tensors not described by the config: {extra[:3]}; re-create the adapter")
+    return BottleneckSet(cfg, adapters)
+
+
+class BottleneckHandle:
+    """Adapters attached to a model; `remove()` restores the model."""
+
+    def __init__(self, model: nn.Module, adapters: dict[str, BottleneckAdapter], config: dict, frozen: list):
+        self.model = model
+        self.adapters = adapters
+        self.config = config
+        self._hooks = []
+        self._frozen = frozen  # parameters we set requires_grad=False on (restored by remove)
+
+    def parameters(self):
+        for a in self.adapters.values():
+            yield from a.parameters()
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for m in self.adapters:
+            target = self.model.get_submodule(m)
+            if CHILD in target._modules:
+                del target._modules[CHILD]
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen = []
+
+
+def _hook(module: nn.Module, args, output):
+    return module._modules[CHILD](output)
+
+
+def attach_bottleneck(model: nn.Module, adapters: str | Path | BottleneckSet, *,
+                      freeze_base: bool = False) -> BottleneckHandle:
+    """Insert the adapters after their projections in a loaded model (forward hooks).
+
+    The adapters move to each projection's device and dtype. With freeze_base,
+    every other parameter gets requires_grad=False (restored by remove())."""
+    from transformers.pytorch_utils import Conv1D
+
+    aset = adapters if isinstance(adapters, BottleneckSet) else load_bottleneck(adapters)
+    targets = {}
+    for m, ad in aset.adapters.items():
+        try:
+            target = model.get_submodule(m)
+        except AttributeError:
+            raise AdapterError(f"module {m!r} of the adapter is not in the model; it was made for another "
+                               "architecture (or the model has a different prefix)") from None
+        if isinstance(target, nn.Linear):
+            d = target.out_features
+        elif isinstance(target, Conv1D):
+            d = target.nf
+        else:
+            raise AdapterError(f"module {m!r} is a {type(target).__name__}, not a Linear/Conv1D projection")
+        if d != ad.down.in_features:
+            raise AdapterError(f"module {m!r} outputs {d} features but its adapter expects {ad.down.in_features}")
+        if CHILD in target._modules:
+            raise AdapterError(f"module {m!r} already has a bottleneck adapter; remove() the first handle")
+        targets[m] = target
+    frozen = []
+    if freeze_base:
+        frozen = [p for p in model.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+    handle = BottleneckHandle(model, {}, aset.config, frozen)
+    for m, target in targets.items():
+        ad = aset.adapters[m].to(device=target.weight.device, dtype=target.weight.dtype)
+        ad.requires_grad_(True)
+        target.add_module(CHILD, ad)
+        handle.adapters[m] = ad
+        handle._hooks.append(target.register_forward_hook(_hook))
+    return handle
+
+
+def save_bottleneck(handle: BottleneckHandle | BottleneckSet, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write (trained) adapters back in the on-disk format, atomically."""
+    config = dict(handle.config)
+    adapters = handle.adapters
+    with ShardedWriter(out, shard_size=None, overwrite=overwrite, basename="bottleneck_model") as w:
+        for m in sorted(adapters):
+            for k, t in adapters[m].state_dict().items():
+                w.add(f"{m}.{k}", t.detach().float().cpu().contiguous())
+        w.write_json(CONFIG_NAME, config)
+    return Path(out)
