@@ -25,7 +25,7 @@ import torch
 
 from .errors import CheckpointError, OptionError, SurgeryError
 from .io import LazyReader, check_output_path, open_checkpoint
-from .lowrank import allocate_budget, lora_factors, parse_budget, truncated_svd
+from .lowrank import allocate_budget, frob_sq, lora_factors, parse_budget, truncated_svd
 from .modules import tensor_kinds
 from .peft_format import LoraModule, write_adapter
 
@@ -155,6 +155,23 @@ def _plan(base_idx, ft_idx, kinds, embeddings, other_deltas, keep) -> list[_Plan
     return plans
 
 
+def _sq_norm(t: torch.Tensor) -> float:
+    """‖t‖²_F accumulated in fp64, a block at a time."""
+    return frob_sq(t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1))
+
+
+def _cast_sq_error(B: torch.Tensor, A: torch.Tensor, Bq: torch.Tensor, Aq: torch.Tensor) -> float:
+    """‖B A − Bq Aq‖²_F (what casting the factors costs), from r x r Gram matrices in fp64.
+
+    With X = [B, Bq] (m, 2r) and Y = [A; −Aq] (2r, n): ‖X Y‖² = tr((XᵀX)(Y Yᵀ)), so
+    no (m, n) product is formed. The SVD residual R = M − BA is orthogonal to B's
+    columns and A's rows, so ‖M − Bq Aq‖² = ‖R‖² + this, up to second-order terms.
+    """
+    X = torch.cat([B, Bq], dim=1).double()  # (m, 2r)
+    Y = torch.cat([A, -Aq], dim=0).double()  # (2r, n)
+    return max(0.0, float(torch.trace((X.T @ X) @ (Y @ Y.T))))
+
+
 def _orient(delta: torch.Tensor, kind: str) -> torch.Tensor:
     """The matrix that B @ A approximates, from a delta in storage layout."""
     return delta.T if kind in ("conv1d", "embedding") else delta
@@ -240,8 +257,20 @@ def extract_lora(
             return w
 
         def delta_of(p: _Plan):
-            wb, wf = finite(p.name, rb.get(p.name), "base"), finite(p.name, rf.get(p.name), "fine-tune")
-            return wb, wf, wf.float() - wb.float()
+            """(base, ft, Δ in fp32, ‖Δ‖², ‖W‖²). Finiteness is read off the two norms
+            (NaN/Inf propagate into them), so no extra pass over the data is needed."""
+            wb, wf = rb.get(p.name), rf.get(p.name)
+            d = wf.to(torch.float32, copy=True)  # never alias wf: it may be saved whole
+            d.sub_(wb)  # (shape) fp32, one temporary
+            # ‖Δ‖² in fp64 (it sets the reported errors); ‖W‖ only feeds the report's
+            # relative change, so one fast fp32 pass is enough there
+            dsq, wsq = _sq_norm(d), float(torch.linalg.vector_norm(wb, dtype=torch.float32)) ** 2
+            if not (math.isfinite(dsq) and math.isfinite(wsq)):
+                finite(p.name, wb, "base")
+                finite(p.name, wf, "fine-tune")
+                if not math.isfinite(dsq):
+                    raise CheckpointError(f"{p.name}: the delta overflows fp32 (values too large)")
+            return wb, wf, d, dsq, wsq
 
         # Budget: first pass for the spectra, then the allocator picks ranks.
         ranks: dict[str, int] = {}
@@ -250,8 +279,9 @@ def extract_lora(
             lora_by_name = {q.name: q for q in lora_plans}
             for i, name in enumerate(rb.order(lora_by_name)):
                 plan = lora_by_name[name]
-                _, _, d = delta_of(plan)
+                d = delta_of(plan)[2]
                 res = truncated_svd(_orient(d, plan.kind), cap, name=name, **svd_kw)
+                del d
                 m, n = res.shape
                 spectra[name] = (res.S, m, n)
                 if progress:
@@ -272,7 +302,9 @@ def extract_lora(
                     result.skipped.append({"tensor": name, "why": "non-float tensor differs; not representable"})
                 continue
             # A grown tensor has no delta (shapes differ) but is saved whole: still check it.
-            wb, wf, d = delta_of(p) if not p.grown else (None, finite(name, rf.get(name), "fine-tune"), None)
+            wb = wf = d = M = res = None  # release the previous pair before reading the next
+            wb, wf, d, total, wsq = (delta_of(p) if not p.grown
+                                     else (None, finite(name, rf.get(name), "fine-tune"), None, 0.0, 0.0))
             if p.action == "full":
                 if p.grown:
                     result.notes.append(
@@ -297,7 +329,6 @@ def extract_lora(
                 continue
             # LoRA
             M = _orient(d, p.kind)  # (out, in)
-            total = float(d.double().pow(2).sum())
             sq_tot += total
             if total == 0.0:
                 result.skipped.append({"tensor": name, "why": "delta is zero"})
@@ -307,24 +338,27 @@ def extract_lora(
                 sq_err += total
                 result.skipped.append({"tensor": name, "why": "budget gave rank 0", "delta_norm": math.sqrt(total)})
                 continue
-            res = truncated_svd(M, k, name=name, **svd_kw)
+            res = truncated_svd(M, k, name=name, total_energy=total, **svd_kw)
             r = res.k
             if energy is not None:
                 r = max(1, res.rank_for_energy(float(energy)))
             if budget_params is not None:
                 r = min(ranks[name], res.k)
-            A, B = lora_factors(res, r)  # (r, in), (out, r)
+            A32, B32 = lora_factors(res, r)  # (r, in), (out, r)
             out_dt = DTYPES[dtype] if dtype else wb.dtype
-            A, B = A.to(out_dt), B.to(out_dt)
-            # the error of the factors as stored (their dtype cast included)
-            err = float((M - B.float() @ A.float()).double().pow(2).sum())
+            A, B = A32.to(out_dt), B32.to(out_dt)
+            # the error of the factors as stored: the SVD's exact truncation error plus
+            # what the cast to the adapter dtype costs
+            err = res.sq_error(r)
+            if out_dt != torch.float32:
+                err += _cast_sq_error(B32, A32, B.float(), A.float())
             note = ""
             if energy is not None and res.energy_kept(r) < float(energy):
                 note = f"energy {res.energy_kept(r):.3f} < {energy} at the max rank {r}"
             sq_err += err
             kind = "embedding" if p.kind == "embedding" else "linear"
             modules[module] = LoraModule(module, kind, A.contiguous(), B.contiguous(), scaling=1.0)
-            wnorm = float(wb.float().norm())
+            wnorm = math.sqrt(wsq)
             result.modules.append(ModuleReport(
                 module, p.kind, tuple(M.shape), r, A.numel() + B.numel(), math.sqrt(total),
                 math.sqrt(total) / wnorm if wnorm else math.inf, math.sqrt(err / total),

@@ -208,16 +208,26 @@ def _check_energy(energy) -> float:
     return e
 
 
-def _frob_sq(M: Tensor, Q: Tensor | None = None, B: Tensor | None = None) -> float:
+def frob_sq(M: Tensor, Q: Tensor | None = None, B: Tensor | None = None) -> float:
     """‖M‖²_F, or ‖M − Q B‖²_F, accumulated in fp64 a block of rows at a time
-    (no full fp64 copy, no full residual in memory)."""
-    rows = max(1, (1 << 22) // max(1, M.shape[1]))
+    (no full fp64 copy, no full residual in memory).
+
+    Blocks of ~256K elements (2 MB in fp64) stay in cache: measured 5x faster than
+    4M-element blocks on a 2048x5632 matrix. A transposed view is walked in its
+    storage order (‖M‖ = ‖Mᵀ‖), since strided rows are 100x slower.
+    """
+    if M.dim() == 2 and not M.is_contiguous() and M.T.is_contiguous():
+        M = M.T
+        if Q is not None:
+            Q, B = B.T, Q.T  # ‖M − QB‖ = ‖Mᵀ − BᵀQᵀ‖
+    rows = max(1, (1 << 18) // max(1, M.shape[1]))
     total = 0.0
     for i in range(0, M.shape[0], rows):
         block = M[i : i + rows]  # (rows, n)
         if Q is not None:
             block = block - Q[i : i + rows] @ B  # (rows, n) residual outside span(Q)
-        total += block.double().pow(2).sum().item()
+        flat = block.reshape(-1).double()  # (rows·n,) fp64: exact squares, bounded block
+        total += float(torch.dot(flat, flat))
     return total
 
 
@@ -271,7 +281,7 @@ def _randomized(
         Q = _qr_q(M @ Z)  # (m, l)
     B = Q.T @ M  # (l, n)
     Ub, S, Vh = _svd(B, name)  # (l, l), (l,), (l, n)
-    return Q @ Ub, S, Vh, _frob_sq(M, Q, B)  # (m, l), (l,), (l, n), float
+    return Q @ Ub, S, Vh, frob_sq(M, Q, B)  # (m, l), (l,), (l, n), float
 
 
 def default_oversample(rank: int) -> int:
@@ -315,6 +325,7 @@ def truncated_svd(
     seed: int = 0,
     device="cpu",
     name: str | None = None,
+    total_energy: float | None = None,
 ) -> SVDResult:
     """Top-`rank` SVD of the 2-D tensor M (any real dtype; computed in fp32).
 
@@ -326,6 +337,7 @@ def truncated_svd(
             or "auto" (randomized when (rank + oversample) * AUTO_RATIO <= min(m, n)).
     device: where to compute ("cpu" / "cuda"); results are always CPU fp32.
     name:   tensor name used in error messages.
+    total_energy: ‖M‖²_F if the caller already has it (fp64-accurate), else computed here.
     Raises OptionError (bad shape/rank/method/device) or ValidationError (NaN/Inf,
     SVD not converging even in fp64).
     """
@@ -346,7 +358,8 @@ def truncated_svd(
 
     M32 = M.detach().to(device=dev, dtype=torch.float32)
     with lapack_threads() if dev.type == "cpu" else _nullcontext():
-        total = _frob_sq(M32)
+        # the caller may pass ‖M‖²_F it already computed (one pass less over M)
+        total = frob_sq(M32) if total_energy is None else float(total_energy)
         if not math.isfinite(total):
             bad = int((~torch.isfinite(M32)).sum().item())
             raise ValidationError(
