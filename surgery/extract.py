@@ -160,6 +160,13 @@ def _sq_norm(t: torch.Tensor) -> float:
     return frob_sq(t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1))
 
 
+def _sq_norm_fp32(t: torch.Tensor) -> float:
+    """‖t‖²_F in fp32 blocks (no full-size upcast copy); for reports, not for error bounds."""
+    flat = t.reshape(-1)
+    step = 1 << 18
+    return sum(float(torch.linalg.vector_norm(flat[i : i + step].float())) ** 2 for i in range(0, flat.numel(), step))
+
+
 def _cast_sq_error(B: torch.Tensor, A: torch.Tensor, Bq: torch.Tensor, Aq: torch.Tensor) -> float:
     """‖B A − Bq Aq‖²_F (what casting the factors costs), from r x r Gram matrices in fp64.
 
@@ -257,20 +264,28 @@ def extract_lora(
             return w
 
         def delta_of(p: _Plan):
-            """(base, ft, Δ in fp32, ‖Δ‖², ‖W‖²). Finiteness is read off the two norms
-            (NaN/Inf propagate into them), so no extra pass over the data is needed."""
-            wb, wf = rb.get(p.name), rf.get(p.name)
-            d = wf.to(torch.float32, copy=True)  # never alias wf: it may be saved whole
-            d.sub_(wb)  # (shape) fp32, one temporary
-            # ‖Δ‖² in fp64 (it sets the reported errors); ‖W‖ only feeds the report's
-            # relative change, so one fast fp32 pass is enough there
-            dsq, wsq = _sq_norm(d), float(torch.linalg.vector_norm(wb, dtype=torch.float32)) ** 2
+            """(Δ in fp32, ‖Δ‖², ‖W‖²), read a block of rows at a time from both files, so
+            memory is Δ plus two small blocks. Finiteness is read off the norms (NaN/Inf
+            propagate into them), so no extra pass over the data is needed."""
+            shape = base_idx.tensors[p.name].shape
+            d = torch.empty(shape, dtype=torch.float32)
+            wsq = 0.0
+            if len(shape) == 0:
+                d.copy_(rf.get(p.name).float() - rb.get(p.name).float())
+                wsq = float(rb.get(p.name).float()) ** 2
+            else:
+                step = max(1, (1 << 20) // max(1, math.prod(shape[1:])))
+                for i in range(0, shape[0], step):
+                    wb, wf = rb.get_rows(p.name, i, i + step), rf.get_rows(p.name, i, i + step)
+                    torch.sub(wf.float(), wb.float(), out=d[i : i + step])
+                    wsq += _sq_norm_fp32(wb)  # only feeds the report's relative change
+            dsq = _sq_norm(d)  # fp64: it sets the reported errors
             if not (math.isfinite(dsq) and math.isfinite(wsq)):
-                finite(p.name, wb, "base")
-                finite(p.name, wf, "fine-tune")
+                finite(p.name, rb.get(p.name), "base")
+                finite(p.name, rf.get(p.name), "fine-tune")
                 if not math.isfinite(dsq):
                     raise CheckpointError(f"{p.name}: the delta overflows fp32 (values too large)")
-            return wb, wf, d, dsq, wsq
+            return d, dsq, wsq
 
         # Budget: first pass for the spectra, then the allocator picks ranks.
         ranks: dict[str, int] = {}
@@ -279,7 +294,7 @@ def extract_lora(
             lora_by_name = {q.name: q for q in lora_plans}
             for i, name in enumerate(rb.order(lora_by_name)):
                 plan = lora_by_name[name]
-                d = delta_of(plan)[2]
+                d = delta_of(plan)[0]
                 res = truncated_svd(_orient(d, plan.kind), cap, name=name, **svd_kw)
                 del d
                 m, n = res.shape
@@ -302,10 +317,10 @@ def extract_lora(
                     result.skipped.append({"tensor": name, "why": "non-float tensor differs; not representable"})
                 continue
             # A grown tensor has no delta (shapes differ) but is saved whole: still check it.
-            wb = wf = d = M = res = None  # release the previous pair before reading the next
-            wb, wf, d, total, wsq = (delta_of(p) if not p.grown
-                                     else (None, finite(name, rf.get(name), "fine-tune"), None, 0.0, 0.0))
+            d = M = res = None  # release the previous delta before reading the next
+            d, total, wsq = delta_of(p) if not p.grown else (None, 0.0, 0.0)
             if p.action == "full":
+                wf = finite(name, rf.get(name), "fine-tune")
                 if p.grown:
                     result.notes.append(
                         f"{name}: vocabulary grew from {base_idx.tensors[name].shape[0]} to "
@@ -328,6 +343,7 @@ def extract_lora(
                     result.skipped.append({"tensor": name, "why": p.why, "delta_norm": float(d.norm())})
                 continue
             # LoRA
+            out_dt = DTYPES[dtype] if dtype else base_idx.tensors[name].dtype
             M = _orient(d, p.kind)  # (out, in)
             sq_tot += total
             if total == 0.0:
@@ -345,7 +361,6 @@ def extract_lora(
             if budget_params is not None:
                 r = min(ranks[name], res.k)
             A32, B32 = lora_factors(res, r)  # (r, in), (out, r)
-            out_dt = DTYPES[dtype] if dtype else wb.dtype
             A, B = A32.to(out_dt), B32.to(out_dt)
             # the error of the factors as stored: the SVD's exact truncation error plus
             # what the cast to the adapter dtype costs

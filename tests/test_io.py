@@ -317,3 +317,18 @@ def test_index_reads_no_tensor_data(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.open", spy)
     open_checkpoint(tmp_path)
     assert reads and all(0 <= n < 10_000 for n in reads)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_get_rows_reads_exact_row_ranges(tmp_path, fmt):
+    src = {"w": torch.randn(13, 5).to(torch.bfloat16), "v": torch.arange(7.0)}
+    if fmt == "bin":
+        torch.save(src, tmp_path / "pytorch_model.bin")
+    else:
+        save_file(src, tmp_path / "model.safetensors")
+    with LazyReader(open_checkpoint(tmp_path)) as r:
+        assert torch.equal(r.get_rows("w", 3, 9), src["w"][3:9])
+        assert torch.equal(r.get_rows("w", 10, 99), src["w"][10:])  # clamped at the end
+        assert torch.equal(r.get_rows("v", 0, 2), src["v"][:2])
+        assert r.get_rows("w", 5, 5).shape == (0, 5)
+        assert not torch.equal(r.get_rows("w", 4, 10), src["w"][3:9])  # negative control

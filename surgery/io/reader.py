@@ -69,6 +69,26 @@ class LazyReader:
             )
         return buf.view(info.dtype).reshape(info.shape)
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) along the first dimension, reading only their bytes."""
+        info = self.info(name)
+        if not info.shape:
+            raise CheckpointError(f"{name} is a scalar; it has no rows")
+        start, stop = max(0, start), min(stop, info.shape[0])
+        self._open(info.shard)
+        if self._sd is not None:
+            return self._sd[name][start:stop]
+        row = info.nbytes // info.shape[0] if info.shape[0] else 0
+        n = max(0, stop - start) * row
+        buf = torch.empty(n, dtype=torch.uint8)
+        self._fh.seek(info.offset + start * row)
+        got = self._fh.readinto(buf.numpy()) if n else 0
+        if got != n:
+            raise CheckpointError(
+                f"{info.shard}: tensor {name!r} is truncated; re-download the checkpoint"
+            )
+        return buf.view(info.dtype).reshape((max(0, stop - start), *info.shape[1:]))
+
     def order(self, names: Iterable[str] | None = None) -> list[str]:
         """Names sorted so each shard is visited once, data in file order."""
         names = list(self.index.tensors) if names is None else list(names)
