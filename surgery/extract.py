@@ -28,6 +28,7 @@ from .io import LazyReader, check_output_path, open_checkpoint
 from .lowrank import allocate_budget, frob_sq, lora_factors, parse_budget, truncated_svd
 from .modules import tensor_kinds
 from .peft_format import LoraModule, write_adapter
+from .tensors import all_finite
 
 Progress = Callable[[str, int, int], None]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -259,7 +260,7 @@ def extract_lora(
 
     with LazyReader(base_idx) as rb, LazyReader(ft_idx) as rf:
         def finite(name: str, w: torch.Tensor, who: str) -> torch.Tensor:
-            if w.is_floating_point() and not torch.isfinite(w).all():
+            if not all_finite(w):
                 raise CheckpointError(f"{name}: non-finite values (NaN/Inf) in the {who} checkpoint")
             return w
 

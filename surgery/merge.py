@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from .tensors import all_finite, count_non_finite
 from .errors import AdapterError, CheckpointError, OptionError, ValidationError
 from .io import LazyReader, ShardedWriter, check_output_path, open_checkpoint, parse_size
 from .peft_format import LoraAdapterConfig, LoraModule, read_adapter
@@ -402,9 +403,10 @@ def lora_delta(m: LoraModule, fifo: bool = False, device: torch.device | str = "
     """PEFT's get_delta_weight in fp32, in the layout of the stored weight."""
     a = m.A.to(device=device, dtype=torch.float32)  # (r, in) / embedding (r, vocab)
     b = m.B.to(device=device, dtype=torch.float32)  # (out, r) / embedding (dim, r)
+    ba = (b @ a).mul_(m.scaling)  # scaled in place: the same rounding as PEFT's (B @ A) * s
     if m.kind == "embedding":
-        return (b @ a).T * m.scaling  # (vocab, dim)
-    return _t(b @ a, fifo) * m.scaling  # (out, in), Conv1D (in, out)
+        return ba.T  # (vocab, dim)
+    return _t(ba, fifo)  # (out, in), Conv1D (in, out)
 
 
 def dora_merge(base32: torch.Tensor, m: LoraModule, fifo: bool, delta: torch.Tensor) -> torch.Tensor:
@@ -423,6 +425,11 @@ def dora_merge(base32: torch.Tensor, m: LoraModule, fifo: bool, delta: torch.Ten
 def _apply_ops(t: torch.Tensor, ops: Sequence[_Op], unmerge: bool, device: torch.device) -> torch.Tensor:
     """Base tensor + every op on it, in fp32 (see the module docstring for the semantics)."""
     base32 = t.to(device=device, dtype=torch.float32)
+    # Plain LoRA/bias ops add in place (one fp32 copy of the tensor in flight instead of
+    # three); DoRA needs the untouched base, so it keeps the out-of-place adds.
+    inplace = not any(op.kind == "dora" for op in ops)
+    if inplace and base32 is t:
+        base32 = t.clone()  # never write into the reader's buffer
     for op in ops:
         if op.kind == "replace":
             s = op.tensor.to(device=device, dtype=torch.float32)
@@ -437,10 +444,11 @@ def _apply_ops(t: torch.Tensor, ops: Sequence[_Op], unmerge: bool, device: torch
                 # PEFT's Embedding.merge adds get_delta_weight(...).to(weight dtype): the delta is
                 # rounded to the base dtype first (Linear adds the fp32 delta, one rounding)
                 d = d.to(t.dtype).float()
-            out = out + d
+            out = out.add_(d) if inplace else out + d
         elif op.kind == "bias":
             d = op.module.bias.to(device=device, dtype=torch.float32) * op.module.scaling  # (out,)
-            out = out + d if (op.weight == 1.0 and not unmerge) else out + (sign * op.weight) * d
+            d = d if (op.weight == 1.0 and not unmerge) else (sign * op.weight) * d
+            out = out.add_(d) if inplace else out + d
         elif op.kind == "dora":
             merged = dora_merge(base32, op.module, op.fifo, lora_delta(op.module, op.fifo, device))
             if out is base32 and op.weight == 1.0:
@@ -453,10 +461,23 @@ def _apply_ops(t: torch.Tensor, ops: Sequence[_Op], unmerge: bool, device: torch
 def _finish(name: str, t: torch.Tensor, plan: _Plan, ops: Sequence[_Op] | None) -> torch.Tensor:
     out_dtype = plan.dtype if (plan.dtype is not None and t.is_floating_point()) else t.dtype
     if not ops:
-        return t if out_dtype == t.dtype else t.to(out_dtype)
-    res = _apply_ops(t, ops, plan.unmerge, plan.device).to(out_dtype).cpu()
-    if not bool(torch.isfinite(res).all()):
-        bad = int((~torch.isfinite(res)).sum())
+        res = t if out_dtype == t.dtype else t.to(out_dtype)
+    else:
+        res = _apply_ops(t, ops, plan.unmerge, plan.device).to(out_dtype).cpu()
+    # Every floating tensor written is checked, touched or not: a NaN/inf in the base, an
+    # overflow of the --dtype cast or a broken adapter must not land in a complete-looking model.
+    if not all_finite(res):  # in blocks: no full-size temporary
+        bad = count_non_finite(res)
+        if not all_finite(t):
+            raise ValidationError(
+                f"base tensor {name} has {count_non_finite(t)} non-finite value(s) (NaN/inf); "
+                f"the base checkpoint is corrupt; nothing was written"
+            )
+        if not ops:
+            raise ValidationError(
+                f"tensor {name} overflows {out_dtype} ({bad} value(s) become inf); "
+                f"choose another --dtype (bf16 or fp32); nothing was written"
+            )
         who = ", ".join(sorted({plan.adapters[op.adapter].path for op in ops}))
         raise ValidationError(
             f"merged tensor {name} has {bad} non-finite value(s) (NaN/inf in {out_dtype}) after applying {who}; "

@@ -35,7 +35,9 @@ def _meta_model(config: dict) -> nn.Module | None:
     if config.get("auto_map"):
         return None  # custom code: we never run it; use heuristics
     archs = config.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if archs else None
+    cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        cls = None  # only model classes transformers ships, never an arbitrary attribute (pipeline, ...)
     try:
         cfg = AutoConfig.for_model(**config)
         logging.getLogger("transformers").setLevel(logging.ERROR)

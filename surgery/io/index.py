@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,12 +90,14 @@ def safe_torch_load(path: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
             else:
                 raise
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported global"
+        # torch's message opens with advice to retry with weights_only=False: show the cause instead
+        m = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \d+|WeightsUnpickler error:[^.]*)", str(e))
+        first = " ".join((m.group(1) if m else str(e)).split())[:160] or "unsupported global"
         raise CheckpointError(
             f"{path}: refused to load: the pickle asks to run code or build objects other than tensors "
-            f"({first[:160]}); only plain weight files are accepted, convert it to safetensors in a trusted environment"
+            f"({first}); only plain weight files are accepted, convert it to safetensors in a trusted environment"
         ) from None
-    except (OSError, RuntimeError, EOFError, ValueError, AttributeError, ImportError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - a corrupt zip/pickle raises anything (KeyError, struct.error, ...)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: cannot load PyTorch file ({msg[:200]}); is it corrupt or truncated?") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

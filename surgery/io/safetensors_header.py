@@ -41,6 +41,7 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 # A real header is a few MB at most (a 70B model has ~1000 tensors per shard).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+_MAX_DIM = 2**63  # torch sizes are int64
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,12 @@ class HeaderEntry:
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     end: int
+
+
+def _short(x: object, limit: int = 80) -> str:
+    """repr(x), cut: a hostile header must not turn into a megabyte error message."""
+    r = repr(x)
+    return r if len(r) <= limit else r[:limit] + "…"
 
 
 def _bad(path: Path, what: str) -> CheckpointError:
@@ -96,15 +103,16 @@ def read_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[str, str]]:
     entries: list[HeaderEntry] = []
     for name, info in header.items():
         if not isinstance(info, dict):
-            raise _bad(path, f"entry {name!r} is not an object")
+            raise _bad(path, f"entry {_short(name)} is not an object")
         dt = info.get("dtype")
-        if dt not in DTYPES:
-            raise _bad(path, f"tensor {name!r} has unknown dtype {dt!r}")
+        if not isinstance(dt, str) or dt not in DTYPES:
+            raise _bad(path, f"tensor {_short(name)} has unknown dtype {_short(dt)}")
         shape = info.get("shape")
         if not isinstance(shape, list) or not all(
-            type(d) is int and d >= 0 for d in shape
-        ):
-            raise _bad(path, f"tensor {name!r} has an invalid shape {shape!r}")
+            type(d) is int and 0 <= d < _MAX_DIM for d in shape
+        ) or math.prod(d for d in shape if d) >= _MAX_DIM:
+            # torch sizes are int64; an empty tensor with huge other dims would overflow in reshape
+            raise _bad(path, f"tensor {_short(name)} has an invalid shape {_short(shape)}")
         offs = info.get("data_offsets")
         if (
             not isinstance(offs, list)
@@ -112,15 +120,15 @@ def read_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[str, str]]:
             or not all(type(o) is int for o in offs)
             or not 0 <= offs[0] <= offs[1]
         ):
-            raise _bad(path, f"tensor {name!r} has invalid data_offsets {offs!r}")
+            raise _bad(path, f"tensor {_short(name)} has invalid data_offsets {_short(offs)}")
         if offs[1] > data_len:
-            raise _bad(path, f"tensor {name!r} ends at byte {offs[1]} past the data end {data_len} (truncated file?)")
+            raise _bad(path, f"tensor {_short(name)} ends at byte {offs[1]} past the data end {data_len} (truncated file?)")
         itemsize = torch.empty((), dtype=DTYPES[dt]).element_size()
         expected = math.prod(shape) * itemsize
         if offs[1] - offs[0] != expected:
             raise _bad(
                 path,
-                f"tensor {name!r}: shape {shape} x {dt} needs {expected} bytes but offsets span {offs[1] - offs[0]}",
+                f"tensor {_short(name)}: shape {shape} x {dt} needs {expected} bytes but offsets span {offs[1] - offs[0]}",
             )
         entries.append(
             HeaderEntry(name, DTYPES[dt], tuple(shape), data_start + offs[0], data_start + offs[1])
@@ -131,7 +139,7 @@ def read_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[str, str]]:
     for e in entries:
         if e.start != pos:
             what = "overlap" if e.start < pos else "a gap"
-            raise _bad(path, f"tensor {e.name!r} data ranges have {what} at byte {e.start - data_start}")
+            raise _bad(path, f"tensor {_short(e.name)} data ranges have {what} at byte {e.start - data_start}")
         pos = e.end
     if pos != size:
         raise _bad(path, f"{size - pos} bytes after the last tensor (data ends at {pos - data_start} of {data_len})")

@@ -94,7 +94,11 @@ def check_output_path(out: Path, overwrite: bool, inputs: Iterable[Path] = ()) -
     parent = ro.parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir():
+        raise OutputError(f"cannot create {out}: {parent} is not a directory; choose another output path")
+    # effective ids: what the process can do (a setuid/seteuid process differs from its real uid)
+    eff = os.access in os.supports_effective_ids
+    if not os.access(parent, os.W_OK | os.X_OK, effective_ids=eff):
         raise OutputError(f"cannot write to {parent} (permission denied); choose a writable output location")
 
 
