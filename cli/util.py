@@ -99,3 +99,22 @@ class RegexType(click.ParamType):
         except re.error as e:
             self.fail(f"{value!r} is not a valid regular expression ({e})", param, ctx)
         return value
+
+
+class BudgetType(click.ParamType):
+    """A LoRA parameter budget: a count ('2e6', '150000') or a share of the model ('1%').
+
+    Only the syntax is checked here (bad values are usage errors, exit 2); the
+    library turns a percentage into a count once it knows the model's size."""
+
+    name = "budget"
+
+    def convert(self, value, param, ctx):
+        from surgery.errors import OptionError
+        from surgery.lowrank import parse_budget
+
+        try:
+            parse_budget(str(value).strip(), 10**15)
+        except OptionError as e:
+            self.fail(str(e), param, ctx)
+        return str(value).strip()

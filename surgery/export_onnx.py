@@ -454,6 +454,11 @@ def load_hf_model(model_dir: str | Path, task: str = "auto",
         model = load_factorized(model_dir, torch.float32)
         model = _apply_adapters(model, [Path(a) for a in adapters])
         return model.eval(), model.config, task
+    # Index the checkpoint ourselves first: shard paths must stay inside the directory,
+    # headers must be sane, pickles must be weights only (transformers checks none of it).
+    from .io import open_checkpoint
+
+    open_checkpoint(model_dir)
     try:
         with _quiet():
             config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)

@@ -7,7 +7,7 @@ import click
 from surgery.analyze import analyze, check_plot_path, plot_spectra
 
 from ..main import cli
-from ..util import RegexType, echo_json, human_count, progress_bar, table
+from ..util import BudgetType, RegexType, echo_json, human_count, progress_bar, table
 
 
 class RanksType(click.ParamType):
@@ -72,7 +72,7 @@ def render_analyze(res) -> str:
 @click.option("--base", type=click.Path(path_type=str), help="Base model: also analyse the delta MODEL - BASE.")
 @click.option("--ranks", type=RanksType(), default="8,16,32,64", show_default=True,
               help="Ranks at which to report the energy kept.")
-@click.option("--budget", help="With --base: recommend a rank per module for this many LoRA parameters (2e6 or 1%).")
+@click.option("--budget", type=BudgetType(), help="With --base: recommend a rank per module for this many LoRA parameters (2e6 or 1%).")
 @click.option("--include", multiple=True, type=RegexType(), help="Only modules matching this regex (repeatable).")
 @click.option("--exclude", multiple=True, type=RegexType(), help="Skip modules matching this regex (repeatable).")
 @click.option("--exact-max", type=click.IntRange(min=1), default=1024, show_default=True,

@@ -11,6 +11,7 @@ from surgery.extract import extract_lora
 
 from ..main import cli
 from ..util import RegexType, echo_json, human_count, progress_bar, table
+from .refine_cmd import refine_options, render_refine
 
 
 def render_extract(res, top: int | None = 20) -> str:
@@ -61,8 +62,12 @@ def render_extract(res, top: int | None = 20) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--refine", is_flag=True, help="Then train the factors to match FT's outputs on --calibration text.")
+@refine_options(prefix=True)
 def extract_cmd(base, ft, out, rank, energy, budget, svd, niter, max_rank, include, exclude, embeddings,
-                other_deltas, bias, serving_safe, dtype, device, seed, task_type, report, overwrite, as_json, quiet):
+                other_deltas, bias, serving_safe, dtype, device, seed, task_type, report, overwrite, as_json, quiet,
+                refine, calibration, refine_steps, refine_lr, refine_batch, max_length, objective, holdout,
+                eval_every, threads):
     """Compress the delta FT - BASE into a PEFT LoRA adapter.
 
     Streams one tensor pair at a time, decomposes each delta with a truncated SVD
@@ -74,23 +79,39 @@ def extract_cmd(base, ft, out, rank, energy, budget, svd, niter, max_rank, inclu
       surgery extract-lora fixtures/tiny-bert fixtures/tiny-bert-ft -o out/lora --rank 4
       surgery extract-lora base/ ft/ -o lora/ --energy 0.9 --max-rank 64 --report report.json
       surgery extract-lora base/ ft/ -o lora/ --budget 1% --serving-safe
+      surgery extract-lora base/ ft/ -o lora/ --rank 8 --refine --calibration texts.txt
     """
     if serving_safe:
         if embeddings == "full":
             raise click.UsageError("--serving-safe cannot be combined with --embeddings full")
         other_deltas = "skip"
+    if refine and calibration is None:
+        raise click.UsageError("--refine needs --calibration FILE (unlabeled text, one sample per line)")
+    if calibration is not None and not refine:
+        raise click.UsageError("--calibration is used by --refine; add --refine")
+    kw = dict(rank=rank, energy=energy, budget=budget, svd=svd, niter=niter, max_rank=max_rank,
+              include=include, exclude=exclude, embeddings=embeddings, other_deltas=other_deltas, bias=bias,
+              dtype=dtype, device=device, seed=seed, task_type=task_type, overwrite=overwrite)
+    ref = None
     with progress_bar(not quiet) as prog:
-        res = extract_lora(
-            base, ft, out, rank=rank, energy=energy, budget=budget, svd=svd, niter=niter, max_rank=max_rank,
-            include=include, exclude=exclude, embeddings=embeddings, other_deltas=other_deltas, bias=bias,
-            dtype=dtype, device=device, seed=seed, task_type=task_type, overwrite=overwrite, progress=prog,
-        )
+        if refine:
+            from surgery.refine import extract_and_refine
+
+            res, ref = extract_and_refine(
+                base, ft, out, calibration=calibration, refine_steps=refine_steps, refine_lr=refine_lr,
+                refine_batch=refine_batch, max_length=max_length, objective=objective, holdout=holdout,
+                eval_every=eval_every, threads=threads, progress=prog, **kw)
+        else:
+            res = extract_lora(base, ft, out, progress=prog, **kw)
     if serving_safe and res.full:
         click.echo(f"warning: {len(res.full)} tensors were saved whole (vocabulary growth)", err=True)
+    data = res.to_json() if ref is None else {**res.to_json(), "refine": ref.to_json()}
     if report:
-        Path(report).write_text(json.dumps(res.to_json(), indent=2) + "\n")
+        Path(report).write_text(json.dumps(data, indent=2) + "\n")
     if as_json:
-        echo_json(res.to_json())
+        echo_json(data)
     else:
         click.echo(render_extract(res), err=True)
+        if ref is not None:
+            click.echo(render_refine(ref), err=True)
         click.echo(f"wrote {out}: {len(res.modules)} LoRA modules, overall relative error {res.overall_rel_error:.4f}")
