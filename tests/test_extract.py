@@ -678,3 +678,15 @@ def test_cli_json_report_summary_and_inputs_unchanged(tiny_llama, tiny_llama_ft,
     assert re.search(r"^wrote .*ad2: 16 LoRA modules, overall relative error \d\.\d{4}$", r.stdout, re.M), r.stdout
     assert "rel err" in r.stderr and "LoRA params" in r.stderr  # the table goes to stderr
     assert (tree_digest(tiny_llama), tree_digest(tiny_llama_ft)) == before
+
+
+@pytest.mark.parametrize("bad", ["abc", "-5", "0%", "101%"])
+def test_cli_bad_budget_is_usage_error(tiny_bert, tiny_bert_ft, tmp_path, bad):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    r = CliRunner().invoke(cli, ["extract-lora", str(tiny_bert), str(tiny_bert_ft), "-o", str(tmp_path / "o"),
+                                 "--budget", bad])
+    assert r.exit_code == 2 and "budget" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()

@@ -10,7 +10,7 @@ import click
 from surgery.extract import extract_lora
 
 from ..main import cli
-from ..util import RegexType, echo_json, human_count, progress_bar, table
+from ..util import BudgetType, RegexType, echo_json, human_count, progress_bar, table
 from .refine_cmd import refine_options, render_refine
 
 
@@ -42,7 +42,7 @@ def render_extract(res, top: int | None = 20) -> str:
 @click.option("-o", "--out", required=True, type=click.Path(path_type=str), help="Adapter directory to write.")
 @click.option("--rank", type=click.IntRange(min=1), help="Fixed rank for every module (default 16).")
 @click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Smallest rank keeping this fraction of each delta's energy.")
-@click.option("--budget", help="Total LoRA parameters spread over all modules: a count (2e6) or a share of the model (1%).")
+@click.option("--budget", type=BudgetType(), help="Total LoRA parameters spread over all modules: a count (2e6) or a share of the model (1%).")
 @click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True)
 @click.option("--niter", type=click.IntRange(min=0), default=4, show_default=True, help="Power iterations (randomized SVD).")
 @click.option("--max-rank", type=click.IntRange(min=1), help="Rank cap for --energy/--budget (default 256 unless --svd exact).")
@@ -93,6 +93,10 @@ def extract_cmd(base, ft, out, rank, energy, budget, svd, niter, max_rank, inclu
               include=include, exclude=exclude, embeddings=embeddings, other_deltas=other_deltas, bias=bias,
               dtype=dtype, device=device, seed=seed, task_type=task_type, overwrite=overwrite)
     ref = None
+    if report:
+        from surgery.io import check_report_path
+
+        check_report_path(report, [Path(base), Path(ft)], overwrite)
     with progress_bar(not quiet) as prog:
         if refine:
             from surgery.refine import extract_and_refine
@@ -107,7 +111,9 @@ def extract_cmd(base, ft, out, rank, energy, budget, svd, niter, max_rank, inclu
         click.echo(f"warning: {len(res.full)} tensors were saved whole (vocabulary growth)", err=True)
     data = res.to_json() if ref is None else {**res.to_json(), "refine": ref.to_json()}
     if report:
-        Path(report).write_text(json.dumps(data, indent=2) + "\n")
+        from surgery.io import write_text_atomic
+
+        write_text_atomic(report, json.dumps(data, indent=2) + "\n")
     if as_json:
         echo_json(data)
     else:

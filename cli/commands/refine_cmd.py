@@ -98,6 +98,10 @@ def refine_cmd(base, adapter, teacher, out, calibration, refine_steps, refine_lr
     """
     if calibration is None:
         raise click.UsageError("--calibration FILE is required (unlabeled text, one sample per line)")
+    if report:
+        from surgery.io import check_report_path
+
+        check_report_path(report, [Path(base), Path(adapter), Path(teacher)], overwrite)
     with progress_bar(not quiet) as prog:
         res = refine_adapter(
             base, adapter, teacher, calibration, out, steps=refine_steps, lr=refine_lr, batch=refine_batch,
@@ -105,7 +109,9 @@ def refine_cmd(base, adapter, teacher, out, calibration, refine_steps, refine_lr
             seed=seed, threads=threads, overwrite=overwrite, progress=prog,
         )
     if report:
-        Path(report).write_text(json.dumps(res.to_json(), indent=2) + "\n")
+        from surgery.io import write_text_atomic
+
+        write_text_atomic(report, json.dumps(res.to_json(), indent=2) + "\n")
     if as_json:
         echo_json(res.to_json())
     else:

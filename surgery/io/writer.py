@@ -297,3 +297,33 @@ class ShardedWriter:
                     shutil.copytree(sub, self.tmp_dir / sub.name)
                     copied.append(sub.name + "/")
         return copied
+
+
+def check_report_path(path: str | Path, inputs: Iterable[Path] = (), overwrite: bool = False) -> Path:
+    """Validate a --report file location before any work: never an input, never inside
+    an input directory, its directory must exist, an existing file needs overwrite."""
+    p = Path(path)
+    rp = p.resolve()
+    for inp in inputs:
+        ri = Path(inp).resolve()
+        if rp == ri or (ri.is_dir() and rp.is_relative_to(ri)):
+            raise OutputError(f"report {p} would be written into the input {inp}; choose another path")
+    if not rp.parent.is_dir():
+        raise OutputError(f"the directory of report {p} does not exist; create it or choose another path")
+    if p.is_dir():
+        raise OutputError(f"report {p} is a directory; give a file name")
+    if p.exists() and not overwrite:
+        raise OutputError(f"report {p} already exists; pass --overwrite to replace it")
+    return p
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a small text file through a temporary sibling and rename it into place."""
+    p = Path(path)
+    tmp = p.parent / f".{p.name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {p} ({e.strerror or e})") from None
