@@ -42,6 +42,7 @@ from torch import Tensor
 from .errors import CheckpointError, OptionError, OutputError, SurgeryError
 from .io import LazyReader, open_checkpoint
 from .lowrank import SVDResult, allocate_budget, parse_budget, truncated_svd
+from .modules import module_filter  # noqa: F401 (re-exported for init/factorize/bottleneck)
 from .modules import tensor_kinds
 
 Progress = Callable[[str, int, int], None]
@@ -56,21 +57,6 @@ RANDOMIZED_CAP = 256
 # ----------------------------------------------------------------------------- shared helpers
 
 
-def module_filter(include: Sequence[str] = (), exclude: Sequence[str] = ()) -> Callable[[str], bool]:
-    """keep(module) for --include / --exclude regexes (re.search on the module name)."""
-    try:
-        inc = [re.compile(p) for p in include]
-        exc = [re.compile(p) for p in exclude]
-    except re.error as e:
-        raise OptionError(f"invalid --include/--exclude regex {e.pattern!r}: {e}") from None
-
-    def keep(module: str) -> bool:
-        if inc and not any(p.search(module) for p in inc):
-            return False
-        return not any(p.search(module) for p in exc)
-
-    keep.include = inc  # type: ignore[attr-defined]
-    return keep
 
 
 def check_includes_match(keep, modules: Sequence[str], where) -> None:

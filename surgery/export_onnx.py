@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from .errors import AdapterError, CheckpointError, OptionError, SurgeryError, ValidationError
+from .errors import CheckpointError, OptionError, SurgeryError, ValidationError
 from .io import atomic_output_dir, check_output_path
 
 # Offline by default; `local_files_only=True` below is the real guarantee.

@@ -15,7 +15,6 @@ Every module gets scale exactly 1 (lora_alpha = r, rank_pattern/alpha_pattern).
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ import torch
 from .errors import CheckpointError, OptionError, SurgeryError
 from .io import LazyReader, check_output_path, open_checkpoint
 from .lowrank import allocate_budget, frob_sq, lora_factors, parse_budget, truncated_svd
-from .modules import tensor_kinds
+from .modules import module_filter, tensor_kinds
 from .peft_format import LoraModule, write_adapter
 from .tensors import all_finite
 
@@ -81,21 +80,6 @@ class _Plan:
     action: str  # "lora" | "full" | "skip" | "bias"
     why: str = ""
     grown: bool = False
-
-
-def _filters(include: Sequence[str], exclude: Sequence[str]):
-    try:
-        inc = [re.compile(p) for p in include]
-        exc = [re.compile(p) for p in exclude]
-    except re.error as e:
-        raise OptionError(f"invalid --include/--exclude regex {e.pattern!r}: {e}") from None
-
-    def keep(module: str) -> bool:
-        if inc and not any(p.search(module) for p in inc):
-            return False
-        return not any(p.search(module) for p in exc)
-
-    return inc, exc, keep
 
 
 def _plan(base_idx, ft_idx, kinds, embeddings, other_deltas, keep) -> list[_Plan]:
@@ -237,8 +221,8 @@ def extract_lora(
         if idx.kind != "model":
             raise CheckpointError(f"{idx.source}: {what} is an adapter directory; give a model checkpoint")
     kinds = tensor_kinds(base_idx)
-    inc, exc, keep = _filters(include, exclude)
-    for p in inc:
+    keep = module_filter(include, exclude)
+    for p in keep.include:
         if not any(p.search(n.rsplit(".", 1)[0]) for n in base_idx.tensors):
             raise OptionError(f"--include {p.pattern!r} matches no module of {base}")
     plans = _plan(base_idx, ft_idx, kinds, embeddings, other_deltas, keep)

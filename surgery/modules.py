@@ -13,10 +13,13 @@ import contextlib
 import io
 import logging
 import re
+from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from .errors import OptionError
 from .io import CheckpointIndex
 
 # kinds: "linear" (out, in) | "conv1d" (in, out) | "embedding" (vocab, dim)
@@ -79,10 +82,54 @@ def _heuristic(name: str, shape: tuple[int, ...], floating: bool) -> str:
     return "other"
 
 
-def tensor_kinds(index: CheckpointIndex) -> dict[str, str]:
+_ASSIGN = r"self\.(\w+)\s*(?::[^=]+)?=\s*{}\("
+
+
+def _from_source(index: CheckpointIndex) -> dict[str, str] | None:
+    """The same answer as the meta model, read from the architecture's modeling source
+    text (no import: importing a transformers model class costs ~2 s of a 10 s
+    extraction). Each 2-D weight's attribute must be assigned exactly one layer type
+    there (`self.q_proj = nn.Linear(`...), else None and the caller builds the model."""
+    cfg = index.config or {}
+    mt = cfg.get("model_type")
+    if not isinstance(mt, str) or cfg.get("auto_map") or not re.fullmatch(r"[\w-]+", mt):
+        return None
+    import importlib.util
+
+    spec = importlib.util.find_spec("transformers")  # where it is, without importing it (~0.9 s)
+    if spec is None or not spec.origin:
+        return None
+    mt = mt.replace("-", "_")
+    src = Path(spec.origin).parent / "models" / mt / f"modeling_{mt}.py"
+    try:
+        text = src.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    attrs = {kind: set(re.findall(_ASSIGN.format(pat), text))
+             for kind, pat in (("linear", r"nn\.Linear"), ("conv1d", r"Conv1D"), ("embedding", r"nn\.Embedding"))}
+    two_d: dict[str, str] = {}
+    for n, t in index.tensors.items():
+        if len(t.shape) != 2 or not t.dtype.is_floating_point or not n.endswith(".weight"):
+            continue
+        attr = n.rsplit(".", 2)[-2]
+        hits = [k for k, names in attrs.items() if attr in names]
+        if len(hits) != 1:
+            return None  # unknown or ambiguous: let the real model decide
+        two_d[n] = hits[0]
+    out = dict(two_d)
+    for n, t in index.tensors.items():
+        if len(t.shape) == 1 and t.dtype.is_floating_point and n not in out:
+            sibling = n.rsplit(".", 1)[0] + ".weight"
+            out[n] = "bias" if two_d.get(sibling) in ("linear", "conv1d") and n.endswith(".bias") else "norm"
+    return out
+
+
+def tensor_kinds(index: CheckpointIndex, fast: bool = True) -> dict[str, str]:
     """tensor name -> kind, for every tensor of the checkpoint."""
-    model = _meta_model(index.config) if index.config else None
-    known = _from_model(model) if model is not None else {}
+    known = _from_source(index) if fast and index.config else None
+    if known is None:
+        model = _meta_model(index.config) if index.config else None
+        known = _from_model(model) if model is not None else {}
     names = list(index.tensors)
     if known and sum(n in known for n in names) < 0.5 * len(names):
         known = {}  # names do not line up with the architecture (prefix differs): heuristics
@@ -96,3 +143,20 @@ def tensor_kinds(index: CheckpointIndex) -> dict[str, str]:
             k = "other"
         out[n] = k
     return out
+
+
+def module_filter(include: Sequence[str] = (), exclude: Sequence[str] = ()) -> Callable[[str], bool]:
+    """keep(module) for --include / --exclude regexes (re.search on the module name)."""
+    try:
+        inc = [re.compile(p) for p in include]
+        exc = [re.compile(p) for p in exclude]
+    except re.error as e:
+        raise OptionError(f"invalid --include/--exclude regex {e.pattern!r}: {e}") from None
+
+    def keep(module: str) -> bool:
+        if inc and not any(p.search(module) for p in inc):
+            return False
+        return not any(p.search(module) for p in exc)
+
+    keep.include = inc  # type: ignore[attr-defined]
+    return keep
