@@ -654,6 +654,47 @@ def _updated_config(config: dict, plan: _Plan) -> dict:
     return cfg
 
 
+def _write_planned(w: ShardedWriter, idx, plan: _Plan, changed: list[str], progress: Progress | None) -> None:
+    """Planned-mode loop: merged tensors are written whole; untouched ones are copied a
+    block of rows at a time (checked for NaN/inf on the way), never held whole."""
+    desc = "unmerge" if plan.unmerge else "merge"
+    with LazyReader(idx) as reader:
+        order = reader.order()
+        for done, name in enumerate(order, 1):
+            info = idx.tensors[name]
+            ops = plan.ops.get(name)
+            same_dtype = plan.dtype is None or not info.dtype.is_floating_point or plan.dtype == info.dtype
+            if ops or not same_dtype or len(info.shape) == 0:
+                w.add(name, _finish(name, reader.get(name), plan, ops))
+                if ops:
+                    changed.append(name)
+            else:
+                step = max(1, (1 << 22) // max(1, info.nbytes // max(1, info.shape[0])))
+
+                def blocks(name=name, info=info, step=step):
+                    for i in range(0, info.shape[0], step):
+                        yield _finish(name, reader.get_rows(name, i, i + step), plan, None)
+
+                w.add_blocks(name, tuple(info.shape), info.dtype, blocks())
+            if progress:
+                progress(desc, done, len(order))
+
+
+def _planned_entries(idx, plan: _Plan) -> list[tuple[str, tuple, torch.dtype]] | None:
+    """(name, shape, dtype) of every output tensor in write order, when known before
+    any data is read: always, unless a full replacement may change a shape."""
+    if plan.extra or any(op.kind == "replace" for ops in plan.ops.values() for op in ops):
+        return None
+    with LazyReader(idx) as reader:
+        order = reader.order()
+    out = []
+    for name in order:
+        t = idx.tensors[name]
+        dt = plan.dtype if (plan.dtype is not None and t.dtype.is_floating_point) else t.dtype
+        out.append((name, tuple(t.shape), dt))
+    return out
+
+
 def merge(
     base: str | Path,
     adapters: Sequence[str | Path],
@@ -685,10 +726,15 @@ def merge(
     inputs = [Path(base), *map(Path, adapters)]
     changed: list[str] = []
     with ShardedWriter(out, shard_size=size, overwrite=overwrite, inputs=inputs) as w:
-        for name, t in _iter_plan(idx, plan, progress):
-            w.add(name, t)
-            if name in plan.ops or name in plan.extra:
-                changed.append(name)
+        entries = _planned_entries(idx, plan)
+        if entries is not None:
+            w.plan(entries)  # headers known up front: tensors go straight into the shards
+            _write_planned(w, idx, plan, changed, progress)
+        else:
+            for name, t in _iter_plan(idx, plan, progress):
+                w.add(name, t)
+                if name in plan.ops or name in plan.extra:
+                    changed.append(name)
         if idx.source is not None and Path(idx.source).is_dir():
             w.copy_files(idx.root)
         if idx.config is not None and (plan.config_updates or plan.dtype is not None):

@@ -332,3 +332,16 @@ def test_get_rows_reads_exact_row_ranges(tmp_path, fmt):
         assert torch.equal(r.get_rows("v", 0, 2), src["v"][:2])
         assert r.get_rows("w", 5, 5).shape == (0, 5)
         assert not torch.equal(r.get_rows("w", 4, 10), src["w"][3:9])  # negative control
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite(dtype):
+    from surgery.tensors import all_finite, count_non_finite
+
+    big = torch.full((5_000_000,), torch.finfo(dtype).max / 2, dtype=dtype)  # the sum overflows, values are finite
+    assert all_finite(big) and count_non_finite(big) == 0
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.zeros(5_000_000, dtype=dtype)
+        x[4_321_000] = bad
+        assert not all_finite(x) and count_non_finite(x) == 1
+    assert all_finite(torch.arange(10))  # integers are always finite

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -173,6 +174,13 @@ def _small_config_dir(d: Path, limit: int = 10 * 2**20) -> bool:
     return True
 
 
+def _header_bytes(header: dict) -> bytes:
+    """The 8-byte length and the JSON header, padded so the data starts 8-byte aligned."""
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
 class ShardedWriter:
     """Stream tensors into safetensors shards in an atomic output directory."""
 
@@ -197,6 +205,9 @@ class ShardedWriter:
         self._header: dict = {}
         self._pos = 0
         self.total_size = 0
+        self._planned: list[list[tuple[str, tuple, torch.dtype]]] | None = None
+        self._next = (0, 0)  # (shard, entry) expected next in planned mode
+        self._direct = None  # the open shard file in planned mode
 
     def __enter__(self) -> "ShardedWriter":
         self.tmp_dir = self._ctx.__enter__()
@@ -211,16 +222,84 @@ class ShardedWriter:
             finish_error = e
             exc_type, exc, tb = type(e), e, e.__traceback__
         finally:
-            if self._spill is not None:
-                self._spill.close()
-                self._spill = None
+            for fh in (self._spill, self._direct):
+                if fh is not None:
+                    fh.close()
+            self._spill = self._direct = None
         suppressed = self._ctx.__exit__(exc_type, exc, tb)
         if finish_error is not None and not suppressed:
             raise finish_error
         return suppressed
 
     # -- tensors -------------------------------------------------------------
+    def plan(self, entries: Iterable[tuple[str, tuple, torch.dtype]]) -> None:
+        """Announce every tensor (name, shape, dtype) in the order it will be added.
+
+        Each shard's header is then known before its data, so tensors are written
+        straight into the shard file: no spill file, half the bytes written."""
+        if self._names or self._spill is not None:
+            raise OutputError("plan() must come before the first add()")
+        shards: list[list[tuple[str, tuple, torch.dtype]]] = [[]]
+        size = 0
+        for name, shape, dtype in entries:
+            if dtype not in DTYPE_NAMES:
+                raise OutputError(f"tensor {name!r} has dtype {dtype} that safetensors cannot store")
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if self.shard_size and shards[-1] and size + nbytes > self.shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), dtype))
+            size += nbytes
+        self._planned = shards
+
+    def _open_planned(self, i: int) -> None:
+        header, pos = {}, 0
+        for name, shape, dtype in self._planned[i]:
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+            pos += nbytes
+        self._direct = open(self.tmp_dir / f".shard{i}.safetensors", "wb")
+        self._direct.write(_header_bytes({"__metadata__": self.metadata, **header}))
+        self._header = header
+
+    def _add_planned(self, name: str, tensor: torch.Tensor) -> None:
+        self.add_blocks(name, tuple(tensor.shape), tensor.dtype, [tensor])
+
+    def add_blocks(self, name: str, shape: tuple, dtype: torch.dtype, blocks: Iterable[torch.Tensor]) -> None:
+        """Planned mode: write one announced tensor from consecutive row blocks, so a
+        tensor that passes through unchanged never has to be in memory whole."""
+        if self._planned is None:
+            raise OutputError("add_blocks() needs plan() first")
+        i, j = self._next
+        if i >= len(self._planned) or j >= len(self._planned[i]):
+            raise OutputError(f"tensor {name!r} was not announced in plan()")
+        want = self._planned[i][j]
+        if (name, tuple(shape), dtype) != want:
+            raise OutputError(f"tensor {name!r} {tuple(shape)} {dtype} differs from the plan {want}")
+        if j == 0:
+            self._open_planned(i)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        written = 0
+        for block in blocks:
+            if block.dtype != dtype:
+                raise OutputError(f"tensor {name!r}: a block has dtype {block.dtype}, expected {dtype}")
+            self._direct.write(tensor_bytes(block))
+            written += block.numel() * block.element_size()
+        if written != nbytes:
+            raise OutputError(f"tensor {name!r}: {written} bytes written, {nbytes} announced")
+        self.total_size += nbytes
+        self._names.add(name)
+        if j + 1 == len(self._planned[i]):
+            self._direct.close()
+            self._direct = None
+            self._shards.append((self.tmp_dir / f".shard{i}.safetensors", self._header))
+            self._next = (i + 1, 0)
+        else:
+            self._next = (i, j + 1)
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._planned is not None:
+            return self._add_planned(name, tensor)
         if name in self._names:
             raise OutputError(f"tensor {name!r} written twice")
         if tensor.dtype not in DTYPE_NAMES:
@@ -246,18 +325,19 @@ class ShardedWriter:
         self._spill.close()
         self._spill = None
         final = self.tmp_dir / f".shard{len(self._shards)}.safetensors"
-        header = {"__metadata__": self.metadata, **self._header}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # align the data start to 8 bytes
         with open(final, "wb") as f, open(spill_path, "rb") as data:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
+            f.write(_header_bytes({"__metadata__": self.metadata, **self._header}))
             shutil.copyfileobj(data, f, 16 * 2**20)
         spill_path.unlink()
         self._shards.append((final, self._header))
 
     def _finish(self) -> None:
-        if self._spill is not None or not self._shards:
+        if self._planned is not None:
+            if self._next != (len(self._planned), 0) and any(self._planned):
+                raise OutputError(f"only {len(self._names)} of the planned tensors were written")
+            if not any(self._planned):
+                self._planned = None  # nothing announced: fall through to an empty file
+        if self._planned is None and (self._spill is not None or not self._shards):
             if self._spill is None:  # nothing written: still a valid empty file
                 self._spill = open(self.tmp_dir / ".shard0.data", "wb")
                 self._header, self._pos = {}, 0
