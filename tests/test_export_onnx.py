@@ -282,7 +282,10 @@ def test_unknown_model_type_and_bad_options(tiny_bert, tmp_path):
     d = tmp_path / "unknown"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "no-such-arch", "architectures": ["NoSuchModel"]}))
-    with pytest.raises(CheckpointError, match="cannot load"):
+    with pytest.raises(CheckpointError, match="no checkpoint found"):  # no weights: our index says so first
+        export_onnx(d, tmp_path / "o")
+    shutil.copy(tiny_bert / "model.safetensors", d / "model.safetensors")
+    with pytest.raises(CheckpointError, match="cannot load"):  # weights, but an architecture nobody knows
         export_onnx(d, tmp_path / "o")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):
