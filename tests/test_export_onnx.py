@@ -71,7 +71,8 @@ def test_tiny_bert_exports_and_validates(bert_export):
     assert m["validation"]["execution_provider"] == "CPUExecutionProvider"
     assert m["tolerances"]["atol"] == 1e-4
     # the fusion pass really fired on the (legacy-exported) graph used for the optimised file
-    assert m["optimization"]["fused_ops"].get("Attention", 0) == 2
+    # CPU target: the eager-attention graph (fused Attention measured slower on CPU)
+    assert "eager-attention graph for CPU" in m["optimization"]["method"]
     assert not any(p.name.startswith(".") for p in r.out_dir.iterdir())  # no scratch left behind
 
 
@@ -187,7 +188,12 @@ def test_custom_module_and_legacy_fallback(tmp_path, capfd):
     assert all(row.passed for row in r.validation)
 
 
-def test_real_minilm_optimized(minilm_dir, tmp_path):
+def test_real_minilm_optimized(minilm_dir, tmp_path, monkeypatch):
+    """The CUDA-target variant (transformer fusions); the fused graph also runs, and is
+    validated, on the CPU provider here."""
+    import surgery.export_onnx as ex
+
+    monkeypatch.setattr(ex, "_cuda_target", lambda device: True)
     r = export_onnx(minilm_dir, tmp_path / "o", optimize=True, device="cpu")
     assert r.status == "ok"
     fused = r.manifest["optimization"]["fused_ops"]
