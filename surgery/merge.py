@@ -434,6 +434,8 @@ def _apply_ops(t: torch.Tensor, ops: Sequence[_Op], unmerge: bool, device: torch
         if op.kind == "replace":
             s = op.tensor.to(device=device, dtype=torch.float32)
             base32 = s if op.weight == 1.0 else base32 + op.weight * (s - base32)
+            if inplace and base32 is op.tensor:
+                base32 = base32.clone()  # nor into the adapter's own tensor
     out = base32
     sign = -1.0 if unmerge else 1.0
     for op in ops:

@@ -117,10 +117,17 @@ def _from_source(index: CheckpointIndex) -> dict[str, str] | None:
             return None  # unknown or ambiguous: let the real model decide
         two_d[n] = hits[0]
     out = dict(two_d)
+    dims: dict[str, list[int]] = {}  # module -> ndim of each of its tensors
+    for n, t in index.tensors.items():
+        dims.setdefault(n.rsplit(".", 1)[0], []).append(len(t.shape))
     for n, t in index.tensors.items():
         if len(t.shape) == 1 and t.dtype.is_floating_point and n not in out:
-            sibling = n.rsplit(".", 1)[0] + ".weight"
-            out[n] = "bias" if two_d.get(sibling) in ("linear", "conv1d") and n.endswith(".bias") else "norm"
+            module = n.rsplit(".", 1)[0]
+            if two_d.get(module + ".weight") in ("linear", "conv1d") and n.endswith(".bias"):
+                out[n] = "bias"
+            elif all(d == 1 for d in dims[module]):
+                out[n] = "norm"  # like the meta model: a module whose parameters are all 1-D
+            # else (Mamba's mixer.D, a Conv bias...): left to the heuristic, as the meta path does
     return out
 
 

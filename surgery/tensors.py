@@ -21,7 +21,7 @@ def all_finite(t: torch.Tensor) -> bool:
     step = 4 * BLOCK
     for i in range(0, flat.numel(), step):
         block = flat[i : i + step]
-        if not bool(torch.isfinite(block.sum(dtype=torch.float32))) and not bool(torch.isfinite(block).all()):
+        if not bool(torch.isfinite(block.sum(dtype=torch.float32))) and not bool(torch.isfinite(_checkable(block)).all()):
             return False
     return True
 
@@ -30,4 +30,9 @@ def count_non_finite(t: torch.Tensor) -> int:
     if not t.is_floating_point():
         return 0
     flat = t.reshape(-1)
-    return sum(int((~torch.isfinite(flat[i : i + BLOCK])).sum()) for i in range(0, flat.numel(), BLOCK))
+    return sum(int((~torch.isfinite(_checkable(flat[i : i + BLOCK]))).sum()) for i in range(0, flat.numel(), BLOCK))
+
+
+def _checkable(block: torch.Tensor) -> torch.Tensor:
+    """isfinite has no float8 kernels: upcast 1-byte floats (a block at a time)."""
+    return block.float() if block.element_size() == 1 else block

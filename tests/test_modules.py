@@ -39,3 +39,32 @@ def test_unknown_attribute_falls_back_to_the_model(tiny_llama, tmp_path):
     cfg["model_type"] = "no_such_model"
     (d / "config.json").write_text(json.dumps(cfg))
     assert _from_source(open_checkpoint(d)) is None
+
+
+def test_mamba_like_one_d_params_match_the_meta_model(tmp_path):
+    """Mamba's mixer.D (1-D, beside 2-D A_log) and conv1d.bias are not norms: the fast path must
+    agree with the model built on the meta device (a wrong 'norm' made extract-lora put the whole
+    mixer in modules_to_save, clashing with its LoRA modules)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import MambaConfig, MambaModel
+
+    cfg = MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2, conv_kernel=2)
+    model = MambaModel(cfg)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    cfg.save_pretrained(tmp_path)
+    idx = open_checkpoint(tmp_path)
+    fast, meta = tensor_kinds(idx, fast=True), tensor_kinds(idx, fast=False)
+    assert fast == meta
+    assert fast["layers.0.mixer.D"] != "norm" and fast["layers.0.norm.weight"] == "norm"
+
+
+def test_float8_non_finite_is_found():
+    import torch
+
+    from surgery.tensors import all_finite, count_non_finite
+
+    x = torch.zeros(10, dtype=torch.float8_e4m3fn)
+    assert all_finite(x)
+    x[3] = float("nan")
+    assert not all_finite(x) and count_non_finite(x) == 1
