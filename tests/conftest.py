@@ -65,3 +65,17 @@ def minilm_ft(minilm_dir, tmp_path_factory) -> Path:
     from fixtures.make_fixtures import make_ft_twin
 
     return make_ft_twin(minilm_dir, tmp_path_factory.mktemp("minilm") / "minilm-ft", seed=100)
+
+
+def load_fp32_model(path: Path):
+    """The model class named in config.json's architectures, loaded in fp32, eval mode, quietly."""
+    import json
+    import warnings
+
+    import torch
+    import transformers
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return getattr(transformers, cfg["architectures"][0]).from_pretrained(path, dtype=torch.float32).eval()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -22,13 +21,10 @@ from surgery.bottleneck import (
 from surgery.errors import AdapterError, CheckpointError, OptionError, OutputError
 
 transformers = pytest.importorskip("transformers")
+from conftest import load_fp32_model  # noqa: E402
 
 
-def _load(path):
-    cfg = json.loads((path / "config.json").read_text())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return getattr(transformers, cfg["architectures"][0]).from_pretrained(path, dtype=torch.float32).eval()
+_load = load_fp32_model
 
 
 def _ids(vocab, shape=(2, 8)):

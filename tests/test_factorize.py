@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 
 import pytest
 import torch
@@ -16,13 +15,10 @@ from surgery.errors import CheckpointError, OptionError, OutputError
 from surgery.factorize import factorize, last_hidden, load_factorized, sample_inputs, savings
 
 transformers = pytest.importorskip("transformers")
+from conftest import load_fp32_model  # noqa: E402
 
 
-def _load(path):
-    cfg = json.loads((path / "config.json").read_text())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return getattr(transformers, cfg["architectures"][0]).from_pretrained(path, dtype=torch.float32).eval()
+_load = load_fp32_model
 
 
 @pytest.fixture
