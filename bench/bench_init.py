@@ -10,7 +10,7 @@ decay where the randomized range finder is neither trivial nor hopeless.
 Compared, per rank r (lora_alpha = r, scale 1):
   PEFT pissa          init_lora_weights="pissa": full torch.linalg.svd per layer
   PEFT pissa_niter_4  init_lora_weights="pissa_niter_4": torch.svd_lowrank(q=r), no oversampling
-  ours pissa          surgery.init.init_factors(method="pissa", svd="auto"): randomized with
+  ours pissa          surgery.ops.init_lora.init_factors(method="pissa", svd="auto"): randomized with
                       oversampling max(10, r/4) and 4 power iterations where faster, else exact
   PEFT olora          init_lora_weights="olora": full QR of W
   ours olora          Householder QR of W[:, :r] and R_r = Q_rᵀ W
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from surgery.init import init_factors  # noqa: E402
+from surgery.ops.init_lora import init_factors  # noqa: E402
 
 
 def linear_names(model: nn.Module) -> list[str]:

@@ -3,7 +3,7 @@
     python bench/bench_onnx.py                       # all-MiniLM-L6-v2, 2 threads, 1x128 and 8x128
     python bench/bench_onnx.py MODEL_DIR --threads 4 --repeat 30
 
-Exports MODEL_DIR with surgery.export_onnx (validated, optimize=True) into a temp dir, then times
+Exports MODEL_DIR with surgery.onnx.export (validated, optimize=True) into a temp dir, then times
 median latency after warm-up with the same thread count everywhere. PyTorch is timed twice:
 with the eager attention the export traces, and with transformers' default (SDPA) attention,
 which is what a PyTorch user would run. Candidates are timed round-robin (fair on shared machines).
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from surgery.export_onnx import benchmark_onnx, export_onnx, load_hf_model  # noqa: E402
+from surgery.onnx.export import benchmark_onnx, export_onnx, load_hf_model  # noqa: E402
 
 
 def main() -> None:

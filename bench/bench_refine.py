@@ -6,7 +6,7 @@
 
 Task gain kept = (Spearman(adapter) − Spearman(base)) / (Spearman(ft) − Spearman(base)) on the
 twin's held-out test pairs (phrases never in the fine-tuning data nor the calibration text).
-Adapters are run with surgery.refine.load_student (our LoRA forward; PEFT-equal in the tests).
+Adapters are run with surgery.ops.refine.load_student (our LoRA forward; PEFT-equal in the tests).
 --timing: seconds per 100 refine steps at batch 16, length 64 (calibration lines of ≥ 64
 tokens), 1 vs 2 threads, held-out scoring excluded. Prints one JSON object per measurement.
 """
@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from fixtures.make_sts_twin import evaluate  # noqa: E402
-from surgery.extract import extract_lora  # noqa: E402
-from surgery.refine import load_student, refine_adapter  # noqa: E402
+from surgery.ops.extract import extract_lora  # noqa: E402
+from surgery.ops.refine import load_student, refine_adapter  # noqa: E402
 
 
 def uptime() -> str:

@@ -1,4 +1,4 @@
-"""surgery.analyze: spectra, stable / effective rank, energy curves, delta analysis, CLI."""
+"""surgery.ops.analyze: spectra, stable / effective rank, energy curves, delta analysis, CLI."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cli.main import cli
-from surgery.analyze import analyze, effective_rank, layer_type, spectrum, spectrum_stats
+from surgery.cli.main import cli
+from surgery.ops.analyze import analyze, effective_rank, layer_type, spectrum, spectrum_stats
 from surgery.errors import CheckpointError, OptionError
-from surgery.lowrank import allocate_budget
+from surgery.core.lowrank import allocate_budget
 
 
 def _with_spectrum(S, m, n, seed=0):

@@ -1,4 +1,4 @@
-"""surgery.bottleneck (init-adapter): Houlsby bottleneck adapters, SVD-initialised."""
+"""surgery.ops.bottleneck (init-adapter): Houlsby bottleneck adapters, SVD-initialised."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from cli.main import cli
-from surgery.bottleneck import (
+from surgery.cli.main import cli
+from surgery.ops.bottleneck import (
     BottleneckAdapter,
     attach_bottleneck,
     init_adapter,

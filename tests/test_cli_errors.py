@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
+from surgery.cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "fixtures"
@@ -267,7 +267,7 @@ def test_version_and_unknown_command():
 
 def test_debug_shows_traceback_and_internal_errors_are_one_line(monkeypatch, tmp_path):
     """--debug re-raises (traceback); an unexpected exception is one line asking for --debug, exit 1."""
-    import surgery.inspect as sins
+    import surgery.ops.inspect as sins
 
     r = CliRunner().invoke(cli, ["--debug", "inspect", str(tmp_path / "missing")])
     assert r.exit_code == 1 and r.exception is not None and type(r.exception).__name__ == "CheckpointError"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
+from surgery.cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "fixtures"

@@ -17,7 +17,7 @@ import torch
 from onnx import numpy_helper
 
 from surgery.errors import CheckpointError, OptionError, OutputError, ValidationError
-from surgery.export_onnx import (
+from surgery.onnx.export import (
     InputSpec,
     IOSpec,
     TOLERANCES,
@@ -127,7 +127,7 @@ def test_adapter_export_equals_export_of_merged_directory(tiny_bert, tiny_bert_l
     """--adapter merges in memory; exporting `surgery merge`'s output must give the same ONNX outputs."""
     import onnxruntime as ort
 
-    from surgery.merge import merge
+    from surgery.ops.merge import merge
 
     merge(tiny_bert, [tiny_bert_lora], tmp_path / "merged")
     a = export_onnx(tiny_bert, tmp_path / "a", adapters=[tiny_bert_lora], device="cpu")
@@ -191,7 +191,7 @@ def test_custom_module_and_legacy_fallback(tmp_path, capfd):
 def test_real_minilm_optimized(minilm_dir, tmp_path, monkeypatch):
     """The CUDA-target variant (transformer fusions); the fused graph also runs, and is
     validated, on the CPU provider here."""
-    import surgery.export_onnx as ex
+    import surgery.onnx.export as ex
 
     monkeypatch.setattr(ex, "_cuda_target", lambda device: True)
     r = export_onnx(minilm_dir, tmp_path / "o", optimize=True, device="cpu")

@@ -1,4 +1,4 @@
-"""extract-lora: surgery.extract.extract_lora and `surgery extract-lora`.
+"""extract-lora: surgery.ops.extract.extract_lora and `surgery extract-lora`.
 
 Oracles: PEFT (PeftModel.from_pretrained loads every adapter we write, and the
 adapted base must reproduce the fine-tune), the Eckart–Young bound computed from
@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from surgery.errors import CheckpointError, OptionError, OutputError, SurgeryError
-from surgery.extract import extract_lora
+from surgery.ops.extract import extract_lora
 from surgery.io import LazyReader, open_checkpoint
 
 warnings.filterwarnings("ignore", module="peft")
@@ -135,7 +135,7 @@ def tree_digest(path: Path) -> dict[str, str]:
 
 
 def run_cli(args):
-    from cli.main import cli
+    from surgery.cli.main import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args])
 
@@ -279,7 +279,7 @@ def test_randomized_close_to_exact(tiny_bert, tiny_bert_ft, tmp_path):
         assert m.rel_error <= 1.01 * e[m.module] + 1e-6, (m.module, m.rel_error, e[m.module])
     # Negative control: with no power iterations and the smallest sketch the randomized
     # engine is measurably worse somewhere, so the 1 % check can fail.
-    from surgery.lowrank import truncated_svd
+    from surgery.core.lowrank import truncated_svd
 
     worst = 0.0
     for name, t in true_deltas(tiny_bert, tiny_bert_ft).items():
@@ -684,7 +684,7 @@ def test_cli_json_report_summary_and_inputs_unchanged(tiny_llama, tiny_llama_ft,
 def test_cli_bad_budget_is_usage_error(tiny_bert, tiny_bert_ft, tmp_path, bad):
     from click.testing import CliRunner
 
-    from cli.main import cli
+    from surgery.cli.main import cli
 
     r = CliRunner().invoke(cli, ["extract-lora", str(tiny_bert), str(tiny_bert_ft), "-o", str(tmp_path / "o"),
                                  "--budget", bad])

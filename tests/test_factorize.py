@@ -1,4 +1,4 @@
-"""surgery.factorize: low-rank factorised Linear/Conv1D layers, loader, output check, ONNX export."""
+"""surgery.ops.factorize: low-rank factorised Linear/Conv1D layers, loader, output check, ONNX export."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from cli.main import cli
+from surgery.cli.main import cli
 from surgery.errors import CheckpointError, OptionError, OutputError
-from surgery.factorize import factorize, last_hidden, load_factorized, sample_inputs, savings
+from surgery.ops.factorize import factorize, last_hidden, load_factorized, sample_inputs, savings
 
 transformers = pytest.importorskip("transformers")
 from conftest import load_fp32_model  # noqa: E402
@@ -139,7 +139,7 @@ def test_errors_and_cli(tiny_bert, tiny_bert_lora, tmp_path):
 
 def test_onnx_export_of_factorised_model(lowrank_bert, tmp_path):
     pytest.importorskip("onnxruntime")
-    from surgery.export_onnx import InputSpec, export_onnx
+    from surgery.onnx.export import InputSpec, export_onnx
 
     factorize(lowrank_bert, tmp_path / "f", rank=4, evaluate=False)
     fac = load_factorized(tmp_path / "f")

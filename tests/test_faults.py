@@ -2,7 +2,7 @@
 complete-looking output, a full disk ends in a clear error with nothing left
 behind, and unusable output locations are refused before any work.
 
-The SIGKILL test runs the real CLI as a subprocess (`python -m cli ...`) and kills
+The SIGKILL test runs the real CLI as a subprocess (`python -m surgery ...`) and kills
 it after a random delay drawn from the command's own duration, measured first.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
+from surgery.cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "fixtures"
@@ -120,7 +120,7 @@ def _env() -> dict:
 def _spawn(args: list, log: Path) -> subprocess.Popen:
     """The CLI in its own session; stderr to a file (a pipe nobody reads could fill up and block it)."""
     with open(log, "wb") as err:
-        return subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], cwd=ROOT, env=_env(),
+        return subprocess.Popen([sys.executable, "-m", "surgery", *map(str, args)], cwd=ROOT, env=_env(),
                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
 
 

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from cli.main import cli
+from surgery.cli.main import cli
 from surgery.errors import CheckpointError
 from surgery.io import LazyReader, ShardedWriter, open_checkpoint
 from surgery.io.safetensors_header import DTYPE_NAMES
@@ -207,7 +207,7 @@ def test_plain_bin_still_loads(tiny_bert_bin, tiny_bert, tmp_path):
 
 def _sources() -> list[Path]:
     files = []
-    for d in ("surgery", "cli", "bench", "fixtures"):
+    for d in ("surgery", "bench", "fixtures"):
         files += [p for p in sorted((ROOT / d).rglob("*.py"))
                   if not any(part.startswith(".") or part in ("work", "site-packages")
                              for part in p.relative_to(ROOT).parts)]
@@ -291,7 +291,7 @@ def test_remote_code_config_never_runs_in_extract_merge(tiny_bert, tiny_bert_ft,
                                                          no_dynamic_modules):
     """extract/merge read config.json (surgery/modules.py builds the architecture on the meta
     device): with auto_map they fall back to name heuristics and never import the shipped code."""
-    from surgery.modules import tensor_kinds
+    from surgery.core.layers import tensor_kinds
 
     marker = tmp_path / "PWNED"
     base = _remote_code_model(tmp_path / "base", tiny_bert, marker)
@@ -321,7 +321,7 @@ def test_remote_code_config_refused_by_export(cmd, tiny_bert, tiny_bert_ft, tmp_
 
 def test_meta_model_never_trusts_remote_code(monkeypatch):
     """modules._meta_model with a config naming an unknown model type and custom code returns None."""
-    from surgery.modules import _meta_model
+    from surgery.core.layers import _meta_model
 
     assert _meta_model({"model_type": "evil-custom", "auto_map": {"AutoModel": "x.Y"}}) is None
     assert _meta_model({"model_type": "evil-custom", "architectures": ["EvilModel"]}) is None

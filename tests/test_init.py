@@ -1,4 +1,4 @@
-"""surgery.init (init-lora): PiSSA / MiLoRA / OLoRA factors and the residual model.
+"""surgery.ops.init_lora (init-lora): PiSSA / MiLoRA / OLoRA factors and the residual model.
 
 Oracles: PEFT's own init_lora_weights="pissa" / "olora" (same products B·A, same
 residual weights), and PeftModel.from_pretrained(residual, adapter) computing the
@@ -17,9 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from cli.main import cli
+from surgery.cli.main import cli
 from surgery.errors import OptionError, OutputError
-from surgery.init import init_factors, init_lora
+from surgery.ops.init_lora import init_factors, init_lora
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -336,7 +336,7 @@ def test_get_rows_reads_exact_row_ranges(tmp_path, fmt):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_all_finite(dtype):
-    from surgery.tensors import all_finite, count_non_finite
+    from surgery.core.tensors import all_finite, count_non_finite
 
     big = torch.full((5_000_000,), torch.finfo(dtype).max / 2, dtype=dtype)  # the sum overflows, values are finite
     assert all_finite(big) and count_non_finite(big) == 0

@@ -1,4 +1,4 @@
-"""Tests for surgery.lowrank: the SVD engine, its exact error, rank policies.
+"""Tests for surgery.core.lowrank: the SVD engine, its exact error, rank policies.
 
 SVD factors are never compared directly (signs are arbitrary): we compare products,
 errors against the true spectrum (Eckart–Young), and errors against direct norms.
@@ -15,9 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import surgery.lowrank as lowrank
+import surgery.core.lowrank as lowrank
 from surgery.errors import OptionError, SurgeryError, ValidationError
-from surgery.lowrank import (
+from surgery.core.lowrank import (
     SVDResult,
     allocate_budget,
     default_oversample,

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from fixtures.make_fixtures import BERT_TARGETS, LLAMA_TARGETS, _load_hf_model, make_peft_adapter
 from surgery.errors import AdapterError, OptionError, OutputError, ValidationError
 from surgery.io import LazyReader, open_checkpoint
-from surgery.merge import apply_adapters_to_model, merge, merged_state_dict_iter
+from surgery.ops.merge import apply_adapters_to_model, merge, merged_state_dict_iter
 
 warnings.filterwarnings("ignore", module="peft")
 
@@ -371,7 +371,7 @@ def test_option_errors(tiny_bert, tiny_bert_lora, tmp_path):
 
 
 def _cli(args):
-    from cli.main import cli
+    from surgery.cli.main import cli
 
     return CliRunner().invoke(cli, args)
 
@@ -414,7 +414,7 @@ def test_cli_bad_input_exit_1(tiny_bert, tmp_path):
 @pytest.mark.parametrize("base_name,ft_name", [("tiny_gpt2", "tiny_gpt2_ft"), ("tiny_llama", "tiny_llama_ft")])
 def test_extracted_adapter_merges_like_peft(request, tmp_path, base_name, ft_name):
     """Adapters written by `surgery extract-lora` (full-rank: exact) merge back to the fine-tune."""
-    from surgery.extract import extract_lora
+    from surgery.ops.extract import extract_lora
 
     base, ft = request.getfixturevalue(base_name), request.getfixturevalue(ft_name)
     extract_lora(base, ft, tmp_path / "ad", rank=64)
@@ -444,8 +444,8 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 @given(out=st.integers(1, 12), inp=st.integers(1, 12), r=st.integers(1, 4), fifo=st.booleans(),
        w=st.floats(-3, 3), seed=st.integers(0, 2**16))
 def test_property_unmerge_inverts_merge(out, inp, r, fifo, w, seed):
-    from surgery.merge import _apply_ops, _Op
-    from surgery.peft_format import LoraModule
+    from surgery.ops.merge import _apply_ops, _Op
+    from surgery.core.peft_format import LoraModule
 
     g = torch.Generator().manual_seed(seed)
     W = torch.randn((inp, out) if fifo else (out, inp), generator=g)

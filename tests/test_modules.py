@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from surgery.io import open_checkpoint
-from surgery.modules import _from_source, tensor_kinds
+from surgery.core.layers import _from_source, tensor_kinds
 
 
 @pytest.mark.parametrize("name", ["tiny_bert", "tiny_llama", "tiny_gpt2", "minilm_dir"])
@@ -62,7 +62,7 @@ def test_mamba_like_one_d_params_match_the_meta_model(tmp_path):
 def test_float8_non_finite_is_found():
     import torch
 
-    from surgery.tensors import all_finite, count_non_finite
+    from surgery.core.tensors import all_finite, count_non_finite
 
     x = torch.zeros(10, dtype=torch.float8_e4m3fn)
     assert all_finite(x)

@@ -1,4 +1,4 @@
-"""surgery.peft_format: PEFT LoRA adapters read/write, with PEFT itself as the oracle.
+"""surgery.core.peft_format: PEFT LoRA adapters read/write, with PEFT itself as the oracle.
 
 PEFT loads what we write (PeftModel.from_pretrained) and must end up holding
 exactly our tensors at exactly our scales; we read what PEFT writes
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from surgery.errors import AdapterError, CheckpointError, OutputError
-from surgery.peft_format import (
+from surgery.core.peft_format import (
     LoraModule,
     adapter_state_dict,
     config_for_ranks,

@@ -7,8 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
-from surgery.pipeline import run_pipeline
+from surgery.cli.main import cli
+from surgery.ops.pipeline import run_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""refine: surgery.refine (refine_adapter, extract_and_refine) and `surgery refine` / `extract-lora --refine`.
+"""refine: surgery.ops.refine (refine_adapter, extract_and_refine) and `surgery refine` / `extract-lora --refine`.
 
 Oracles: PEFT (loads every refined adapter; its outputs must equal our own LoRA
 forward, and the fine-tune's outputs are approached on text the refine never saw),
@@ -21,8 +21,8 @@ from click.testing import CliRunner
 
 from fixtures.make_fixtures import WORDS
 from surgery.errors import AdapterError, CheckpointError, OptionError
-from surgery.extract import extract_lora
-from surgery.refine import extract_and_refine, load_student, read_calibration, refine_adapter
+from surgery.ops.extract import extract_lora
+from surgery.ops.refine import extract_and_refine, load_student, read_calibration, refine_adapter
 
 warnings.filterwarnings("ignore", module="peft")
 
@@ -252,7 +252,7 @@ def test_refine_peft_written_adapter(tiny_bert, tiny_bert_ft, tiny_bert_lora, ca
     """An adapter PEFT wrote (alpha != r, its own config fields) refines and keeps its config."""
     res = refine_adapter(tiny_bert, tiny_bert_lora, tiny_bert_ft, calib, tmp_path / "ref", steps=20, lr=LR, batch=8)
     assert res.after.loss < res.before.loss
-    from surgery.peft_format import read_adapter
+    from surgery.core.peft_format import read_adapter
 
     ca, ma, _ = read_adapter(tiny_bert_lora)
     cb, mb, _ = read_adapter(tmp_path / "ref")
@@ -310,7 +310,7 @@ def test_errors(tiny_bert, tiny_bert_ft, tiny_llama, bert_svd, calib, tmp_path):
 
 
 def test_cli(tiny_bert, tiny_bert_ft, bert_svd, calib, tmp_path):
-    from cli.main import cli
+    from surgery.cli.main import cli
 
     r = CliRunner()
     res = r.invoke(cli, ["extract-lora", str(tiny_bert), str(tiny_bert_ft), "-o", str(tmp_path / "a"), "--rank", "2",

@@ -57,8 +57,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdapterError
-from .io import LazyReader, ShardedWriter, open_checkpoint
+from surgery.errors import AdapterError
+from surgery.io import LazyReader, ShardedWriter, open_checkpoint
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's order of preference

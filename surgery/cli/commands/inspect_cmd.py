@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from surgery.inspect import inspect_checkpoint
+from surgery.ops.inspect import inspect_checkpoint
 
 from ..main import cli
 from ..util import echo_json, human_bytes, human_count, table

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from surgery.refine import OBJECTIVES, refine_adapter
+from surgery.ops.refine import OBJECTIVES, refine_adapter
 
 from ..main import cli
 from ..util import echo_json, human_bytes, human_count, progress_bar, table

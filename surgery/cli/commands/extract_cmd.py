@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from surgery.extract import extract_lora
+from surgery.ops.extract import extract_lora
 
 from ..main import cli
 from ..util import BudgetType, RegexType, echo_json, human_count, progress_bar, table
@@ -99,7 +99,7 @@ def extract_cmd(base, ft, out, rank, energy, budget, svd, niter, max_rank, inclu
         check_report_path(report, [Path(base), Path(ft)], overwrite)
     with progress_bar(not quiet) as prog:
         if refine:
-            from surgery.refine import extract_and_refine
+            from surgery.ops.refine import extract_and_refine
 
             res, ref = extract_and_refine(
                 base, ft, out, calibration=calibration, refine_steps=refine_steps, refine_lr=refine_lr,

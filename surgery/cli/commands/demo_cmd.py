@@ -31,7 +31,7 @@ def demo_cmd(base, ft, workdir, rank, optimize, as_json):
       surgery demo
       surgery demo fixtures/tiny-llama fixtures/tiny-llama-ft --workdir out/llama
     """
-    from surgery.pipeline import run_pipeline
+    from surgery.ops.pipeline import run_pipeline
 
     if (base is None) != (ft is None):
         raise click.UsageError("give both BASE and FT, or neither (the fixture pair)")

@@ -52,12 +52,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .analyze import check_finite, check_includes_match, module_filter, open_model, oriented
-from .errors import OptionError
-from .io import LazyReader, ShardedWriter, atomic_output_dir, check_output_path, parse_size
-from .lowrank import lapack_threads, truncated_svd
-from .modules import tensor_kinds
-from .peft_format import LoraModule, write_adapter
+from surgery.ops.analyze import check_finite, check_includes_match, module_filter, open_model, oriented
+from surgery.errors import OptionError
+from surgery.io import LazyReader, ShardedWriter, atomic_output_dir, check_output_path, parse_size
+from surgery.core.lowrank import lapack_threads, truncated_svd
+from surgery.core.layers import tensor_kinds
+from surgery.core.peft_format import LoraModule, write_adapter
 
 Progress = Callable[[str, int, int], None]
 METHODS = ("pissa", "milora", "olora")

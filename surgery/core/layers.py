@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .errors import OptionError
-from .io import CheckpointIndex
+from surgery.errors import OptionError
+from surgery.io import CheckpointIndex
 
 # kinds: "linear" (out, in) | "conv1d" (in, out) | "embedding" (vocab, dim)
 #        "bias" (of a linear/conv1d) | "norm" (1-D params of a module with no 2-D weight)

@@ -15,8 +15,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .errors import CheckpointError, OptionError, ValidationError
-from .export_onnx import (
+from surgery.errors import CheckpointError, OptionError, ValidationError
+from surgery.onnx.export import (
     DEVICES,
     DTYPES,
     TOLERANCES,

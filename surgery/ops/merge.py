@@ -52,10 +52,10 @@ from pathlib import Path
 
 import torch
 
-from .tensors import all_finite, count_non_finite
-from .errors import AdapterError, CheckpointError, OptionError, ValidationError
-from .io import LazyReader, ShardedWriter, check_output_path, open_checkpoint, parse_size
-from .peft_format import LoraAdapterConfig, LoraModule, read_adapter
+from surgery.core.tensors import all_finite, count_non_finite
+from surgery.errors import AdapterError, CheckpointError, OptionError, ValidationError
+from surgery.io import LazyReader, ShardedWriter, check_output_path, open_checkpoint, parse_size
+from surgery.core.peft_format import LoraAdapterConfig, LoraModule, read_adapter
 
 Progress = Callable[[str, int, int], None]
 

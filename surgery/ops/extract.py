@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, OptionError, SurgeryError
-from .io import LazyReader, check_output_path, open_checkpoint
-from .lowrank import allocate_budget, frob_sq, lora_factors, parse_budget, truncated_svd
-from .modules import module_filter, tensor_kinds
-from .peft_format import LoraModule, write_adapter
-from .tensors import all_finite
+from surgery.errors import CheckpointError, OptionError, SurgeryError
+from surgery.io import LazyReader, check_output_path, open_checkpoint
+from surgery.core.lowrank import allocate_budget, frob_sq, lora_factors, parse_budget, truncated_svd
+from surgery.core.layers import module_filter, tensor_kinds
+from surgery.core.peft_format import LoraModule, write_adapter
+from surgery.core.tensors import all_finite
 
 Progress = Callable[[str, int, int], None]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

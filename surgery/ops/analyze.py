@@ -39,11 +39,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import CheckpointError, OptionError, OutputError, SurgeryError
-from .io import LazyReader, open_checkpoint
-from .lowrank import SVDResult, allocate_budget, parse_budget, truncated_svd
-from .modules import module_filter  # noqa: F401 (re-exported for init/factorize/bottleneck)
-from .modules import tensor_kinds
+from surgery.errors import CheckpointError, OptionError, OutputError, SurgeryError
+from surgery.io import LazyReader, open_checkpoint
+from surgery.core.lowrank import SVDResult, allocate_budget, parse_budget, truncated_svd
+from surgery.core.layers import module_filter  # noqa: F401 (re-exported for init/factorize/bottleneck)
+from surgery.core.layers import tensor_kinds
 
 Progress = Callable[[str, int, int], None]
 

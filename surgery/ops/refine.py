@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import AdapterError, CheckpointError, OptionError, SurgeryError
-from .io import check_output_path, open_checkpoint
-from .peft_format import LoraModule, read_adapter, write_adapter
+from surgery.errors import AdapterError, CheckpointError, OptionError, SurgeryError
+from surgery.io import check_output_path, open_checkpoint
+from surgery.core.peft_format import LoraModule, read_adapter, write_adapter
 
 Progress = Callable[..., None]  # (desc, done, total[, postfix])
 OBJECTIVES = ("auto", "pooled", "hidden", "logits-kl")
@@ -722,7 +722,7 @@ def extract_and_refine(
     """extract_lora(BASE, FT) into a temporary directory, then refine_adapter with FT as the
     teacher into OUT. Returns (ExtractResult, RefineResult); OUT appears only when both succeed.
     extract_options are extract_lora's keyword options (rank, energy, budget, embeddings, ...)."""
-    from .extract import extract_lora
+    from surgery.ops.extract import extract_lora
 
     _check_options(refine_steps, refine_lr, refine_batch, max_length, objective, holdout, eval_every, threads)
     base, ft, out = Path(base), Path(ft), Path(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from surgery.factorize import factorize
+from surgery.ops.factorize import factorize
 
 from ..main import cli
 from ..util import RegexType, SizeType, echo_json, human_count, progress_bar, table
@@ -33,7 +33,7 @@ def factorize_cmd(model, out, rank, energy, min_savings, max_rank, include, excl
 
     W (out x in) becomes (out x r)(r x in) from its truncated SVD. The output is a
     model directory plus factorization.json; load it in Python with
-    surgery.factorize.load_factorized(OUT). Reports the parameters saved and the
+    surgery.ops.factorize.load_factorized(OUT). Reports the parameters saved and the
     last hidden state's error on sample inputs.
 
     \b

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from surgery.errors import ValidationError
-from surgery.export_onnx import DEFAULT_OPSET, TASKS, export_onnx
+from surgery.onnx.export import DEFAULT_OPSET, TASKS, export_onnx
 
 from ..main import cli
 from ..util import echo_json, progress_bar, table
@@ -79,7 +79,7 @@ def export_cmd(model_dir, out, adapters, task, opset, dtype, device, optimize, a
             if man.is_file():
                 rows = json.loads(man.read_text()).get("validation", {}).get("rows", [])
                 if rows:
-                    from surgery.export_onnx import ValidationRow
+                    from surgery.onnx.export import ValidationRow
 
                     click.echo(render_validation([ValidationRow(**r) for r in rows]), err=True)
             raise

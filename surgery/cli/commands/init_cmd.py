@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from surgery.bottleneck import ACTIVATIONS, init_adapter
-from surgery.init import init_lora
+from surgery.ops.bottleneck import ACTIVATIONS, init_adapter
+from surgery.ops.init_lora import init_lora
 
 from ..main import cli
 from ..util import RegexType, SizeType, echo_json, human_count, progress_bar, table
@@ -85,7 +85,7 @@ def init_adapter_cmd(model, out, bottleneck, placement, modules, from_delta, act
     down = top-R left singular vectors of the sub-layer's output projection, up = 0:
     the model is unchanged at initialisation. With --from-delta BASE FT, down/up
     come from the SVD of the fine-tune's delta instead. Attach in Python with
-    surgery.bottleneck.attach_bottleneck(model, OUT).
+    surgery.ops.bottleneck.attach_bottleneck(model, OUT).
 
     \b
     Examples:

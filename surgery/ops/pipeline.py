@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .export_onnx import export_onnx
-from .extract import extract_lora
-from .io import LazyReader, open_checkpoint
-from .merge import merge
+from surgery.onnx.export import export_onnx
+from surgery.ops.extract import extract_lora
+from surgery.io import LazyReader, open_checkpoint
+from surgery.ops.merge import merge
 
 Progress = Callable[[str, int, int], None]
 
@@ -39,7 +39,7 @@ def weight_agreement(merged: Path, ft: Path, base: Path, names: list[str]) -> di
 
 def output_agreement(merged: Path, ft: Path, base: Path, seed: int = 0) -> dict:
     """Last hidden state / logits of merged vs fine-tune (and base vs fine-tune as the control)."""
-    from .export_onnx import load_hf_model
+    from surgery.onnx.export import load_hf_model
 
     outs = {}
     g = torch.Generator().manual_seed(seed)

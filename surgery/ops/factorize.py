@@ -42,12 +42,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .analyze import check_finite, check_includes_match, module_filter, open_model, oriented, spectrum
-from .errors import CheckpointError, OptionError, SurgeryError
-from .init import _tied_head
-from .io import LazyReader, ShardedWriter, open_checkpoint, parse_size
-from .lowrank import lora_factors, truncated_svd
-from .modules import tensor_kinds
+from surgery.ops.analyze import check_finite, check_includes_match, module_filter, open_model, oriented, spectrum
+from surgery.errors import CheckpointError, OptionError, SurgeryError
+from surgery.ops.init_lora import _tied_head
+from surgery.io import LazyReader, ShardedWriter, open_checkpoint, parse_size
+from surgery.core.lowrank import lora_factors, truncated_svd
+from surgery.core.layers import tensor_kinds
 
 Progress = Callable[[str, int, int], None]
 FORMAT = "surgery-factorized"

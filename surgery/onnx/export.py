@@ -44,8 +44,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from .errors import CheckpointError, OptionError, SurgeryError, ValidationError
-from .io import atomic_output_dir, check_output_path
+from surgery.errors import CheckpointError, OptionError, SurgeryError, ValidationError
+from surgery.io import atomic_output_dir, check_output_path
 
 # Offline by default; `local_files_only=True` below is the real guarantee.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -398,11 +398,11 @@ def _resolve_task(task: str, raw: dict) -> str:
 
 
 def _apply_adapters(model: torch.nn.Module, adapters: Sequence[Path]) -> torch.nn.Module:
-    """Fold adapters into the loaded model's weights with surgery.merge (PEFT's numerics,
+    """Fold adapters into the loaded model's weights with surgery.ops.merge (PEFT's numerics,
     every key checked, no PEFT needed at run time)."""
     if not adapters:
         return model
-    from .merge import apply_adapters_to_model
+    from surgery.ops.merge import apply_adapters_to_model
 
     apply_adapters_to_model(model, [Path(a) for a in adapters])
     return model
@@ -447,14 +447,14 @@ def load_hf_model(model_dir: str | Path, task: str = "auto",
     classes = {"feature-extraction": AutoModel, "sequence-classification": AutoModelForSequenceClassification,
                "causal-lm": AutoModelForCausalLM}
     if (model_dir / "factorization.json").is_file():  # a `surgery factorize` output
-        from .factorize import load_factorized
+        from surgery.ops.factorize import load_factorized
 
         model = load_factorized(model_dir, torch.float32)
         model = _apply_adapters(model, [Path(a) for a in adapters])
         return model.eval(), model.config, task
     # Index the checkpoint ourselves first: shard paths must stay inside the directory,
     # headers must be sane, pickles must be weights only (transformers checks none of it).
-    from .io import open_checkpoint
+    from surgery.io import open_checkpoint
 
     open_checkpoint(model_dir)
     try:
@@ -867,4 +867,4 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, *, model: tor
 
 
 # validation and benchmarks live in onnx_check.py (imported last: it uses the names above)
-from .onnx_check import benchmark_onnx, make_session, validate_onnx  # noqa: E402,F401
+from surgery.onnx.check import benchmark_onnx, make_session, validate_onnx  # noqa: E402,F401

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .io import CheckpointIndex, open_checkpoint
+from surgery.io import CheckpointIndex, open_checkpoint
 
 CONFIG_FIELDS = (
     "architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",

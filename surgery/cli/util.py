@@ -111,7 +111,7 @@ class BudgetType(click.ParamType):
 
     def convert(self, value, param, ctx):
         from surgery.errors import OptionError
-        from surgery.lowrank import parse_budget
+        from surgery.core.lowrank import parse_budget
 
         try:
             parse_budget(str(value).strip(), 10**15)

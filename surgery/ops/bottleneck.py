@@ -67,11 +67,11 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from .analyze import check_finite, module_filter, open_model, oriented
-from .errors import AdapterError, CheckpointError, OptionError
-from .io import LazyReader, ShardedWriter, check_output_path
-from .lowrank import lapack_threads, truncated_svd
-from .modules import tensor_kinds
+from surgery.ops.analyze import check_finite, module_filter, open_model, oriented
+from surgery.errors import AdapterError, CheckpointError, OptionError
+from surgery.io import LazyReader, ShardedWriter, check_output_path
+from surgery.core.lowrank import lapack_threads, truncated_svd
+from surgery.core.layers import tensor_kinds
 
 Progress = Callable[[str, int, int], None]
 FORMAT = "surgery-bottleneck"

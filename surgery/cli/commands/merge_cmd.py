@@ -44,7 +44,7 @@ def merge_cmd(base, adapters, out, weights, unmerge, dtype, shard_size, device, 
       surgery merge base/ lora-a/ lora-b/ --weight 0.7 --weight 0.3 -o out/mix --dtype bf16
       surgery merge out/merged fixtures/tiny-llama-lora --unmerge -o out/base-again
     """
-    from surgery.merge import merge
+    from surgery.ops.merge import merge
 
     if weights and len(weights) != len(adapters):
         raise click.UsageError(f"{len(weights)} --weight value(s) for {len(adapters)} adapter(s); "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from surgery.analyze import analyze, check_plot_path, plot_spectra
+from surgery.ops.analyze import analyze, check_plot_path, plot_spectra
 
 from ..main import cli
 from ..util import BudgetType, RegexType, echo_json, human_count, progress_bar, table

@@ -1,0 +1,1 @@
+"""ONNX export and its checks (onnxruntime sessions, validation, benchmarks)."""
