@@ -22,7 +22,14 @@ class AdapterError(SurgeryError):
 
 
 class OptionError(SurgeryError):
-    """An option value is invalid (rank too large, bad regex, bad size string...)."""
+    """An option value is invalid (rank too large, bad regex, bad size string...).
+
+    `field` names the options-object field at fault when there is one (the CLI maps it to
+    its flag); errors raised while an options object is built are usage errors (exit 2)."""
+
+    def __init__(self, message: str = "", field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class OutputError(SurgeryError):
@@ -30,4 +37,11 @@ class OutputError(SurgeryError):
 
 
 class ValidationError(SurgeryError):
-    """A numeric check failed (ONNX outputs differ, non-finite merged weights...)."""
+    """A numeric check failed (ONNX outputs differ, non-finite merged weights...).
+
+    `report` carries the result of the check that failed (e.g. the export's result with its
+    validation table) when there is one, so callers need not re-read files."""
+
+    def __init__(self, message: str = "", report: object = None) -> None:
+        super().__init__(message)
+        self.report = report

@@ -118,3 +118,21 @@ class BudgetType(click.ParamType):
         except OptionError as e:
             self.fail(str(e), param, ctx)
         return str(value).strip()
+
+
+def build_options(cls, ctx: click.Context | None = None, **kwargs):
+    """The one place click's parsed flags become a library options object.
+
+    Parameters are passed by field name; a rule the options object refuses is a usage error
+    (exit 2) naming the flag (`rank` -> `--rank`)."""
+    from surgery.errors import OptionError
+
+    try:
+        return cls(**kwargs)
+    except OptionError as e:
+        msg = str(e)
+        if e.field:
+            flag = "--" + e.field.replace("_", "-")
+            prefix = f"{e.field}: "
+            msg = f"{flag}: {msg[len(prefix):]}" if msg.startswith(prefix) else f"{flag}: {msg}"
+        raise click.UsageError(msg, ctx=ctx) from None

@@ -1,0 +1,121 @@
+"""What every options object shares: frozen dataclasses, validated once, torch-free.
+
+An options object is built from keyword arguments (the CLI passes its parsed flags), checks
+every rule in `__post_init__` and raises `OptionError(message, field=...)` naming the field at
+fault. Nothing here imports torch, so the CLI can build options before any heavy import.
+Rules that need the data (a rank larger than a matrix) stay in the operation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, TypeVar
+
+from surgery.errors import OptionError
+
+T = TypeVar("T", bound="Options")
+
+DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+DEVICE_CHOICES = ("cpu", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Base of every command's options: frozen, validated in __post_init__, JSON-able."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:  # pragma: no cover - overridden
+        """Check every rule; raise OptionError(field=...) on the first broken one."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if hasattr(v, "__fspath__"):
+        return str(v)
+    return v
+
+
+# ----------------------------------------------------------------------------- rule helpers
+# Each raises OptionError naming the field; messages say what is allowed.
+
+
+def require(cond: bool, field: str, message: str) -> None:
+    if not cond:
+        raise OptionError(f"{field}: {message}", field=field)
+
+
+def positive_int(value: Any, field: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field,
+            f"must be a positive integer, got {value!r}")
+
+
+def non_negative_int(value: Any, field: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, field,
+            f"must be an integer >= 0, got {value!r}")
+
+
+def finite_number(value: Any, field: str, lo: float | None = None, hi: float | None = None,
+                  lo_open: bool = False, hi_open: bool = False, allow_none: bool = False) -> None:
+    """A finite real number within [lo, hi] (open ends when asked)."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    rng = ""
+    if lo is not None or hi is not None:
+        rng = f" in {'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
+    require(ok, field, f"must be a finite number{rng}, got {value!r}")
+
+
+def one_of(value: Any, choices: tuple[Any, ...], field: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    require(value in choices, field, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def device_name(value: Any, field: str = "device", extra: tuple[str, ...] = ()) -> None:
+    """'cpu', 'cuda', 'cuda:N' (availability is checked when the device is used)."""
+    ok = isinstance(value, str) and (value in DEVICE_CHOICES + extra or re.fullmatch(r"cuda:\d+", value) is not None)
+    require(ok, field, f"must be one of {', '.join(DEVICE_CHOICES + extra)} (or cuda:N), got {value!r}")
+
+
+def regex(value: Any, field: str, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    try:
+        re.compile(value)
+    except (re.error, TypeError) as e:
+        raise OptionError(f"{field}: {value!r} is not a valid regular expression ({e})", field=field) from None
+
+
+def regexes(values: Any, field: str) -> None:
+    for v in values or ():
+        regex(v, field, allow_none=False)
+
+
+def exclusive(field_a: str, a: Any, field_b: str, b: Any) -> None:
+    """At most one of two options may be set (conflicting options)."""
+    if a not in (None, False, ()) and b not in (None, False, ()):
+        raise OptionError(f"{field_a} and {field_b} cannot be used together", field=field_a)
