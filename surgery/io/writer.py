@@ -245,7 +245,7 @@ class ShardedWriter:
             if dtype not in DTYPE_NAMES:
                 raise OutputError(f"tensor {name!r} has dtype {dtype} that safetensors cannot store")
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            if self.shard_size and shards[-1] and size + nbytes > self.shard_size:
+            if self.shard_size and nbytes and shards[-1] and size + nbytes > self.shard_size:
                 shards.append([])
                 size = 0
             shards[-1].append((name, tuple(shape), dtype))
@@ -305,7 +305,7 @@ class ShardedWriter:
         if tensor.dtype not in DTYPE_NAMES:
             raise OutputError(f"tensor {name!r} has dtype {tensor.dtype} that safetensors cannot store")
         nbytes = tensor.numel() * tensor.element_size()
-        if self._spill is not None and self.shard_size and self._pos and self._pos + nbytes > self.shard_size:
+        if self._spill is not None and self.shard_size and nbytes and self._pos and self._pos + nbytes > self.shard_size:
             self._close_shard()
         if self._spill is None:
             self._spill = open(self.tmp_dir / f".shard{len(self._shards)}.data", "wb")
