@@ -136,3 +136,37 @@ def build_options(cls, ctx: click.Context | None = None, **kwargs):
             prefix = f"{e.field}: "
             msg = f"{flag}: {msg[len(prefix):]}" if msg.startswith(prefix) else f"{flag}: {msg}"
         raise click.UsageError(msg, ctx=ctx) from None
+
+
+# ----------------------------------------------------------------------------- options every command shares
+# One definition each, so flags read the same on every command.
+
+
+def out_option(help: str = "Output directory.", required: bool = True):
+    return click.option("-o", "--out", required=required, type=click.Path(path_type=str), help=help)
+
+
+def overwrite_option(what: str = "an existing output"):
+    return click.option("--overwrite", is_flag=True, help=f"Replace {what}.")
+
+
+def json_option(help: str = "Print the result as JSON on stdout (reports stay on stderr)."):
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def quiet_option():
+    return click.option("-q", "--quiet", is_flag=True, help="No progress bar and no report on stderr.")
+
+
+def dtype_option(help: str, choices: tuple[str, ...] = ("fp32", "fp16", "bf16"), default: str | None = None):
+    return click.option("--dtype", type=click.Choice(list(choices)), default=default,
+                        show_default=default is not None, help=help)
+
+
+def device_option(help: str = "Where the math runs: auto = cuda when one is available, else cpu."):
+    return click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]", help=help)
+
+
+def threads_option():
+    return click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="CPU threads for torch (default: torch's own choice).")
