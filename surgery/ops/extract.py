@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -274,9 +275,9 @@ def plan_extraction(pair: _Pair, opts: ExtractOptions) -> ExtractPlan:
     kinds = tensor_kinds(base_idx)
     grown = _paired_shapes(base_idx, pair.ft_idx, kinds)
     keep = module_filter(opts.include, opts.exclude)
-    for p in keep.include:
-        if not any(p.search(n.rsplit(".", 1)[0]) for n in base_idx.tensors):
-            raise OptionError(f"include {p.pattern!r} matches no module of {base_idx.source}", field="include")
+    for pattern in opts.include:
+        if not any(re.search(pattern, n.rsplit(".", 1)[0]) for n in base_idx.tensors):
+            raise OptionError(f"include {pattern!r} matches no module of {base_idx.source}", field="include")
     plans = [_tensor_plan(name, kinds[name], t.dtype.is_floating_point, name in grown, keep(name.rsplit(".", 1)[0]),
                           opts) for name, t in base_idx.tensors.items()]
     if not any(p.action == "lora" for p in plans):
@@ -378,7 +379,7 @@ def decompose_lora(p: TensorPlan, d: torch.Tensor, total: float, wsq: float, k: 
         note = f"energy {res.energy_kept(r):.3f} < {opts.energy} at the max rank {r}"
     wnorm = math.sqrt(wsq)
     report = ModuleReport(
-        p.module, p.kind, tuple(M.shape), r, A.numel() + B.numel(), math.sqrt(total),
+        p.module, p.kind, (int(M.shape[0]), int(M.shape[1])), r, A.numel() + B.numel(), math.sqrt(total),
         math.sqrt(total) / wnorm if wnorm else math.inf, math.sqrt(err / total), 1.0 - err / total, res.method, note,
     )
     kind = "embedding" if p.kind == "embedding" else "linear"
@@ -419,7 +420,8 @@ def _other_row(p: TensorPlan, pair: _Pair) -> Row:
     return Row(p.name, skipped={"tensor": p.name, "why": p.why, "delta_norm": float(d.norm())})
 
 
-def _budget_ranks(plan: ExtractPlan, pair: _Pair, svd: _SVDSettings, progress: Progress | None) -> dict[str, int]:
+def _budget_ranks(plan: ExtractPlan, budget: int, pair: _Pair, svd: _SVDSettings,
+                  progress: Progress | None) -> dict[str, int]:
     """The budget policy's first pass: every LoRA candidate's spectrum, then the allocator."""
     lora = plan.lora
     spectra = {}
@@ -431,14 +433,14 @@ def _budget_ranks(plan: ExtractPlan, pair: _Pair, svd: _SVDSettings, progress: P
         spectra[p.name] = (res.S, m, n)
         if progress:
             progress("spectra", i + 1, len(lora))
-    return allocate_budget(spectra, plan.budget_params)
+    return allocate_budget(spectra, budget)
 
 
 def decompose(plan: ExtractPlan, pair: _Pair, opts: ExtractOptions, svd: _SVDSettings,
               progress: Progress | None = None) -> list[Row]:
     """One row per planned tensor, in shard order; one delta in memory at a time."""
     out_dtype = parse_dtype(opts.dtype)
-    ranks = _budget_ranks(plan, pair, svd, progress) if plan.budget_params is not None else None
+    ranks = None if plan.budget_params is None else _budget_ranks(plan, plan.budget_params, pair, svd, progress)
     rows = []
     for i, p in enumerate(plan.tensors):
         if p.action == "lora":
