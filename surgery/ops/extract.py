@@ -269,8 +269,23 @@ def _settle_lora_bias(plans: list[TensorPlan], pair: _Pair, opts: ExtractOptions
 def plan_extraction(pair: _Pair, opts: ExtractOptions) -> ExtractPlan:
     """Every decision that the headers (and the bias vectors) allow, before any SVD.
 
-    Raises CheckpointError (tensors or shapes differ) or OptionError (an include pattern
-    matches no module; nothing selected for LoRA; a budget percentage)."""
+    Args:
+        pair: the open base and fine-tune checkpoints.
+        opts: the validated options.
+    Returns:
+        ExtractPlan: one TensorPlan per tensor in base shard order, the budget in parameters
+        (budget policy) and the rank cap of every SVD.
+    Raises:
+        CheckpointError: the checkpoints hold different tensors, or shapes differ beyond
+            vocabulary growth.
+        OptionError: an include pattern matches no module; nothing is selected for LoRA.
+
+    Example:
+        >>> with LazyReader(bi) as rb, LazyReader(fi) as rf:
+        ...     plan = plan_extraction(_Pair(bi, fi, rb, rf), ExtractOptions(rank=4))
+        >>> {p.action for p in plan.tensors}
+        {'lora', 'full', 'bias'}
+    """
     base_idx = pair.base_idx
     kinds = tensor_kinds(base_idx)
     grown = _paired_shapes(base_idx, pair.ft_idx, kinds)
