@@ -291,7 +291,8 @@ def test_errors(tiny_bert, tiny_bert_ft, tiny_llama, bert_svd, calib, tmp_path):
         refine_adapter(tiny_bert, bert_svd, tmp_path / "o1", teacher=tiny_bert_ft, calibration=one, **kw)
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(OptionError, match="is empty"):
-        refine_adapter(tiny_bert, bert_svd, tiny_bert_ft, tmp_path / "empty.txt", tmp_path / "o2", **kw)
+        refine_adapter(tiny_bert, bert_svd, tmp_path / "o2", teacher=tiny_bert_ft, calibration=tmp_path / "empty.txt",
+                       **kw)
     with pytest.raises(OptionError, match="logits-kl needs a causal"):
         refine_adapter(tiny_bert, bert_svd, tmp_path / "o3",
                        teacher=tiny_bert_ft, calibration=calib, objective="logits-kl", **kw)
