@@ -24,7 +24,7 @@ from ..util import (
     table,
     threads_option,
 )
-from .refine_cmd import refine_options, render_refine
+from .refine_cmd import build_refine_options, refine_flags, render_refine
 
 
 def render_extract(res, top: int | None = 20) -> str:
@@ -49,24 +49,18 @@ def render_extract(res, top: int | None = 20) -> str:
     return "\n".join(lines)
 
 
-def _refine_flags(f):
-    """The --refine-* flags of `surgery refine`; --threads comes from threads_option (shared)."""
-    f = refine_options(prefix=True)(f)
-    f.__click_params__ = [p for p in f.__click_params__ if p.name != "threads"]
-    return f
+_REFINE_FIELDS = ("calibration", "steps", "lr", "warmup", "batch_size", "max_length", "objective", "holdout",
+                  "eval_every")
 
 
-def _run_refine(base, ft, out, opts: ExtractOptions, refine_kw: dict, prog):
+def _run_refine(base, ft, out, opts: ExtractOptions, ropts, prog):
     """extract_lora into a temporary directory, then refine with FT as the teacher (surgery.ops.refine)."""
-    import dataclasses
-
-    from surgery.core.hf import resolve_device
+    from surgery.ops.extract import extract_lora
     from surgery.ops.refine import extract_and_refine
 
-    kw = dataclasses.asdict(opts)
-    kw["device"] = str(resolve_device(opts.device))  # refine takes cpu | cuda
-    threads = kw.pop("threads")
-    return extract_and_refine(base, ft, out, threads=threads, progress=prog, **refine_kw, **kw)
+    ex = opts.replace(overwrite=False)
+    return extract_and_refine(base, ft, out, ropts, progress=prog,
+                              extract=lambda tmp: extract_lora(base, ft, tmp, ex, progress=prog))
 
 
 @cli.command("extract-lora")
@@ -99,10 +93,9 @@ def _run_refine(base, ft, out, opts: ExtractOptions, refine_kw: dict, prog):
 @quiet_option()
 @threads_option()
 @click.option("--refine", is_flag=True, help="Then train the factors to match FT's outputs on --calibration text.")
-@_refine_flags
+@refine_flags(prefix=True)
 @click.pass_context
-def extract_cmd(ctx, base, ft, out, report, as_json, quiet, refine, calibration, refine_steps, refine_lr,
-                refine_batch, max_length, objective, holdout, eval_every, **fields):
+def extract_cmd(ctx, base, ft, out, report, as_json, quiet, refine, **fields):
     """Compress the delta FT - BASE into a PEFT LoRA adapter.
 
     Streams one tensor pair at a time, decomposes each delta with a truncated SVD
@@ -116,21 +109,18 @@ def extract_cmd(ctx, base, ft, out, report, as_json, quiet, refine, calibration,
       surgery extract-lora base/ ft/ -o lora/ --budget 1% --serving-safe
       surgery extract-lora base/ ft/ -o lora/ --rank 8 --refine --calibration texts.txt
     """
-    opts = build_options(ExtractOptions, ctx, **fields)
-    if refine and calibration is None:  # refine's own flags: they move to its options object
-        raise click.UsageError("--refine needs --calibration FILE (unlabeled text, one sample per line)", ctx=ctx)
-    if calibration is not None and not refine:
+    opts = build_options(ExtractOptions, ctx, **{k: v for k, v in fields.items() if k not in _REFINE_FIELDS})
+    if fields["calibration"] is not None and not refine:
         raise click.UsageError("--calibration is used by --refine; add --refine", ctx=ctx)
     if report:
         from surgery.io import check_report_path
 
         check_report_path(report, [Path(base), Path(ft)], opts.overwrite)
+    ropts = build_refine_options(ctx) if refine else None  # usage errors (exit 2) before any work
     ref = None
     with progress_bar(not quiet) as prog:
         if refine:
-            res, ref = _run_refine(base, ft, out, opts, dict(
-                calibration=calibration, refine_steps=refine_steps, refine_lr=refine_lr, refine_batch=refine_batch,
-                max_length=max_length, objective=objective, holdout=holdout, eval_every=eval_every), prog)
+            res, ref = _run_refine(base, ft, out, opts, ropts, prog)
         else:
             from surgery.ops.extract import extract_lora
 
