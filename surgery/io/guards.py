@@ -214,7 +214,8 @@ def load_json(source: str | os.PathLike | bytes, what: str | None = None, *,
     Args:
         source: a path (must be a regular file: a FIFO or device is refused unread) or the
             raw bytes.
-        what: how to name the source in messages (default: the path; 'JSON' for bytes).
+        what: how to name the source in messages (default: the path; 'JSON' for bytes);
+            escaped with escape_name, so pass it raw.
         error: the SurgeryError subclass to raise (CheckpointError; AdapterError for an
             adapter_config.json, OptionError for a user's file...).
         expect: the type the top level must have (dict: a JSON object); None for any.
@@ -233,11 +234,11 @@ def load_json(source: str | os.PathLike | bytes, what: str | None = None, *,
         >>> cfg = load_json(p, error=AdapterError)                            # doctest: +SKIP
     """
     if isinstance(source, (bytes, bytearray)):
-        name, raw = what or "JSON", bytes(source)
+        name, raw = escape_name(what or "JSON"), bytes(source)
         if len(raw) > max_bytes:
             raise error(f"{name}: {len(raw)} bytes of JSON, over the {max_bytes}-byte limit; is it the right file?")
     else:
-        name = what or escape_name(source)
+        name = escape_name(what or source)
         with open_regular(source, error=error, what=what) as f:
             size = os.fstat(f.fileno()).st_size
             if size > max_bytes:
@@ -280,7 +281,7 @@ def check_regular(path: str | os.PathLike, error: type[SurgeryError] = Checkpoin
     Example:
         >>> check_regular("model.safetensors").st_size                         # doctest: +SKIP
     """
-    name = what or escape_name(path)
+    name = escape_name(what or path)
     try:
         st = os.stat(path)
     except (OSError, ValueError) as e:  # ValueError: an embedded NUL
@@ -307,17 +308,18 @@ def open_regular(path: str | os.PathLike, error: type[SurgeryError] = Checkpoint
         >>> with open_regular(path) as f:                                       # doctest: +SKIP
         ...     head = f.read(8)
     """
-    name = what or escape_name(path)
+    name = escape_name(what or path)
     check_regular(path, error, what)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise error(f"{name}: cannot open ({e.strerror or e})") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise error(f"{name}: is {_kind(st.st_mode)}, not a regular file; refusing to read it")
-        os.set_blocking(fd, True)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
         return open(fd, "rb")  # noqa: SIM115 - the caller closes it
     except BaseException:
         os.close(fd)
@@ -328,8 +330,21 @@ def open_regular(path: str | os.PathLike, error: type[SurgeryError] = Checkpoint
 
 
 def hub_cache_repo(directory: str | os.PathLike) -> Path | None:
-    """The cache repo dir (…/models--org--name) when `directory` is a Hugging Face hub
-    cache snapshot (…/models--org--name/snapshots/REV), else None. Uses the resolved path."""
+    """The cache repo dir when `directory` is a Hugging Face hub cache snapshot, else None.
+
+    A snapshot is …/models--org--name/snapshots/REV (datasets--/spaces-- too) whose repo
+    dir has a blobs/ folder; the resolved path is what counts.
+
+    Args:
+        directory: a checkpoint directory.
+
+    Returns:
+        The resolved …/models--org--name, or None.
+
+    Example:
+        >>> hub_cache_repo("hub/models--org--m/snapshots/abc123")              # doctest: +SKIP
+        PosixPath('/home/u/hub/models--org--m')
+    """
     d = Path(directory).resolve()
     repo = d.parent.parent
     if d.parent.name == "snapshots" and _HUB_REPO.fullmatch(repo.name) and (repo / "blobs").is_dir():
@@ -349,8 +364,19 @@ def source_root(directory: str | os.PathLike) -> Path:
 
 
 def resolves_inside(path: str | os.PathLike, root: Path) -> bool:
-    """True when `path` exists and its fully resolved location (every link followed) is
-    `root` or below it. A dangling link or a link loop is not inside anything."""
+    """Whether `path` exists and resolves (every link followed) to `root` or below it.
+
+    Args:
+        path: the file as named in the checkpoint directory.
+        root: a resolved directory (see source_root).
+
+    Returns:
+        False for a dangling link, a link loop, or anything resolving elsewhere.
+
+    Example:
+        >>> resolves_inside(d / "model.safetensors", source_root(d))            # doctest: +SKIP
+        True
+    """
     try:
         return Path(path).resolve(strict=True).is_relative_to(root)
     except (OSError, RuntimeError, ValueError):  # RuntimeError: a symlink loop (Python < 3.13)

@@ -184,7 +184,8 @@ def _checked(p: Path, allowed: Path, where: str) -> Path:
         )
     if not resolves_inside(p, allowed):
         raise CheckpointError(
-            f"{where}: {_q(p.name)} resolves outside the checkpoint directory (symlink?); refusing to read it"
+            f"{where}: {_q(p.name)} resolves outside the checkpoint directory (symlink?); refusing to read it, "
+            f"copy the file into the directory if you trust it"
         )
     check_regular(p)
     return p
