@@ -100,7 +100,8 @@ def _build_graphs(prep: Prepared, tmp: Path, opts: ExportOptions, tick: Callable
             to_fp16(path)
         tick("fp16")
     # Every file, as it will land, still has the symbolic axes (fp16 rewrites the whole graph).
-    graphs.io = [check_symbolic(path, prep.spec) for path in graphs.files.values()][0]
+    ios = {key: check_symbolic(path, prep.spec) for key, path in graphs.files.items()}
+    graphs.io = ios["plain"]
     return graphs
 
 

@@ -134,8 +134,8 @@ def _check_loading(model_dir: Path, model: torch.nn.Module, info: Mapping[str, A
         why = {"missing": "transformers would initialise them randomly; export the task the checkpoint was "
                           "saved for (task 'auto'), or set allow_random_head if a random head is what you want",
                "mis-shaped": "transformers would initialise them randomly; fix config.json or the checkpoint",
-               "unexpected": "transformers would ignore them (an unmerged adapter? renamed weights?); "
-                             "merge or remove them first"}[what]
+               "unexpected": "transformers would ignore them; if they are a head, export the task it "
+                             "computes (task), else merge or remove them (an unmerged adapter? renamed weights?)"}[what]
         raise CheckpointError(f"{model_dir}: {len(keys)} weight(s) {what} for {name} ({shown}); {why}")
 
 

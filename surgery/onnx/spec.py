@@ -23,9 +23,6 @@ from surgery.options.export import (  # noqa: F401 - re-exported: the one defini
     TOLERANCES,
 )
 
-#: where validation may run ("cuda:N" too); the options object checks the value
-DEVICES = ("auto", "cpu", "cuda")
-
 # Dummy sizes for export: >= 2 and batch != sequence so the tracer specialises neither
 # (torch.export specialises sizes 0 and 1, and equal sizes can be unified into one symbol).
 EXPORT_BATCH, EXPORT_SEQ = 2, 7
