@@ -52,17 +52,19 @@ from __future__ import annotations
 
 import heapq
 import math
-import operator
 import os
-import re
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterator, Mapping
 
 import torch
 from torch import Tensor
 
+from surgery.core.budget import as_int as _as_int
+from surgery.core.budget import parse_budget
+from surgery.core.hf import resolve_device
+from surgery.core.tensors import count_non_finite
 from surgery.errors import OptionError, ValidationError
 
 __all__ = [
@@ -189,15 +191,6 @@ class SVDResult:
         return int(hit[0, 0]) if hit.numel() else self.k
 
 
-def _as_int(value, what: str) -> int:
-    if isinstance(value, bool):
-        raise OptionError(f"{what} must be an integer, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise OptionError(f"{what} must be an integer, got {value!r}") from None
-
-
 def _check_energy(energy) -> float:
     try:
         e = float(energy)
@@ -266,14 +259,14 @@ def _qr_q(X: Tensor) -> Tensor:
 
 
 def _randomized(
-    M: Tensor, l: int, niter: int, seed: int, name: str | None
+    M: Tensor, width: int, niter: int, seed: int, name: str | None
 ) -> tuple[Tensor, Tensor, Tensor, float]:
     """Halko–Martinsson–Tropp range finder + power iterations; exact SVD of Qᵀ M.
 
     Also returns ‖M − Q Qᵀ M‖²_F, the energy outside the found subspace."""
     m, n = M.shape
     gen = torch.Generator(device=M.device).manual_seed(seed)
-    omega = torch.randn(n, l, generator=gen, device=M.device, dtype=M.dtype)  # (n, l)
+    omega = torch.randn(n, width, generator=gen, device=M.device, dtype=M.dtype)  # (n, l), l = width
     Q = _qr_q(M @ omega)  # (m, l)
     for _ in range(niter):
         # Re-orthonormalise between the two half-steps: without it the columns
@@ -306,18 +299,6 @@ def _pick_method(method: str, rank: int, oversample: int, mn: int) -> str:
     return "exact"
 
 
-def _device(device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise OptionError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
-    if dev.type not in ("cpu", "cuda"):
-        raise OptionError(f"unsupported device {device!r}; use 'cpu' or 'cuda'")
-    return dev
-
-
 def truncated_svd(
     M: Tensor,
     rank: int | None = None,
@@ -337,59 +318,35 @@ def truncated_svd(
             seeded: same inputs and seed give byte-identical factors on the same
             machine and thread setting),
             or "auto" (randomized when (rank + oversample) * AUTO_RATIO <= min(m, n)).
-    device: where to compute ("cpu" / "cuda"); results are always CPU fp32.
+    device: where to compute ("cpu", "cuda", "cuda:N" or "auto": cuda when available);
+            results are always CPU fp32. Checked by surgery.core.hf.resolve_device.
     name:   tensor name used in error messages.
     total_energy: ‖M‖²_F if the caller already has it (fp64-accurate), else computed here.
     Raises OptionError (bad shape/rank/method/device) or ValidationError (NaN/Inf,
     SVD not converging even in fp64).
     """
     M = _check_matrix(M, name)
-    m, n = (int(d) for d in M.shape)
-    mn = min(m, n)
-    k = mn if rank is None else _as_int(rank, "rank")
-    if k < 0:
-        raise OptionError(f"rank must be >= 0{_where(name)}, got {k}")
-    k = min(k, mn)
-    niter = _as_int(niter, "niter")
-    oversample = default_oversample(k) if oversample is None else _as_int(oversample, "oversample")
-    if niter < 0 or oversample < 0:
-        raise OptionError(f"niter and oversample must be >= 0, got {niter} and {oversample}")
-    seed = _as_int(seed, "seed")
-    chosen = _pick_method(method, k, oversample, mn)
-    dev = _device(device)
-
+    k, niter, oversample, seed = _check_args(M, rank, niter, oversample, seed, name)
+    chosen = _pick_method(method, k, oversample, min(M.shape))
+    dev = resolve_device(device)
     M32 = M.detach().to(device=dev, dtype=torch.float32)
     # LAPACK (gesdd, geqrf) runs at LAPACK_THREADS; the randomized method's matrix
     # products keep the process's thread count (GEMM scales: 1.46x at 2 threads on a
     # 2048x5632 rank-16 SVD, measured on an idle 2-core machine).
-    cpu = dev.type == "cpu"
-    with lapack_threads() if cpu and chosen == "exact" else _nullcontext():
+    with lapack_threads() if dev.type == "cpu" and chosen == "exact" else _nullcontext():
         # the caller may pass ‖M‖²_F it already computed (one pass less over M)
         total = frob_sq(M32) if total_energy is None else float(total_energy)
         if not math.isfinite(total):
-            bad = int((~torch.isfinite(M32)).sum().item())
             raise ValidationError(
-                f"matrix{_where(name)} has {bad} non-finite value(s) (NaN/Inf); "
+                f"matrix{_where(name)} has {count_non_finite(M32)} non-finite value(s) (NaN/Inf); "
                 "fix or exclude this tensor before the SVD"
             )
         if total == 0.0 or k == 0:
             # Zero matrix (callers skip it) or rank 0: no factors, error = ‖M‖_F.
-            return SVDResult(
-                U=torch.zeros(m, 0),
-                S=torch.zeros(0),
-                Vh=torch.zeros(0, n),
-                total_energy=total,
-                method=chosen,
-                beyond_energy=total,
-            )
-        if chosen == "exact":
-            U, S, Vh = _svd(M32, name)  # (m, mn), (mn,), (mn, n)
-            beyond = S[k:].double().pow(2).sum().item()
-        else:
-            l = min(k + oversample, mn)
-            U, S, Vh, outside = _randomized(M32, l, niter, seed, name)  # (m, l), (l,), (l, n)
-            beyond = S[k:].double().pow(2).sum().item() + outside
-        U, S, Vh = U[:, :k], S[:k], Vh[:k]  # (m, k), (k,), (k, n)
+            m, n = M.shape
+            return SVDResult(U=torch.zeros(m, 0), S=torch.zeros(0), Vh=torch.zeros(0, n), total_energy=total,
+                             method=chosen, beyond_energy=total)
+        U, S, Vh, beyond = _top_k(M32, k, chosen, niter, oversample, seed, name)
     return SVDResult(
         U=U.to("cpu", torch.float32).contiguous(),
         S=S.to("cpu", torch.float32).contiguous(),
@@ -398,6 +355,33 @@ def truncated_svd(
         method=chosen,
         beyond_energy=beyond,
     )
+
+
+def _check_args(M: Tensor, rank, niter, oversample, seed, name: str | None) -> tuple[int, int, int, int]:
+    """(k, niter, oversample, seed) checked: k = rank clamped to min(m, n), None = min(m, n)."""
+    mn = min(int(d) for d in M.shape)
+    k = mn if rank is None else _as_int(rank, "rank")
+    if k < 0:
+        raise OptionError(f"rank must be >= 0{_where(name)}, got {k}")
+    k = min(k, mn)
+    niter = _as_int(niter, "niter")
+    oversample = default_oversample(k) if oversample is None else _as_int(oversample, "oversample")
+    if niter < 0 or oversample < 0:
+        raise OptionError(f"niter and oversample must be >= 0, got {niter} and {oversample}")
+    return k, niter, oversample, _as_int(seed, "seed")
+
+
+def _top_k(M32: Tensor, k: int, method: str, niter: int, oversample: int, seed: int,
+           name: str | None) -> tuple[Tensor, Tensor, Tensor, float]:
+    """U (m, k), S (k,), Vh (k, n) on M32's device, and the squared error the k factors cannot reach."""
+    if method == "exact":
+        U, S, Vh = _svd(M32, name)  # (m, mn), (mn,), (mn, n)
+        beyond = S[k:].double().pow(2).sum().item()
+    else:
+        width = min(k + oversample, min(M32.shape))
+        U, S, Vh, outside = _randomized(M32, width, niter, seed, name)  # (m, l), (l,), (l, n)
+        beyond = S[k:].double().pow(2).sum().item() + outside
+    return U[:, :k], S[:k], Vh[:k], beyond  # (m, k), (k,), (k, n)
 
 
 @contextmanager
@@ -478,39 +462,3 @@ def allocate_budget(modules: Mapping[str, tuple[Tensor, int, int]], budget: int)
         if i + 1 < len(s2) and s2[i + 1] > 0.0:
             heapq.heappush(heap, (-s2[i + 1] / cost, order, i + 1))
     return ranks
-
-
-_NUMBER = re.compile(r"^[0-9][0-9_]*(\.[0-9_]*)?([eE][+-]?[0-9]+)?$")
-
-
-def parse_budget(text, model_params: int | None = None) -> int:
-    """A parameter budget: "150000", "1e6", "1_000_000" or "2%" of model_params.
-
-    Counts must be whole non-negative numbers; percentages must be in (0, 100] and
-    are rounded down. Raises OptionError naming the bad string.
-    """
-    if isinstance(text, int) and not isinstance(text, bool):
-        if text < 0:
-            raise OptionError(f"budget must be >= 0 parameters, got {text}")
-        return text
-    if not isinstance(text, str):
-        raise OptionError(f"budget must be a string like '2%' or '1e6', got {text!r}")
-    s = text.strip()
-    if s.endswith("%"):
-        num = s[:-1].strip()
-        if not _NUMBER.match(num):
-            raise OptionError(f"bad budget {text!r}; use a percentage like '2%' or a count like '1e6'")
-        pct = float(num)
-        if not 0.0 < pct <= 100.0:
-            raise OptionError(f"budget percentage must be in (0, 100], got {text!r}")
-        if model_params is None or _as_int(model_params, "model_params") <= 0:
-            raise OptionError(f"budget {text!r} is a percentage but the model parameter count is unknown")
-        return int(math.floor(model_params * pct / 100.0))
-    if not _NUMBER.match(s):
-        raise OptionError(f"bad budget {text!r}; use a count like '150000' / '1e6' or a percentage like '2%'")
-    if re.fullmatch(r"[0-9][0-9_]*", s):
-        return int(s)  # exact for large counts (float would round)
-    value = float(s)
-    if not math.isfinite(value) or value != math.floor(value):
-        raise OptionError(f"budget {text!r} is not a whole number of parameters")
-    return int(value)
