@@ -68,9 +68,11 @@ def quiet(capture_stdio: bool = False) -> Iterator[io.StringIO]:
     stdout/stderr (torch.export prints refused graphs) is captured in the yielded buffer."""
     import transformers.utils.logging as tlog
 
+    # get_verbosity first: transformers sets its logger's level when it first configures it,
+    # so the levels to restore are read after that
+    verbosity = tlog.get_verbosity()
     loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
     levels = [lg.level for lg in loggers]
-    verbosity = tlog.get_verbosity()
     bars = tlog.is_progress_bar_enabled()
     sink = io.StringIO()
     try:

@@ -61,11 +61,11 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from surgery.core.budget import as_int as _as_int
-from surgery.core.budget import parse_budget
 from surgery.core.hf import resolve_device
 from surgery.core.tensors import count_non_finite
 from surgery.errors import OptionError, ValidationError
+from surgery.options.budget import as_int as _as_int
+from surgery.options.budget import parse_budget
 
 __all__ = [
     "SVDResult",

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from surgery.core.budget import parse_budget
 from surgery.errors import OptionError
 from surgery.options.base import Options, non_negative_int, positive_int, require
+from surgery.options.budget import parse_budget
 from surgery.options.common import compute_rules, freeze, integer, selection_rules
 
 DEFAULT_RANKS = (8, 16, 32, 64)

@@ -1,7 +1,8 @@
-"""Parameter budgets and integer arguments, parsed without torch.
+"""Parameter budgets ('2e6', '150000', '1%'), parsed without torch.
 
-Torch-free so that options objects (surgery.options) can check a budget's syntax before
-any heavy import; `surgery.core.lowrank` re-exports `parse_budget`.
+A budget is what the user typed; options objects check its syntax before any heavy import,
+and the operation resolves a percentage once it knows the model's size.
+`surgery.core.lowrank` re-exports `parse_budget`.
 """
 
 from __future__ import annotations
