@@ -158,11 +158,11 @@ def model_from_config(config: Any, cls: type | None = None) -> torch.nn.Module:
         >>> with torch.device("meta"):
         ...     model = model_from_config(AutoConfig.for_model("bert", hidden_size=8, ...))
     """
-    cls = cls or architecture_class(getattr(config, "architectures", None))
+    cls_: Any = cls or architecture_class(getattr(config, "architectures", None))
     with quiet(capture_stdio=True):
-        if cls.__name__.startswith("Auto"):
-            return cls.from_config(config)
-        return cls(config)
+        if cls_.__name__.startswith("Auto"):
+            return cls_.from_config(config)
+        return cls_(config)
 
 
 @contextlib.contextmanager
@@ -196,11 +196,11 @@ def load_pretrained(path: str | Path, cls: type | None = None, dtype: torch.dtyp
     naming them; so is any load failure. The model is returned in eval mode."""
     path = Path(path)
     cfg = config_dict(path)
-    cls = cls or architecture_class(cfg.get("architectures"))
-    name = getattr(cls, "__name__", str(cls))
+    cls_: Any = cls or architecture_class(cfg.get("architectures"))
+    name = getattr(cls_, "__name__", str(cls_))
     try:
         with quiet(capture_stdio=True):
-            model, info = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+            model, info = cls_.from_pretrained(str(path), dtype=dtype, local_files_only=True,
                                               trust_remote_code=False, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

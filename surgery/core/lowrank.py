@@ -211,13 +211,13 @@ def frob_sq(M: Tensor, Q: Tensor | None = None, B: Tensor | None = None) -> floa
     """
     if M.dim() == 2 and not M.is_contiguous() and M.T.is_contiguous():
         M = M.T
-        if Q is not None:
+        if Q is not None and B is not None:
             Q, B = B.T, Q.T  # ‖M − QB‖ = ‖Mᵀ − BᵀQᵀ‖
     rows = max(1, (1 << 18) // max(1, M.shape[1]))
     total = 0.0
     for i in range(0, M.shape[0], rows):
         block = M[i : i + rows]  # (rows, n)
-        if Q is not None:
+        if Q is not None and B is not None:
             block = block - Q[i : i + rows] @ B  # (rows, n) residual outside span(Q)
         flat = block.reshape(-1).double()  # (rows·n,) fp64: exact squares, bounded block
         total += float(torch.dot(flat, flat))

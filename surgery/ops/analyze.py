@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -256,7 +257,8 @@ def _plan(model: str | Path, base: str | Path | None, opts: AnalyzeOptions) -> _
 
 def _analyze_all(plan: _Plan, opts: AnalyzeOptions, model, base, progress: Progress | None):
     """One ModuleAnalysis per selected matrix, in shard order; and the delta spectra by module."""
-    kw = dict(exact_max=opts.exact_max, cap=plan.k_cap, niter=opts.niter, seed=opts.seed, device=plan.device)
+    kw: dict[str, Any] = dict(exact_max=opts.exact_max, cap=plan.k_cap, niter=opts.niter, seed=opts.seed,
+                              device=plan.device)
     rows: list[ModuleAnalysis] = []
     delta_spectra: dict[str, tuple[Tensor, int, int]] = {}
     with LazyReader(plan.idx) as rm, (LazyReader(plan.bidx) if plan.bidx is not None else _Null()) as rb:
@@ -271,8 +273,7 @@ def _analyze_all(plan: _Plan, opts: AnalyzeOptions, model, base, progress: Progr
             if rb is not None:
                 wb = rb.get(name)
                 check_finite(wb, name, base)
-                S = _delta(entry, M, wb, opts.ranks, kw)
-                delta_spectra[entry.module] = (S, *entry.delta.shape)
+                delta_spectra[entry.module] = _delta(entry, M, wb, opts.ranks, kw)
             rows.append(entry)
             del w, M
             if progress:
@@ -280,14 +281,15 @@ def _analyze_all(plan: _Plan, opts: AnalyzeOptions, model, base, progress: Progr
     return rows, delta_spectra
 
 
-def _delta(entry: ModuleAnalysis, M: Tensor, wb: Tensor, ranks: Sequence[int], kw: dict) -> Tensor:
-    """Fill entry.delta and entry.rel_change from Δ = M − W_base; returns Δ's singular values."""
+def _delta(entry: ModuleAnalysis, M: Tensor, wb: Tensor, ranks: Sequence[int],
+           kw: dict[str, Any]) -> tuple[Tensor, int, int]:
+    """Fill entry.delta and entry.rel_change from Δ = M − W_base; returns (Δ's singular values, m, n)."""
     D = M - oriented(wb, entry.kind)  # (out, in)
     dres = spectrum(D, name=entry.tensor, **kw)
-    entry.delta = spectrum_stats(dres, ranks, DELTA_ENERGIES)
+    stats = entry.delta = spectrum_stats(dres, ranks, DELTA_ENERGIES)
     bnorm = float(wb.float().norm())
-    entry.rel_change = entry.delta.norm / bnorm if bnorm else (0.0 if entry.delta.norm == 0 else math.inf)
-    return dres.S
+    entry.rel_change = stats.norm / bnorm if bnorm else (0.0 if stats.norm == 0 else math.inf)
+    return dres.S, *dres.shape
 
 
 def _recommend(rows: list[ModuleAnalysis], delta_spectra: dict[str, tuple[Tensor, int, int]], budget: int) -> int:
@@ -296,7 +298,8 @@ def _recommend(rows: list[ModuleAnalysis], delta_spectra: dict[str, tuple[Tensor
     used = 0
     for e in rows:
         e.recommended_rank = alloc.get(e.module, 0)
-        used += e.recommended_rank * sum(e.delta.shape)
+        _, m, n = delta_spectra[e.module]
+        used += e.recommended_rank * (m + n)
     return used
 
 
@@ -356,6 +359,8 @@ def plot_spectra(result: AnalyzeResult, path: str | Path, *, overwrite: bool = F
         ax_s, ax_e = axes[row]
         for m in mods:
             st = m.delta if which == "delta" else m.weight
+            if st is None:
+                continue
             S = torch.tensor(st.singular_values, dtype=torch.float64)
             if not len(S) or float(S[0]) == 0.0:
                 continue

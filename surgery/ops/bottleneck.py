@@ -63,6 +63,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import safe_open
@@ -276,8 +277,9 @@ def init_adapter(
     check_output_path(out, opts.overwrite, inputs)
     device = resolve_device(opts.device)
     plan = _plan(model, opts)
-    result = BottleneckResult(out=out, bottleneck=opts.bottleneck, placement=opts.placement if not opts.modules
-                              else "custom", activation=opts.activation, init=opts.init, modules=[],
+    placement = "custom" if opts.modules else opts.placement
+    result = BottleneckResult(out=out, bottleneck=cast(int, opts.bottleneck), placement=placement,
+                              activation=opts.activation, init=opts.init, modules=[],
                               model_params=plan.idx.total_params)
     with torch_threads(opts.threads), ShardedWriter(out, shard_size=None, overwrite=opts.overwrite,
                                                     basename="bottleneck_model", inputs=inputs) as w:
@@ -293,7 +295,7 @@ def init_adapter(
 
 def _plan(model: str | Path, opts: InitAdapterOptions) -> _Plan:
     """Open the checkpoints and choose the projections (headers only); every conflict settled."""
-    R = opts.bottleneck
+    R = cast(int, opts.bottleneck)  # required: validated by the options object
     idx = open_model(model, "MODEL")
     keep = module_filter(opts.include, opts.exclude)
     projs = {module_of(n): k for n, k in matrix_tensors(idx, allowed=PROJECTION_KINDS).items()}
@@ -309,7 +311,8 @@ def _plan(model: str | Path, opts: InitAdapterOptions) -> _Plan:
                               f"use bottleneck <= {min(shape)}", field="bottleneck")
     plan = _Plan(idx, projs, chosen)
     if opts.from_delta:
-        plan.bidx, plan.fidx = open_model(opts.from_delta[0], "BASE"), open_model(opts.from_delta[1], "FT")
+        base, ft = (Path(p) for p in opts.from_delta)
+        plan.bidx, plan.fidx = open_model(base, "BASE"), open_model(ft, "FT")
         for m in chosen:
             for name in (m + ".weight", m + ".bias"):
                 shapes = [i.tensors[name].shape if name in i.tensors else None for i in (idx, plan.bidx, plan.fidx)]
@@ -322,7 +325,7 @@ def _plan(model: str | Path, opts: InitAdapterOptions) -> _Plan:
 def _write_adapters(w: ShardedWriter, plan: _Plan, opts: InitAdapterOptions, device: torch.device,
                     result: BottleneckResult, model, progress: Progress | None) -> dict[str, dict]:
     """Initialise and write each adapter in shard order; returns the config's "modules"."""
-    R = opts.bottleneck
+    R = cast(int, opts.bottleneck)
     config_modules: dict[str, dict] = {}
     sq_err = sq_tot = 0.0
     with contextlib.ExitStack() as stack:
@@ -336,7 +339,7 @@ def _write_adapters(w: ShardedWriter, plan: _Plan, opts: InitAdapterOptions, dev
             check_finite(wt, name, model)
             W = oriented(wt, plan.kinds[m])  # (d, k)
             top = truncated_svd(W, R, method="exact" if min(W.shape) <= 1024 else "auto", name=name, device=device)
-            if rb is not None:
+            if rb is not None and rf is not None:
                 tensors, captured, tot = _from_delta(rb, rf, name, plan.kinds[m], plan.idx, R, device)
                 sq_tot += tot
                 sq_err += (1.0 - captured) * tot
@@ -372,9 +375,10 @@ def _from_delta(rb: LazyReader, rf: LazyReader, name: str, kind: str, idx: Check
     m = module_of(name)
     Wb = oriented(rb.get(name), kind)  # (d, k)
     dW = oriented(rf.get(name), kind) - Wb  # (d, k)
-    has_b = m + ".bias" in idx.tensors
-    b = rb.get(m + ".bias").float() if has_b else None
-    db = rf.get(m + ".bias").float() - b if has_b else None
+    b = db = None
+    if m + ".bias" in idx.tensors:
+        b = rb.get(m + ".bias").float()  # (d,)
+        db = rf.get(m + ".bias").float() - b  # (d,)
     down_w, up_w, up_b, captured = delta_factors(Wb, b, dW, db, R, device=device)
     return (down_w, torch.zeros(R), up_w, up_b), captured, float(dW.double().pow(2).sum())
 
@@ -448,7 +452,7 @@ class BottleneckHandle:
         self.model = model
         self.adapters = adapters
         self.config = config
-        self._hooks = []
+        self._hooks: list = []
         self._frozen = frozen  # parameters we set requires_grad=False on (restored by remove)
 
     def parameters(self):
@@ -472,7 +476,7 @@ class BottleneckHandle:
 
 
 def _hook(module: nn.Module, args, output):
-    return module._modules[CHILD](output)
+    return cast(nn.Module, module._modules[CHILD])(output)
 
 
 def attach_bottleneck(model: nn.Module, adapters: str | Path | BottleneckSet, *,

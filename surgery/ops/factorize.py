@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -273,7 +274,8 @@ def _svd_rank(M: Tensor, name: str, opts: FactorizeOptions, device: torch.device
                             device=device)
         return res, res.k
     res = spectrum(M, cap=opts.max_rank, niter=opts.niter, seed=opts.seed, name=name, device=device)
-    return res, (max(1, res.rank_for_energy(float(opts.energy))) if res.k else 0)
+    energy = cast(float, opts.energy)  # one of rank / energy: validated by the options object
+    return res, (max(1, res.rank_for_energy(energy)) if res.k else 0)
 
 
 # ----------------------------------------------------------------------------- load
@@ -365,7 +367,7 @@ def _load_strict(model: nn.Module, sd: dict[str, Tensor], path: Path) -> None:
             raise CheckpointError(f"{path}: {k} has shape {tuple(t.shape)}, the model expects "
                                   f"{tuple(expected[k].shape)}")
     model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
-    model.tie_weights()
+    cast(Any, model).tie_weights()  # a PreTrainedModel
     loaded_ptrs = {t.data_ptr() for n, t in model.state_dict().items() if n in sd}
     missing = [k for k, t in model.state_dict().items()
                if k not in sd and k not in buffers and t.data_ptr() not in loaded_ptrs]

@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -225,8 +226,8 @@ def init_lora(
     device = resolve_device(opts.device)
     idx = open_model(model, "MODEL")
     shard_bytes = input_shard_size(idx) if opts.shard_size is None else parse_size(opts.shard_size)
-    result = InitResult(out=out, method=opts.method, rank=opts.rank, alpha=opts.lora_alpha, scaling=opts.scaling,
-                        modules=[], adapter_dtype=opts.adapter_dtype)
+    result = InitResult(out=out, method=opts.method, rank=cast(int, opts.rank), alpha=opts.lora_alpha,
+                        scaling=opts.scaling, modules=[], adapter_dtype=opts.adapter_dtype)
     targets = _targets(idx, opts, model, result.skipped)
     with atomic_output_dir(out, opts.overwrite, [Path(model)]) as tmp, torch_threads(opts.threads):
         modules = _write_residual(idx, tmp / "residual", shard_bytes, targets, opts, device, result, progress)
@@ -255,7 +256,7 @@ def _targets(idx: CheckpointIndex, opts: InitLoraOptions, model, skipped: list[d
             skipped.append({"tensor": n, "why": "output head tied to the input embedding"})
             continue
         shape = idx.tensors[n].shape
-        if opts.rank > min(shape):
+        if cast(int, opts.rank) > min(shape):
             raise OptionError(f"rank {opts.rank} exceeds min{tuple(shape)} = {min(shape)} for {n}; "
                               f"use rank <= {min(shape)} or exclude '{module_of(n)}'", field="rank")
         targets[n] = k
@@ -296,7 +297,8 @@ def _init_one(t: Tensor, name: str, kind: str, opts: InitLoraOptions,
     """The stored residual, the LoRA module and the report row of one weight."""
     s = opts.scaling
     M = oriented(t, kind)  # (out, in) fp32
-    A, B = init_factors(M, opts.rank, opts.method, s, svd=opts.svd, niter=opts.niter, oversample=opts.oversample,
+    rank = cast(int, opts.rank)  # required: validated by the options object
+    A, B = init_factors(M, rank, opts.method, s, svd=opts.svd, niter=opts.niter, oversample=opts.oversample,
                         seed=opts.seed, name=name, device=device)
     a_dt = parse_dtype(opts.adapter_dtype, "adapter_dtype")
     A, B = A.to(a_dt), B.to(a_dt)
@@ -306,6 +308,6 @@ def _init_one(t: Tensor, name: str, kind: str, opts: InitLoraOptions,
     back = oriented(R_st, kind) + s * (B.float() @ A.float())  # (out, in)
     wn = float(M.norm())
     module = module_of(name)
-    row = InitModule(module, kind, tuple(M.shape), opts.rank,
+    row = InitModule(module, kind, (M.shape[0], M.shape[1]), rank,
                      float(R.norm()) / wn if wn else 0.0, float((back - M).norm()) / wn if wn else 0.0)
     return R_st, LoraModule(module, "linear", A, B, scaling=s), row

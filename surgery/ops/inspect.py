@@ -31,7 +31,7 @@ def _ranges(nums: list[int]) -> str:
     for a, b in zip(nums, nums[1:] + [None], strict=True):
         if b != a + 1:
             parts.append(str(start) if start == a else f"{start}-{a}")
-            start = b
+            start = b if b is not None else a
     return ",".join(parts)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Union
+from typing import Union, cast
 
 from surgery.options.base import (
     DTYPE_CHOICES,
@@ -99,12 +99,12 @@ class InitLoraOptions(Options):
     @property
     def lora_alpha(self) -> float:
         """alpha as written to adapter_config.json: the rank when not given."""
-        return float(self.rank if self.alpha is None else self.alpha)
+        return float(cast(int, self.rank) if self.alpha is None else self.alpha)
 
     @property
     def scaling(self) -> float:
         """The LoRA scale alpha / r."""
-        return self.lora_alpha / self.rank
+        return self.lora_alpha / cast(int, self.rank)
 
 
 @dataclasses.dataclass(frozen=True)
