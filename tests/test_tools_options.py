@@ -43,7 +43,8 @@ BAD = [
     (AnalyzeOptions, "cap", 2.5),
     (AnalyzeOptions, "niter", -1),
     (AnalyzeOptions, "include", ["("]),
-    (AnalyzeOptions, "exclude", "attn"),
+    (AnalyzeOptions, "exclude", 5),
+    (AnalyzeOptions, "seed", 2**64),
     (AnalyzeOptions, "device", "tpu"),
     (AnalyzeOptions, "threads", 0),
     (InitLoraOptions, "rank", None),
@@ -98,6 +99,7 @@ def test_valid_objects_are_frozen_and_round_trip_through_json(cls):
 def test_normalisation_and_derived_values():
     assert AnalyzeOptions(ranks=[32, 8, 8, 4]).ranks == (4, 8, 32)
     assert AnalyzeOptions(include=["a", "b"]).include == ("a", "b")  # lists are stored as tuples
+    assert InitLoraOptions(rank=2, exclude="lm_head").exclude == ("lm_head",)  # one pattern, as extract takes it
     assert AnalyzeOptions(budget="1%").budget == "1%" and AnalyzeOptions(budget=10**6).budget == 10**6
     lo = InitLoraOptions(rank=8)
     assert lo.lora_alpha == 8.0 and lo.scaling == 1.0

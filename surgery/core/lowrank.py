@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -64,8 +65,7 @@ from torch import Tensor
 from surgery.core.hf import resolve_device
 from surgery.core.tensors import count_non_finite
 from surgery.errors import OptionError, ValidationError
-from surgery.options.budget import as_int as _as_int
-from surgery.options.budget import parse_budget
+from surgery.options.extract import parse_budget  # torch-free, beside the options that use it; re-exported
 
 __all__ = [
     "SVDResult",
@@ -189,6 +189,15 @@ class SVDResult:
         kept = 1.0 - (self._sq_errors / self.total_energy).clamp_max(1.0)  # (k+1,) as energy_kept
         hit = torch.nonzero(kept >= energy)
         return int(hit[0, 0]) if hit.numel() else self.k
+
+
+def _as_int(value, what: str) -> int:
+    if isinstance(value, bool):
+        raise OptionError(f"{what} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise OptionError(f"{what} must be an integer, got {value!r}") from None
 
 
 def _check_energy(energy) -> float:

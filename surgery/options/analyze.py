@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from surgery.errors import OptionError
 from surgery.options.base import Options, non_negative_int, positive_int, require
-from surgery.options.budget import parse_budget
-from surgery.options.common import compute_rules, freeze, integer, selection_rules
+from surgery.options.common import compute_rules, freeze, seed_rule, selection_rules
+from surgery.options.extract import parse_budget
 
 DEFAULT_RANKS = (8, 16, 32, 64)
 EXACT_MAX = 1024
@@ -70,15 +69,11 @@ class AnalyzeOptions(Options):
         positive_int(self.exact_max, "exact_max")
         positive_int(self.cap, "cap")
         non_negative_int(self.niter, "niter")
-        integer(self.seed, "seed")
+        seed_rule(self.seed)
         compute_rules(self.device, self.threads)
 
 
 def _budget_rule(budget: object) -> None:
     """None, a count >= 0, or a budget string ('2e6', '150000', '1%'); the share is resolved later."""
-    if budget is None:
-        return
-    try:
-        parse_budget(budget.strip() if isinstance(budget, str) else budget, 10**15)
-    except OptionError as e:
-        raise OptionError(f"budget: {e}", field="budget") from None
+    if budget is not None:
+        parse_budget(budget, syntax_only=True)  # OptionError(field="budget")

@@ -13,18 +13,25 @@ from surgery.options.base import Options, device_name, positive_int, regexes, re
 DEVICE_EXTRA = ("auto",)
 
 
-def freeze(obj: Options, *names: str) -> None:
+#: what torch.Generator.manual_seed accepts
+SEED_RANGE = (-(2**63), 2**64)
+
+
+def freeze(obj: Options, *names: str, one: tuple[str, ...] = ("include", "exclude")) -> None:
     """Store list/generator values of these fields as tuples (a frozen object holds tuples).
 
-    Called from an options object's __post_init__, before validation; a plain string is
-    left alone so that the rule can name it.
+    Called from an options object's __post_init__, before validation. A plain string in a
+    field named in `one` (a single pattern) becomes a 1-tuple; elsewhere it is left alone so
+    that the rule can name it.
 
     Example:
-        >>> freeze(opts, "include", "exclude")   # ["attn"] -> ("attn",)
+        >>> freeze(opts, "include", "exclude")   # ["attn"] -> ("attn",), "attn" -> ("attn",)
     """
     for name in names:
         value = getattr(obj, name)
-        if value is not None and not isinstance(value, (str, bytes, tuple)) and hasattr(value, "__iter__"):
+        if isinstance(value, str) and name in one:
+            object.__setattr__(obj, name, (value,))
+        elif value is not None and not isinstance(value, (str, bytes, tuple)) and hasattr(value, "__iter__"):
             object.__setattr__(obj, name, tuple(value))
 
 
@@ -41,9 +48,10 @@ def compute_rules(device: Any, threads: Any) -> None:
     positive_int(threads, "threads", allow_none=True)
 
 
-def integer(value: Any, field: str) -> None:
-    """Any int (not a bool), e.g. a seed."""
-    require(isinstance(value, int) and not isinstance(value, bool), field, f"must be an integer, got {value!r}")
+def seed_rule(value: Any, field: str = "seed") -> None:
+    """An int (not a bool) that torch.Generator.manual_seed accepts."""
+    require(isinstance(value, int) and not isinstance(value, bool) and SEED_RANGE[0] <= value < SEED_RANGE[1],
+            field, f"must be an integer, got {value!r}")
 
 
 def flag(value: Any, field: str) -> None:

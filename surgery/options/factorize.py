@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from surgery.options.base import Options, finite_number, non_negative_int, positive_int, require
-from surgery.options.common import compute_rules, flag, freeze, integer, selection_rules, shard_size_rule
+from surgery.options.common import compute_rules, flag, freeze, seed_rule, selection_rules, shard_size_rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +67,7 @@ class FactorizeOptions(Options):
         finite_number(self.min_savings, "min_savings", lo=0, hi=1, hi_open=True)
         positive_int(self.max_rank, "max_rank")
         non_negative_int(self.niter, "niter")
-        integer(self.seed, "seed")
+        seed_rule(self.seed)
         shard_size_rule(self.shard_size, allow_none=False)
         flag(self.evaluate, "evaluate")
         flag(self.overwrite, "overwrite")

@@ -20,7 +20,7 @@ from surgery.options.base import (
     regex,
     require,
 )
-from surgery.options.common import compute_rules, flag, freeze, integer, selection_rules, shard_size_rule
+from surgery.options.common import compute_rules, flag, freeze, seed_rule, selection_rules, shard_size_rule
 
 #: how init-lora initialises the factors (see surgery.ops.init_lora)
 INIT_METHODS = ("pissa", "milora", "olora")
@@ -90,7 +90,7 @@ class InitLoraOptions(Options):
         one_of(self.svd, SVD_METHODS, "svd")
         non_negative_int(self.oversample, "oversample", allow_none=True)
         selection_rules(self.include, self.exclude)
-        integer(self.seed, "seed")
+        seed_rule(self.seed)
         one_of(self.adapter_dtype, DTYPE_CHOICES, "adapter_dtype")
         shard_size_rule(self.shard_size)
         flag(self.overwrite, "overwrite")
