@@ -275,7 +275,7 @@ def test_debug_shows_traceback_and_internal_errors_are_one_line(monkeypatch, tmp
     def boom(path):
         raise KeyError("unexpected")
 
-    monkeypatch.setattr("surgery.cli.commands.inspect_cmd.inspect_checkpoint", boom)
+    monkeypatch.setattr("surgery.ops.inspect.inspect_checkpoint", boom)  # looked up when the command runs
     r = run(["inspect", FIX / "tiny-bert"])
     assert r.exit_code == 1 and "Traceback" not in r.output
     lines = r.stderr.strip().splitlines()
@@ -289,7 +289,7 @@ def test_error_message_is_one_line_even_for_multiline_exceptions(monkeypatch):
     def boom(path):
         raise CheckpointError("first line\nsecond line\n\tthird")
 
-    monkeypatch.setattr("surgery.cli.commands.inspect_cmd.inspect_checkpoint", boom)
+    monkeypatch.setattr("surgery.ops.inspect.inspect_checkpoint", boom)  # looked up when the command runs
     line = check_exit_1(run(["inspect", FIX / "tiny-bert"]))
     assert line == "error: first line second line third"
 

@@ -78,7 +78,7 @@ def test_min_savings_keeps_layers_dense(tiny_bert, tmp_path):
     # rank 12: 32x32 saves 25%, 64x32 / 32x64 save 43.75%
     res = factorize(tiny_bert, tmp_path / "f", rank=12, min_savings=0.3, evaluate=False)
     assert {m.shape for m in res.modules} == {(64, 32), (32, 64)} and len(res.modules) == 4
-    assert len(res.skipped) == 9 and all("min-savings" in s["why"] for s in res.skipped)
+    assert len(res.skipped) == 9 and all("min_savings" in s["why"] for s in res.skipped)
     with pytest.raises(OptionError, match="would be factorised"):
         factorize(tiny_bert, tmp_path / "g", rank=20)  # 32x32 grows, 64x32 saves 6% < 20%
     assert not (tmp_path / "g").exists()

@@ -36,10 +36,10 @@ def parse_dtype(dtype: str | torch.dtype | None, what: str = "dtype") -> torch.d
         return None
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPE_NAMES:
-            raise OptionError(f"{what} must be one of {', '.join(DTYPES)}, got {dtype}")
+            raise OptionError(f"{what} must be one of {', '.join(DTYPES)}, got {dtype}", field=what)
         return dtype
     if dtype not in DTYPES:
-        raise OptionError(f"{what} must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise OptionError(f"{what} must be one of {', '.join(DTYPES)}, got {dtype!r}", field=what)
     return DTYPES[dtype]
 
 
@@ -68,9 +68,11 @@ def quiet(capture_stdio: bool = False) -> Iterator[io.StringIO]:
     stdout/stderr (torch.export prints refused graphs) is captured in the yielded buffer."""
     import transformers.utils.logging as tlog
 
+    # get_verbosity first: transformers sets its logger's level when it first configures it,
+    # so the levels to restore are read after that
+    verbosity = tlog.get_verbosity()
     loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
     levels = [lg.level for lg in loggers]
-    verbosity = tlog.get_verbosity()
     bars = tlog.is_progress_bar_enabled()
     sink = io.StringIO()
     try:
@@ -85,7 +87,7 @@ def quiet(capture_stdio: bool = False) -> Iterator[io.StringIO]:
                 stack.enter_context(contextlib.redirect_stdout(sink))
             yield sink
     finally:
-        for lg, lv in zip(loggers, levels):
+        for lg, lv in zip(loggers, levels, strict=True):
             lg.setLevel(lv)
         tlog.set_verbosity(verbosity)
         if bars:
@@ -108,13 +110,81 @@ def config_dict(path: str | Path, cfg: Mapping[str, Any] | None = None) -> dict[
 
 
 def architecture_class(architectures: Any, default: str = "AutoModel") -> type:
-    """The transformers class named first in config.json's `architectures`, else `default`
-    (an Auto class name). The architecture class keeps the checkpoint's tensor names."""
+    """The transformers model class named first in config.json's `architectures`.
+
+    Only a class transformers ships that is a `PreTrainedModel` counts (never any other
+    attribute of the package, such as `pipeline`); otherwise `default`, an Auto class name.
+    The architecture class keeps the checkpoint's tensor names.
+
+    Args:
+        architectures: config.json's `architectures` value (a list of names, or anything).
+        default: the transformers attribute returned when no usable class is named.
+
+    Returns:
+        A class: the architecture, or the default Auto class.
+
+    Example:
+        >>> architecture_class(["BertModel"]).__name__
+        'BertModel'
+        >>> architecture_class(["pipeline"]).__name__
+        'AutoModel'
+    """
     import transformers
 
-    archs = list(architectures or [])
+    archs = list(architectures or []) if isinstance(architectures, (list, tuple)) else []
     cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
-    return cls or getattr(transformers, default)
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls
+    return getattr(transformers, default)
+
+
+def model_from_config(config: Any, cls: type | None = None) -> torch.nn.Module:
+    """A transformers model built from a config object (randomly initialised), quietly.
+
+    Build it under `torch.device("meta")` for the architecture alone (no memory, no data).
+
+    Args:
+        config: a transformers `PretrainedConfig`.
+        cls: the model class; default: `architecture_class(config.architectures)`. An Auto
+            class is built with `from_config`.
+
+    Returns:
+        The model (in training mode, as transformers builds it).
+
+    Raises:
+        Whatever transformers raises for a config it cannot build (callers decide).
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     model = model_from_config(AutoConfig.for_model("bert", hidden_size=8, ...))
+    """
+    cls_: Any = cls or architecture_class(getattr(config, "architectures", None))
+    with quiet(capture_stdio=True):
+        if cls_.__name__.startswith("Auto"):
+            return cls_.from_config(config)
+        return cls_(config)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with torch.set_num_threads(n), then restore; None changes nothing.
+
+    The thread count is process-global (not thread-safe). LAPACK calls inside still run at
+    `surgery.core.lowrank.LAPACK_THREADS` (see `lapack_threads`).
+
+    Example:
+        >>> with torch_threads(2):
+        ...     y = a @ b
+    """
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_pretrained(path: str | Path, cls: type | None = None, dtype: torch.dtype = torch.float32,
@@ -126,11 +196,11 @@ def load_pretrained(path: str | Path, cls: type | None = None, dtype: torch.dtyp
     naming them; so is any load failure. The model is returned in eval mode."""
     path = Path(path)
     cfg = config_dict(path)
-    cls = cls or architecture_class(cfg.get("architectures"))
-    name = getattr(cls, "__name__", str(cls))
+    cls_: Any = cls or architecture_class(cfg.get("architectures"))
+    name = getattr(cls_, "__name__", str(cls_))
     try:
         with quiet(capture_stdio=True):
-            model, info = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+            model, info = cls_.from_pretrained(str(path), dtype=dtype, local_files_only=True,
                                               trust_remote_code=False, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -3,7 +3,11 @@ check never costs a full-size temporary (a bf16 isfinite upcasts to fp32 first).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from surgery.errors import CheckpointError
 
 BLOCK = 1 << 20  # elements per block: a few MB of temporaries at most
 
@@ -21,12 +25,15 @@ def all_finite(t: torch.Tensor) -> bool:
     step = 4 * BLOCK
     for i in range(0, flat.numel(), step):
         block = flat[i : i + step]
-        if not bool(torch.isfinite(block.sum(dtype=torch.float32))) and not bool(torch.isfinite(_checkable(block)).all()):
+        if bool(torch.isfinite(block.sum(dtype=torch.float32))):
+            continue
+        if not bool(torch.isfinite(_checkable(block)).all()):
             return False
     return True
 
 
 def count_non_finite(t: torch.Tensor) -> int:
+    """How many elements are NaN or ±inf, counted a block at a time (0 for non-float tensors)."""
     if not t.is_floating_point():
         return 0
     flat = t.reshape(-1)
@@ -36,3 +43,28 @@ def count_non_finite(t: torch.Tensor) -> int:
 def _checkable(block: torch.Tensor) -> torch.Tensor:
     """isfinite has no float8 kernels: upcast 1-byte floats (a block at a time)."""
     return block.float() if block.element_size() == 1 else block
+
+
+def check_finite(t: torch.Tensor, name: str, where: str | Path) -> None:
+    """Refuse a tensor with NaN/Inf values before any math is done with it.
+
+    Blockwise (see `all_finite`): never a full-size temporary; the count is only taken when
+    the check fails.
+
+    Args:
+        t: the tensor as read (any dtype; non-float tensors always pass).
+        name: the tensor's name, for the message.
+        where: the checkpoint it comes from, for the message.
+
+    Raises:
+        CheckpointError: "NAME: N non-finite value(s) (NaN/Inf) in WHERE; ...".
+
+    Example:
+        >>> check_finite(torch.ones(3), "w", "model/")  # passes
+        >>> check_finite(torch.tensor([1.0, float("nan")]), "w", "model/")
+        Traceback (most recent call last):
+        surgery.errors.CheckpointError: w: 1 non-finite value(s) (NaN/Inf) in model/; ...
+    """
+    if not all_finite(t):
+        raise CheckpointError(f"{name}: {count_non_finite(t)} non-finite value(s) (NaN/Inf) in {where}; "
+                              "fix the checkpoint or exclude this module")
