@@ -393,8 +393,9 @@ def test_open_stdout_is_the_control():
 
 
 SLEEPY = """
-import sys, time
+import signal, sys, time
 import click
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when pytest runs in the background
 from surgery.cli.main import cli, main
 from surgery.io import atomic_output_dir
 
@@ -404,7 +405,7 @@ def sleepy(out):
     with atomic_output_dir(out) as tmp:
         (tmp / "partial.bin").write_bytes(b"x" * 1000)
         print("ready", file=sys.stderr, flush=True)
-        time.sleep(120)
+        time.sleep(30)
 
 main(["sleepy", sys.argv[1]])
 """

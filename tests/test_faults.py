@@ -410,6 +410,7 @@ def readonly_dir():
     # Modules imported lazily must be loaded while still root: the interpreter's stdlib may
     # live where nobody cannot read (here /root/.pyenv).
     import encodings.raw_unicode_escape  # noqa: F401
+
     import onnx  # noqa: F401
     ro = base / "readonly"
     ro.mkdir()

@@ -16,7 +16,7 @@ import importlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -211,12 +211,12 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _handle_sigterm(handler: Callable[[int, FrameType | None], Any] | int | None) -> Any:
-    """Install `handler` for SIGTERM and return the previous one (None: not possible here)."""
-    if handler is None:
+def _sigterm_as_interrupt() -> Any:
+    """Make SIGTERM raise KeyboardInterrupt; return the handler to restore (None: left alone)."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:  # started to ignore it (nohup-like): respect that
         return None
     try:
-        return signal.signal(signal.SIGTERM, handler)
+        return signal.signal(signal.SIGTERM, _raise_interrupt)
     except ValueError:  # not the main thread: leave signals alone
         return None
 
@@ -236,14 +236,15 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         >>> main(["--version"])  # doctest: +SKIP
         surgery, version 0.1.0
     """
-    previous = _handle_sigterm(_raise_interrupt)
+    previous = _sigterm_as_interrupt()
     try:
         cli.main(args=None if argv is None else list(argv), prog_name="surgery")
     except KeyboardInterrupt:  # outside click's own handling (start-up, teardown)
         sys.stderr.write(INTERRUPTED + "\n")
         sys.exit(EXIT_INTERRUPTED)
     finally:
-        _handle_sigterm(previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     sys.exit(0)  # cli.main always exits; this line is for type checkers
 
 

@@ -163,14 +163,16 @@ def _sharded(root: Path, index_file: Path, reader) -> tuple[list[Path], dict[str
         for info in reader(shard):
             if info.name in tensors:
                 raise CheckpointError(
-                    f"{index_file}: tensor {info.name!r} appears in both {tensors[info.name].shard.name} and {shard.name}"
+                    f"{index_file}: tensor {info.name!r} appears in both {tensors[info.name].shard.name} "
+                    f"and {shard.name}"
                 )
             tensors[info.name] = info
     for tname, sname in wm.items():
         info = tensors.get(tname)
         if info is None or info.shard.name != Path(sname).name:
             raise CheckpointError(
-                f"{index_file}: tensor {tname!r} is listed in {sname} but not stored there; the index does not match its shards"
+                f"{index_file}: tensor {tname!r} is listed in {sname} but not stored there; "
+                "the index does not match its shards"
             )
     return shards, tensors
 

@@ -71,6 +71,23 @@ def read_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[str, str]]:
     Returns (entries by name in file order of their data, metadata).
     """
     path = Path(path)
+    raw, n, size = _read_header_bytes(path)
+    header = _parse_header_json(path, raw)
+    data_start = 8 + n
+    data_len = size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _bad(path, "__metadata__ must map strings to strings")
+    entries = [_entry(path, name, info, data_start, data_len) for name, info in header.items()]
+    entries.sort(key=lambda e: (e.start, e.end))
+    _check_contiguous(path, entries, data_start, size)
+    return {e.name: e for e in entries}, metadata
+
+
+def _read_header_bytes(path: Path) -> tuple[bytes, int, int]:
+    """The header's JSON bytes, its declared length (checked against the cap and the file), the file size."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -82,65 +99,64 @@ def read_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[str, str]]:
                 raise _bad(path, f"declared header length {n} exceeds {MAX_HEADER_BYTES} bytes")
             if 8 + n > size:
                 raise _bad(path, f"declared header length {n} runs past the end of the {size}-byte file")
-            raw = f.read(n)
+            return f.read(n), n, size
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _parse_header_json(path: Path, raw: bytes) -> dict:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise _bad(path, f"header is not valid JSON: {type(e).__name__}") from None
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
+    return header
 
-    data_start = 8 + n
-    data_len = size - data_start
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+
+def _entry(path: Path, name: str, info: object, data_start: int, data_len: int) -> HeaderEntry:
+    """One tensor's entry, checked: dtype known, shape valid, offsets inside the data and matching the shape."""
+    if not isinstance(info, dict):
+        raise _bad(path, f"entry {_short(name)} is not an object")
+    dt = info.get("dtype")
+    if not isinstance(dt, str) or dt not in DTYPES:
+        raise _bad(path, f"tensor {_short(name)} has unknown dtype {_short(dt)}")
+    shape = info.get("shape")
+    if not isinstance(shape, list) or not all(
+        type(d) is int and 0 <= d < _MAX_DIM for d in shape
+    ) or math.prod(d for d in shape if d) >= _MAX_DIM:
+        # torch sizes are int64; an empty tensor with huge other dims would overflow in reshape
+        raise _bad(path, f"tensor {_short(name)} has an invalid shape {_short(shape)}")
+    offs = info.get("data_offsets")
+    if (
+        not isinstance(offs, list)
+        or len(offs) != 2
+        or not all(type(o) is int for o in offs)
+        or not 0 <= offs[0] <= offs[1]
     ):
-        raise _bad(path, "__metadata__ must map strings to strings")
-
-    entries: list[HeaderEntry] = []
-    for name, info in header.items():
-        if not isinstance(info, dict):
-            raise _bad(path, f"entry {_short(name)} is not an object")
-        dt = info.get("dtype")
-        if not isinstance(dt, str) or dt not in DTYPES:
-            raise _bad(path, f"tensor {_short(name)} has unknown dtype {_short(dt)}")
-        shape = info.get("shape")
-        if not isinstance(shape, list) or not all(
-            type(d) is int and 0 <= d < _MAX_DIM for d in shape
-        ) or math.prod(d for d in shape if d) >= _MAX_DIM:
-            # torch sizes are int64; an empty tensor with huge other dims would overflow in reshape
-            raise _bad(path, f"tensor {_short(name)} has an invalid shape {_short(shape)}")
-        offs = info.get("data_offsets")
-        if (
-            not isinstance(offs, list)
-            or len(offs) != 2
-            or not all(type(o) is int for o in offs)
-            or not 0 <= offs[0] <= offs[1]
-        ):
-            raise _bad(path, f"tensor {_short(name)} has invalid data_offsets {_short(offs)}")
-        if offs[1] > data_len:
-            raise _bad(path, f"tensor {_short(name)} ends at byte {offs[1]} past the data end {data_len} (truncated file?)")
-        itemsize = torch.empty((), dtype=DTYPES[dt]).element_size()
-        expected = math.prod(shape) * itemsize
-        if offs[1] - offs[0] != expected:
-            raise _bad(
-                path,
-                f"tensor {_short(name)}: shape {shape} x {dt} needs {expected} bytes but offsets span {offs[1] - offs[0]}",
-            )
-        entries.append(
-            HeaderEntry(name, DTYPES[dt], tuple(shape), data_start + offs[0], data_start + offs[1])
+        raise _bad(path, f"tensor {_short(name)} has invalid data_offsets {_short(offs)}")
+    if offs[1] > data_len:
+        raise _bad(path, f"tensor {_short(name)} ends at byte {offs[1]} past the data end {data_len} "
+                         "(truncated file?)")
+    itemsize = torch.empty((), dtype=DTYPES[dt]).element_size()
+    expected = math.prod(shape) * itemsize
+    if offs[1] - offs[0] != expected:
+        raise _bad(
+            path,
+            f"tensor {_short(name)}: shape {shape} x {dt} needs {expected} bytes "
+            f"but offsets span {offs[1] - offs[0]}",
         )
+    return HeaderEntry(name, DTYPES[dt], tuple(shape), data_start + offs[0], data_start + offs[1])
 
-    entries.sort(key=lambda e: (e.start, e.end))
+
+def _check_contiguous(path: Path, entries: list[HeaderEntry], data_start: int, size: int) -> None:
+    """Sorted entries must tile the data section exactly: no overlap, no gap, nothing after."""
     pos = data_start
-    for e in entries:
-        if e.start != pos:
-            what = "overlap" if e.start < pos else "a gap"
-            raise _bad(path, f"tensor {_short(e.name)} data ranges have {what} at byte {e.start - data_start}")
-        pos = e.end
+    for entry in entries:
+        if entry.start != pos:
+            what = "overlap" if entry.start < pos else "a gap"
+            raise _bad(path, f"tensor {_short(entry.name)} data ranges have {what} at byte {entry.start - data_start}")
+        pos = entry.end
     if pos != size:
+        data_len = size - data_start
         raise _bad(path, f"{size - pos} bytes after the last tensor (data ends at {pos - data_start} of {data_len})")
-    return {e.name: e for e in entries}, metadata

@@ -21,6 +21,7 @@ import struct
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -83,7 +84,8 @@ def check_output_path(out: Path, overwrite: bool, inputs: Iterable[Path] = ()) -
         ri = Path(inp).resolve()
         root = ri if ri.is_dir() else ri.parent
         if ro == ri or ro == root:
-            raise OutputError(f"output {out} is the input {inp}; choose another output path (inputs are never modified)")
+            raise OutputError(f"output {out} is the input {inp}; "
+                              "choose another output path (inputs are never modified)")
         if ro.is_relative_to(root) and ri.is_dir():
             raise OutputError(f"output {out} is inside the input directory {inp}; choose a path outside it")
         if ri.is_relative_to(ro):  # --overwrite would delete the input
@@ -141,10 +143,11 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, inputs: Iterable
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy())
+    return t.view(torch.uint8).numpy().data
 
 
-NON_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".onnx.data", ".h5", ".msgpack", ".gguf", ".ckpt")
+NON_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".onnx.data", ".h5", ".msgpack", ".gguf",
+                       ".ckpt")
 
 
 def non_weight_files(src: Path) -> list[Path]:
@@ -201,15 +204,15 @@ class ShardedWriter:
         self.tmp_dir: Path | None = None
         self._shards: list[tuple[Path, dict]] = []  # (final temp file, header)
         self._names: set[str] = set()
-        self._spill = None
+        self._spill: BinaryIO | None = None
         self._header: dict = {}
         self._pos = 0
         self.total_size = 0
         self._planned: list[list[tuple[str, tuple, torch.dtype]]] | None = None
         self._next = (0, 0)  # (shard, entry) expected next in planned mode
-        self._direct = None  # the open shard file in planned mode
+        self._direct: BinaryIO | None = None  # the open shard file in planned mode
 
-    def __enter__(self) -> "ShardedWriter":
+    def __enter__(self) -> ShardedWriter:
         self.tmp_dir = self._ctx.__enter__()
         return self
 
@@ -230,6 +233,13 @@ class ShardedWriter:
         if finish_error is not None and not suppressed:
             raise finish_error
         return suppressed
+
+    @property
+    def _dir(self) -> Path:
+        """The temporary output directory (set by __enter__)."""
+        if self.tmp_dir is None:
+            raise RuntimeError("ShardedWriter used outside its `with` block")
+        return self.tmp_dir
 
     # -- tensors -------------------------------------------------------------
     def plan(self, entries: Iterable[tuple[str, tuple, torch.dtype]]) -> None:
@@ -253,12 +263,13 @@ class ShardedWriter:
         self._planned = shards
 
     def _open_planned(self, i: int) -> None:
+        assert self._planned is not None  # add_blocks checked
         header, pos = {}, 0
         for name, shape, dtype in self._planned[i]:
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
             pos += nbytes
-        self._direct = open(self.tmp_dir / f".shard{i}.safetensors", "wb")
+        self._direct = open(self._dir / f".shard{i}.safetensors", "wb")
         self._direct.write(_header_bytes({"__metadata__": self.metadata, **header}))
         self._header = header
 
@@ -280,6 +291,7 @@ class ShardedWriter:
             self._open_planned(i)
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         written = 0
+        assert self._direct is not None  # opened for the shard's first tensor (j == 0)
         for block in blocks:
             if block.dtype != dtype:
                 raise OutputError(f"tensor {name!r}: a block has dtype {block.dtype}, expected {dtype}")
@@ -292,7 +304,7 @@ class ShardedWriter:
         if j + 1 == len(self._planned[i]):
             self._direct.close()
             self._direct = None
-            self._shards.append((self.tmp_dir / f".shard{i}.safetensors", self._header))
+            self._shards.append((self._dir / f".shard{i}.safetensors", self._header))
             self._next = (i + 1, 0)
         else:
             self._next = (i, j + 1)
@@ -305,10 +317,11 @@ class ShardedWriter:
         if tensor.dtype not in DTYPE_NAMES:
             raise OutputError(f"tensor {name!r} has dtype {tensor.dtype} that safetensors cannot store")
         nbytes = tensor.numel() * tensor.element_size()
-        if self._spill is not None and self.shard_size and nbytes and self._pos and self._pos + nbytes > self.shard_size:
+        if (self._spill is not None and self.shard_size and nbytes and self._pos
+                and self._pos + nbytes > self.shard_size):
             self._close_shard()
         if self._spill is None:
-            self._spill = open(self.tmp_dir / f".shard{len(self._shards)}.data", "wb")
+            self._spill = open(self._dir / f".shard{len(self._shards)}.data", "wb")
             self._header, self._pos = {}, 0
         self._spill.write(tensor_bytes(tensor))
         self._header[name] = {
@@ -321,10 +334,11 @@ class ShardedWriter:
         self._names.add(name)
 
     def _close_shard(self) -> None:
+        assert self._spill is not None  # callers check
         spill_path = Path(self._spill.name)
         self._spill.close()
         self._spill = None
-        final = self.tmp_dir / f".shard{len(self._shards)}.safetensors"
+        final = self._dir / f".shard{len(self._shards)}.safetensors"
         with open(final, "wb") as f, open(spill_path, "rb") as data:
             f.write(_header_bytes({"__metadata__": self.metadata, **self._header}))
             shutil.copyfileobj(data, f, 16 * 2**20)
@@ -339,17 +353,17 @@ class ShardedWriter:
                 self._planned = None  # nothing announced: fall through to an empty file
         if self._planned is None and (self._spill is not None or not self._shards):
             if self._spill is None:  # nothing written: still a valid empty file
-                self._spill = open(self.tmp_dir / ".shard0.data", "wb")
+                self._spill = open(self._dir / ".shard0.data", "wb")
                 self._header, self._pos = {}, 0
             self._close_shard()
         n = len(self._shards)
         if n == 1:
-            self._shards[0][0].rename(self.tmp_dir / f"{self.basename}.safetensors")
+            self._shards[0][0].rename(self._dir / f"{self.basename}.safetensors")
             return
         weight_map = {}
         for i, (path, header) in enumerate(self._shards, 1):
             fname = f"{self.basename}-{i:05d}-of-{n:05d}.safetensors"
-            path.rename(self.tmp_dir / fname)
+            path.rename(self._dir / fname)
             for tname in header:
                 weight_map[tname] = fname
         index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
@@ -357,7 +371,7 @@ class ShardedWriter:
 
     # -- other files -----------------------------------------------------------
     def write_json(self, name: str, obj) -> Path:
-        p = self.tmp_dir / name
+        p = self._dir / name
         p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return p
 
@@ -369,12 +383,12 @@ class ShardedWriter:
         src_dir = Path(src_dir)
         files = non_weight_files(src_dir) if names is None else [src_dir / n for n in names if (src_dir / n).is_file()]
         for p in files:
-            shutil.copy2(p, self.tmp_dir / p.name)
+            shutil.copy2(p, self._dir / p.name)
         copied = [p.name for p in files]
         if names is None and src_dir.is_dir():
             for sub in sorted(src_dir.iterdir()):
                 if sub.is_dir() and not sub.name.startswith(".") and _small_config_dir(sub):
-                    shutil.copytree(sub, self.tmp_dir / sub.name)
+                    shutil.copytree(sub, self._dir / sub.name)
                     copied.append(sub.name + "/")
         return copied
 
