@@ -92,8 +92,9 @@ def run() -> None:
         svd = tmp / "svd"
         extract_lora(base, ft, svd, rank=a.rank, **ex_opts)
         for threads in (1, 2):
-            res = refine_adapter(base, svd, ft, long, tmp / f"t{threads}", steps=a.timing_steps, lr=a.lr,
-                                 batch=16, max_length=64, eval_every=a.timing_steps, threads=threads, seed=a.seed)
+            res = refine_adapter(base, svd, tmp / f"t{threads}", teacher=ft, calibration=long, steps=a.timing_steps,
+                                 lr=a.lr, batch_size=16, max_length=64, eval_every=a.timing_steps, threads=threads,
+                                 seed=a.seed, device="cpu")
             emit({"what": "timing", "threads": threads, "steps": a.timing_steps, "batch": 16, "max_length": 64,
                   "seconds_per_100_steps": round(res.seconds_per_100_steps, 1),
                   "train_seconds": round(res.train_seconds, 1), "eval_seconds": round(res.eval_seconds, 1)})
@@ -125,8 +126,9 @@ def run() -> None:
               "weight_rel_error": round(ex.overall_rel_error, 4)})
 
     t = time.perf_counter()
-    res = refine_adapter(base, tmp / f"svd{a.rank}", ft, work / "calibration.txt", tmp / "refined", steps=a.steps,
-                         lr=a.lr, batch=a.batch, max_length=a.max_length, threads=a.threads, seed=a.seed)
+    res = refine_adapter(base, tmp / f"svd{a.rank}", tmp / "refined", teacher=ft, calibration=work / "calibration.txt",
+                         steps=a.steps, lr=a.lr, batch_size=a.batch, max_length=a.max_length, threads=a.threads,
+                         seed=a.seed, device="cpu")
     wall = time.perf_counter() - t
     s = score(load_student(base, tmp / "refined"))
     emit({"what": "refine", "rank": a.rank, "extract": ex_opts, "steps": a.steps, "lr": a.lr, "batch": a.batch,

@@ -313,10 +313,10 @@ def test_include_exclude(tiny_bert, tiny_bert_ft, tmp_path):
     assert got == {f"encoder.layer.{i}.attention.self.{p}" for i in (0, 1) for p in ("query", "key", "value")} - {
         "encoder.layer.1.attention.self.value"}
     why = {s["tensor"]: s["why"] for s in res.skipped}
-    assert why["encoder.layer.1.attention.self.value.weight"] == "excluded by --include/--exclude"
-    assert why["encoder.layer.0.output.dense.weight"] == "excluded by --include/--exclude"
-    assert why["encoder.layer.0.output.LayerNorm.weight"] == "excluded by --include/--exclude"
-    assert why["embeddings.word_embeddings.weight"] == "excluded by --include/--exclude"
+    assert why["encoder.layer.1.attention.self.value.weight"] == "excluded by include/exclude"
+    assert why["encoder.layer.0.output.dense.weight"] == "excluded by include/exclude"
+    assert why["encoder.layer.0.output.LayerNorm.weight"] == "excluded by include/exclude"
+    assert why["embeddings.word_embeddings.weight"] == "excluded by include/exclude"
     assert not res.full  # norms outside the selection are not saved whole
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert set(cfg["target_modules"]) == got and cfg["modules_to_save"] is None
@@ -502,8 +502,6 @@ ERROR_CASES = {
               {}, [], CheckpointError, "encoder.layer.0.intermediate.dense.weight: shape"),
     "include-nothing": (None, {"include": ["no_such_module"]}, ["--include", "no_such_module"],
                         OptionError, "matches no module"),
-    "two-policies": (None, {"rank": 4, "energy": 0.9}, ["--rank", "4", "--energy", "0.9"],
-                     OptionError, "only one of"),
     "nan": (_nan, {}, [], CheckpointError, "encoder.layer.0.attention.self.query.weight: non-finite"),
 }
 
@@ -524,8 +522,9 @@ def test_errors_library_and_cli(tiny_bert, tiny_bert_ft, tmp_path, case):
 
 
 def test_invalid_regex(tiny_bert, tiny_bert_ft, tmp_path):
-    with pytest.raises(OptionError, match="invalid --include/--exclude regex"):
+    with pytest.raises(OptionError, match="exclude: '\\(' is not a valid regular expression") as e:
         extract_lora(tiny_bert, tiny_bert_ft, tmp_path / "ad", rank=4, exclude=["("])
+    assert e.value.field == "exclude"
     for opt in ("--include", "--exclude"):
         r = run_cli(["extract-lora", tiny_bert, tiny_bert_ft, "-o", tmp_path / "ad", opt, "(", "-q"])
         assert r.exit_code == 2 and "not a valid regular expression" in r.output and "Traceback" not in r.output
@@ -535,6 +534,7 @@ def test_invalid_regex(tiny_bert, tiny_bert_ft, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--rank", "0"], "--rank"), (["--energy", "1.5"], "--energy"), (["--svd", "qr"], "--svd"),
     (["--embeddings", "tied"], "--embeddings"), (["--serving-safe", "--embeddings", "full"], "--serving-safe"),
+    (["--rank", "4", "--energy", "0.9"], "--energy: cannot be combined with rank"),  # a conflict: usage error
 ])
 def test_cli_bad_options_exit_2(tiny_bert, tiny_bert_ft, tmp_path, args, needle):
     r = run_cli(["extract-lora", tiny_bert, tiny_bert_ft, "-o", tmp_path / "ad", *args])

@@ -119,7 +119,8 @@ def bert_svd(tiny_bert, tiny_bert_ft, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bert_refined(tiny_bert, tiny_bert_ft, bert_svd, calib):
     out = bert_svd.parent / "refined"
-    res = refine_adapter(tiny_bert, bert_svd, tiny_bert_ft, calib, out, steps=STEPS, lr=LR, batch=8)
+    res = refine_adapter(tiny_bert, bert_svd, out,
+                         teacher=tiny_bert_ft, calibration=calib, steps=STEPS, lr=LR, batch_size=8)
     return out, res
 
 
@@ -185,21 +186,25 @@ def test_refine_keeps_format(bert_svd, bert_refined):
 
 
 def test_lr_zero_leaves_adapter_identical(tiny_bert, tiny_bert_ft, bert_svd, calib, tmp_path):
-    res = refine_adapter(tiny_bert, bert_svd, tiny_bert_ft, calib, tmp_path / "r0", steps=10, lr=0.0, batch=8)
+    res = refine_adapter(tiny_bert, bert_svd, tmp_path / "r0",
+                         teacher=tiny_bert_ft, calibration=calib, steps=10, lr=0.0, batch_size=8)
     assert res.best_step == 0
     assert digest(tmp_path / "r0") == digest(bert_svd)
     assert (tmp_path / "r0" / "adapter_config.json").read_text() == (bert_svd / "adapter_config.json").read_text()
     # negative control: a tiny but nonzero lr changes the bytes
-    res = refine_adapter(tiny_bert, bert_svd, tiny_bert_ft, calib, tmp_path / "r1", steps=10, lr=1e-3, batch=8)
+    res = refine_adapter(tiny_bert, bert_svd, tmp_path / "r1",
+                         teacher=tiny_bert_ft, calibration=calib, steps=10, lr=1e-3, batch_size=8)
     assert res.best_step > 0 and digest(tmp_path / "r1") != digest(bert_svd)
 
 
 def test_deterministic(tiny_bert, tiny_bert_ft, bert_svd, bert_refined, calib, tmp_path):
     out, _ = bert_refined
-    refine_adapter(tiny_bert, bert_svd, tiny_bert_ft, calib, tmp_path / "again", steps=STEPS, lr=LR, batch=8)
+    refine_adapter(tiny_bert, bert_svd, tmp_path / "again",
+                   teacher=tiny_bert_ft, calibration=calib, steps=STEPS, lr=LR, batch_size=8)
     assert digest(tmp_path / "again") == digest(out)
     # negative control: another seed draws other batches (and another hold-out split)
-    refine_adapter(tiny_bert, bert_svd, tiny_bert_ft, calib, tmp_path / "seed1", steps=STEPS, lr=LR, batch=8, seed=1)
+    refine_adapter(tiny_bert, bert_svd, tmp_path / "seed1",
+                   teacher=tiny_bert_ft, calibration=calib, steps=STEPS, lr=LR, batch_size=8, seed=1)
     assert digest(tmp_path / "seed1") != digest(out)
 
 
@@ -216,7 +221,8 @@ def test_causal_lm_kl(tiny_llama, tiny_llama_ft, calib, unseen, tmp_path):
     """bf16 Llama, embedding + linear LoRAs, KL objective; the written adapter stays bf16."""
     svd = tmp_path / "svd"
     extract_lora(tiny_llama, tiny_llama_ft, svd, rank=2)
-    res = refine_adapter(tiny_llama, svd, tiny_llama_ft, calib, tmp_path / "ref", steps=STEPS, lr=LR, batch=8)
+    res = refine_adapter(tiny_llama, svd, tmp_path / "ref",
+                         teacher=tiny_llama_ft, calibration=calib, steps=STEPS, lr=LR, batch_size=8)
     assert res.objective == "logits-kl" and res.before.kl is not None and res.before.cosine is None
     assert res.after.loss < 0.7 * res.before.loss
     enc = batch(tiny_llama, unseen)
@@ -239,7 +245,8 @@ def test_gpt2_conv1d_tied_head(tiny_gpt2, tiny_gpt2_ft, calib, unseen, tmp_path,
     svd = tmp_path / "svd"
     ex = extract_lora(tiny_gpt2, tiny_gpt2_ft, svd, rank=2, bias=bias)
     assert ("transformer.wte.weight" in ex.full) == (bias == "lora")
-    res = refine_adapter(tiny_gpt2, svd, tiny_gpt2_ft, calib, tmp_path / "ref", steps=20, lr=LR, batch=8)
+    res = refine_adapter(tiny_gpt2, svd, tmp_path / "ref",
+                         teacher=tiny_gpt2_ft, calibration=calib, steps=20, lr=LR, batch_size=8)
     assert res.after.loss < res.before.loss
     enc = batch(tiny_gpt2, unseen)
     ours = run(load_student(tiny_gpt2, tmp_path / "ref"), enc, True)
@@ -250,7 +257,8 @@ def test_gpt2_conv1d_tied_head(tiny_gpt2, tiny_gpt2_ft, calib, unseen, tmp_path,
 
 def test_refine_peft_written_adapter(tiny_bert, tiny_bert_ft, tiny_bert_lora, calib, tmp_path):
     """An adapter PEFT wrote (alpha != r, its own config fields) refines and keeps its config."""
-    res = refine_adapter(tiny_bert, tiny_bert_lora, tiny_bert_ft, calib, tmp_path / "ref", steps=20, lr=LR, batch=8)
+    res = refine_adapter(tiny_bert, tiny_bert_lora, tmp_path / "ref",
+                         teacher=tiny_bert_ft, calibration=calib, steps=20, lr=LR, batch_size=8)
     assert res.after.loss < res.before.loss
     from surgery.core.peft_format import read_adapter
 
@@ -265,8 +273,8 @@ def test_refine_peft_written_adapter(tiny_bert, tiny_bert_ft, tiny_bert_lora, ca
 
 
 def test_extract_and_refine_api(tiny_bert, tiny_bert_ft, calib, tmp_path):
-    ex, res = extract_and_refine(tiny_bert, tiny_bert_ft, tmp_path / "out", calibration=calib, rank=2,
-                                 refine_steps=10, refine_lr=LR, refine_batch=8)
+    ex, res = extract_and_refine(tiny_bert, tiny_bert_ft, tmp_path / "out", calibration=calib, extract={"rank": 2},
+                                 steps=10, lr=LR, batch_size=8)
     assert ex.out == tmp_path / "out" and res.out == tmp_path / "out"
     assert res.after.loss < res.before.loss
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the temporary extraction is gone
@@ -276,33 +284,36 @@ def test_extract_and_refine_api(tiny_bert, tiny_bert_ft, calib, tmp_path):
 
 
 def test_errors(tiny_bert, tiny_bert_ft, tiny_llama, bert_svd, calib, tmp_path):
-    kw = dict(steps=2, batch=4)
+    kw = dict(steps=2, batch_size=4)
     one = tmp_path / "one.txt"
     one.write_text("the model\n")
     with pytest.raises(OptionError, match="too few"):
-        refine_adapter(tiny_bert, bert_svd, tiny_bert_ft, one, tmp_path / "o1", **kw)
+        refine_adapter(tiny_bert, bert_svd, tmp_path / "o1", teacher=tiny_bert_ft, calibration=one, **kw)
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(OptionError, match="is empty"):
-        refine_adapter(tiny_bert, bert_svd, tiny_bert_ft, tmp_path / "empty.txt", tmp_path / "o2", **kw)
+        refine_adapter(tiny_bert, bert_svd, tmp_path / "o2", teacher=tiny_bert_ft, calibration=tmp_path / "empty.txt",
+                       **kw)
     with pytest.raises(OptionError, match="logits-kl needs a causal"):
-        refine_adapter(tiny_bert, bert_svd, tiny_bert_ft, calib, tmp_path / "o3", objective="logits-kl", **kw)
+        refine_adapter(tiny_bert, bert_svd, tmp_path / "o3",
+                       teacher=tiny_bert_ft, calibration=calib, objective="logits-kl", **kw)
     notok = tmp_path / "notok"
     shutil.copytree(tiny_bert, notok)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (notok / f).unlink()
     with pytest.raises(CheckpointError, match="no tokenizer"):
-        refine_adapter(notok, bert_svd, tiny_bert_ft, calib, tmp_path / "o4", **kw)
+        refine_adapter(notok, bert_svd, tmp_path / "o4", teacher=tiny_bert_ft, calibration=calib, **kw)
     with pytest.raises(CheckpointError, match="share an architecture"):
-        refine_adapter(tiny_bert, bert_svd, tiny_llama, calib, tmp_path / "o5", **kw)
+        refine_adapter(tiny_bert, bert_svd, tmp_path / "o5", teacher=tiny_llama, calibration=calib, **kw)
     with pytest.raises(AdapterError):  # a bert adapter on a llama base
-        refine_adapter(tiny_llama, bert_svd, tiny_llama, calib, tmp_path / "o6", **kw)
-    with pytest.raises(OptionError, match="--holdout"):
-        refine_adapter(tiny_bert, bert_svd, tiny_bert_ft, calib, tmp_path / "o7", holdout=1.0, **kw)
-    with pytest.raises(OptionError, match="--refine-lr"):
-        refine_adapter(tiny_bert, bert_svd, tiny_bert_ft, calib, tmp_path / "o8", lr=float("nan"), **kw)
+        refine_adapter(tiny_llama, bert_svd, tmp_path / "o6", teacher=tiny_llama, calibration=calib, **kw)
+    with pytest.raises(OptionError, match="^holdout: "):
+        refine_adapter(tiny_bert, bert_svd, tmp_path / "o7", teacher=tiny_bert_ft, calibration=calib, holdout=1.0, **kw)
+    with pytest.raises(OptionError, match="^lr: "):
+        refine_adapter(tiny_bert, bert_svd, tmp_path / "o8",
+                       teacher=tiny_bert_ft, calibration=calib, lr=float("nan"), **kw)
     # extract_and_refine checks the calibration before extracting anything
     with pytest.raises(OptionError, match="too few"):
-        extract_and_refine(tiny_bert, tiny_bert_ft, tmp_path / "o9", calibration=one, rank=2)
+        extract_and_refine(tiny_bert, tiny_bert_ft, tmp_path / "o9", calibration=one, extract={"rank": 2})
     assert not any(p.name.startswith(("o", ".o")) for p in tmp_path.iterdir() if p.is_dir())
 
 

@@ -125,7 +125,9 @@ def build_options(cls, ctx: click.Context | None = None, **kwargs):
     """The one place click's parsed flags become a library options object.
 
     Parameters are passed by field name; a rule the options object refuses is a usage error
-    (exit 2) naming the flag (`rank` -> `--rank`)."""
+    (exit 2) naming the flag: the one the command declares for that field (a click option whose
+    parameter name is the field, e.g. `click.option("--refine-steps", "steps")`), else
+    `--field-name` (`rank` -> `--rank`)."""
     from surgery.errors import OptionError
 
     try:
@@ -133,10 +135,20 @@ def build_options(cls, ctx: click.Context | None = None, **kwargs):
     except OptionError as e:
         msg = str(e)
         if e.field:
-            flag = "--" + e.field.replace("_", "-")
+            flag = _flag_of(ctx, e.field)
             prefix = f"{e.field}: "
             msg = f"{flag}: {msg[len(prefix):]}" if msg.startswith(prefix) else f"{flag}: {msg}"
         raise click.UsageError(msg, ctx=ctx) from None
+
+
+def _flag_of(ctx: click.Context | None, field: str) -> str:
+    """The long flag a command declares for an options field (its click parameter name)."""
+    params = ctx.command.params if ctx is not None else []
+    for p in params:
+        if p.name == field and isinstance(p, click.Option):
+            longs = [o for o in p.opts if o.startswith("--")]
+            return (longs or p.opts)[0]
+    return "--" + field.replace("_", "-")
 
 
 # ----------------------------------------------------------------------------- options every command shares

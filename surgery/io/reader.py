@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .guards import escape_name, open_regular
 from .index import CheckpointIndex, TensorInfo, safe_torch_load
 
 
@@ -42,10 +43,7 @@ class LazyReader:
             return
         self.close()
         if self.index.format == "safetensors":
-            try:
-                self._fh = open(shard, "rb")
-            except OSError as e:
-                raise CheckpointError(f"{shard}: cannot open ({e.strerror or e})") from None
+            self._fh = open_regular(shard)  # never blocks on a FIFO swapped in since indexing
         else:
             self._sd = safe_torch_load(shard, mmap=True)
         self._shard = shard
@@ -54,7 +52,9 @@ class LazyReader:
         try:
             return self.index.tensors[name]
         except KeyError:
-            raise CheckpointError(f"{self.index.root}: no tensor named {name!r}") from None
+            raise CheckpointError(
+                f"{escape_name(self.index.root)}: no tensor named '{escape_name(name, 200)}'"
+            ) from None
 
     def get(self, name: str) -> torch.Tensor:
         info = self.info(name)
@@ -67,7 +67,8 @@ class LazyReader:
         got = self._fh.readinto(buf.numpy().data) if info.nbytes else 0
         if got != info.nbytes:
             raise CheckpointError(
-                f"{info.shard}: tensor {name!r} is truncated ({got} of {info.nbytes} bytes); re-download the checkpoint"
+                f"{escape_name(info.shard)}: tensor '{escape_name(name, 200)}' is truncated "
+                f"({got} of {info.nbytes} bytes); re-download the checkpoint"
             )
         return buf.view(info.dtype).reshape(info.shape)
 
@@ -75,7 +76,7 @@ class LazyReader:
         """Rows [start, stop) along the first dimension, reading only their bytes."""
         info = self.info(name)
         if not info.shape:
-            raise CheckpointError(f"{name} is a scalar; it has no rows")
+            raise CheckpointError(f"'{escape_name(name, 200)}' is a scalar; it has no rows")
         start, stop = max(0, start), min(stop, info.shape[0])
         self._open(info.shard)
         if self._sd is not None:
@@ -88,7 +89,7 @@ class LazyReader:
         got = self._fh.readinto(buf.numpy().data) if n else 0
         if got != n:
             raise CheckpointError(
-                f"{info.shard}: tensor {name!r} is truncated; re-download the checkpoint"
+                f"{escape_name(info.shard)}: tensor '{escape_name(name, 200)}' is truncated; re-download the checkpoint"
             )
         return buf.view(info.dtype).reshape((max(0, stop - start), *info.shape[1:]))
 

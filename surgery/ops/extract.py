@@ -1,9 +1,16 @@
 """extract-lora: a fine-tune's weight delta, compressed into a PEFT LoRA adapter.
 
-Streaming: base and fine-tune are read one tensor pair at a time (base shard
-order); each delta is decomposed in fp32 and only its low-rank factors are kept.
-Everything that can be checked from headers (keys, shapes, filters, ranks) is
-checked before the first SVD.
+Three phases, each consuming the previous one's output and never editing it:
+
+  plan       from the headers (and the tiny bias vectors): pair base↔ft tensors, the layer
+             kind of each, what becomes a LoRA / is saved whole / rides as a bias / is
+             skipped, and every conflict settled (PEFT has no lora_bias on an Embedding
+             LoRA) before the first SVD.
+  decompose  one tensor at a time, in base shard order: read the delta in fp32 blocks,
+             turn it into a row (LoRA factors + report row, a whole tensor, a bias delta,
+             or a skip with its reason). The LoRA math is a pure function of the delta.
+  assemble   rows -> LoRA modules (bias deltas on their module's lora_B.bias), whole
+             tensors (a tied head beside its embedding), notes, the adapter directory.
 
 Orientation (PEFT's delta is scale * B @ A, transposed where the layout asks):
   Linear    W (out, in):   Δ ≈ B @ A               A (r, in),    B (out, r)
@@ -14,29 +21,35 @@ Every module gets scale exactly 1 (lora_alpha = r, rank_pattern/alpha_pattern).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from surgery.errors import CheckpointError, OptionError, SurgeryError
-from surgery.io import LazyReader, check_output_path, open_checkpoint
-from surgery.core.lowrank import allocate_budget, frob_sq, lora_factors, parse_budget, truncated_svd
+from surgery.core.hf import parse_dtype, resolve_device
 from surgery.core.layers import module_filter, tensor_kinds
+from surgery.core.lowrank import allocate_budget, frob_sq, lapack_threads, lora_factors, truncated_svd
 from surgery.core.peft_format import LoraModule, write_adapter
 from surgery.core.tensors import all_finite
+from surgery.errors import CheckpointError, OptionError, SurgeryError
+from surgery.io import CheckpointIndex, LazyReader, check_output_path, open_checkpoint
+from surgery.options.extract import ExtractOptions, parse_budget
 
 Progress = Callable[[str, int, int], None]
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-EMBEDDING_MODES = ("lora", "full", "skip")
-OTHER_MODES = ("full", "skip")
-DEFAULT_MAX_RANK = 256  # cap for energy/budget policies with the randomized engine
+_ROW_BLOCK = 1 << 20  # elements per block when reading a delta
 
 
-@dataclass
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
 class ModuleReport:
     module: str
     kind: str  # linear | conv1d | embedding
@@ -53,6 +66,8 @@ class ModuleReport:
 
 @dataclass
 class ExtractResult:
+    """What extract_lora wrote, module by module, and why anything was left out."""
+
     out: Path
     modules: list[ModuleReport]
     full: list[str] = field(default_factory=list)  # tensors saved whole (modules_to_save)
@@ -71,18 +86,89 @@ class ExtractResult:
         return d
 
 
-@dataclass
-class _Plan:
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class TensorPlan:
     """One base↔ft tensor pair and what to do with it."""
 
     name: str
-    kind: str
-    action: str  # "lora" | "full" | "skip" | "bias"
-    why: str = ""
-    grown: bool = False
+    kind: str  # layer kind (surgery.core.layers)
+    action: str  # "lora" | "full" | "bias" | "skip" | "check" (non-float: must be equal)
+    why: str = ""  # skip: the reason; full: why it is whole
+    grown: bool = False  # vocabulary growth: no delta, saved whole
+    instead_of_lora: bool = False  # a LoRA candidate saved whole to settle a conflict
+
+    @property
+    def module(self) -> str:
+        return self.name.rsplit(".", 1)[0]
 
 
-def _plan(base_idx, ft_idx, kinds, embeddings, other_deltas, keep) -> list[_Plan]:
+@dataclass(frozen=True)
+class ExtractPlan:
+    tensors: tuple[TensorPlan, ...]  # in base shard order
+    model_params: int
+    budget_params: int | None  # the budget policy's parameter count
+    cap: int | None  # rank cap of every SVD (None: all singular values)
+
+    @property
+    def lora(self) -> list[TensorPlan]:
+        return [p for p in self.tensors if p.action == "lora"]
+
+
+class _Pair:
+    """The two open checkpoints; reads deltas a block of rows at a time."""
+
+    def __init__(self, base_idx: CheckpointIndex, ft_idx: CheckpointIndex, rb: LazyReader, rf: LazyReader):
+        self.base_idx, self.ft_idx, self.rb, self.rf = base_idx, ft_idx, rb, rf
+
+    def ft(self, name: str) -> torch.Tensor:
+        return _finite(name, self.rf.get(name), "fine-tune")
+
+    def differs(self, name: str) -> bool:
+        """Whether FT's tensor differs from BASE's (NaN counts as a difference), block by block."""
+        shape = self.base_idx.tensors[name].shape
+        if len(shape) == 0:
+            return not torch.equal(self.rb.get(name), self.rf.get(name))
+        step = max(1, _ROW_BLOCK // max(1, math.prod(shape[1:])))
+        return any(not torch.equal(self.rb.get_rows(name, i, i + step), self.rf.get_rows(name, i, i + step))
+                   for i in range(0, shape[0], step))
+
+    def delta(self, name: str) -> tuple[torch.Tensor, float, float]:
+        """(Δ in fp32, ‖Δ‖², ‖W‖²), read a block of rows at a time from both files, so memory
+        is Δ plus two small blocks. Finiteness is read off the norms (NaN/Inf propagate into
+        them), so no extra pass over the data is needed."""
+        shape = self.base_idx.tensors[name].shape
+        d = torch.empty(shape, dtype=torch.float32)
+        wsq = 0.0
+        if len(shape) == 0:
+            d.copy_(self.rf.get(name).float() - self.rb.get(name).float())
+            wsq = float(self.rb.get(name).float()) ** 2
+        else:
+            step = max(1, _ROW_BLOCK // max(1, math.prod(shape[1:])))
+            for i in range(0, shape[0], step):
+                wb, wf = self.rb.get_rows(name, i, i + step), self.rf.get_rows(name, i, i + step)
+                torch.sub(wf.float(), wb.float(), out=d[i : i + step])
+                wsq += _sq_norm_fp32(wb)  # only feeds the report's relative change
+        dsq = _sq_norm(d)  # fp64: it sets the reported errors
+        if not (math.isfinite(dsq) and math.isfinite(wsq)):
+            _finite(name, self.rb.get(name), "base")
+            _finite(name, self.rf.get(name), "fine-tune")
+            if not math.isfinite(dsq):
+                raise CheckpointError(f"{name}: the delta overflows fp32 (values too large)")
+        return d, dsq, wsq
+
+
+def _finite(name: str, w: torch.Tensor, who: str) -> torch.Tensor:
+    if not all_finite(w):
+        raise CheckpointError(f"{name}: non-finite values (NaN/Inf) in the {who} checkpoint")
+    return w
+
+
+def _paired_shapes(base_idx: CheckpointIndex, ft_idx: CheckpointIndex, kinds: Mapping[str, str]) -> set[str]:
+    """Check that base and fine-tune hold the same tensors and shapes; the names whose
+    vocabulary grew (the only shape change that can be extracted)."""
     b, f = base_idx.tensors, ft_idx.tensors
     missing = [n for n in b if n not in f]
     extra = [n for n in f if n not in b]
@@ -92,52 +178,160 @@ def _plan(base_idx, ft_idx, kinds, embeddings, other_deltas, keep) -> list[_Plan
             f"base and fine-tune have different tensors ({which}{' …' if len(missing or extra) > 3 else ''}); "
             "they must share an architecture"
         )
-    plans = []
+    grown = set()
     for name, bi in b.items():
-        fi = f[name]
-        kind = kinds[name]
-        grown = False
-        if bi.shape != fi.shape:
-            vocab_growth = (
-                kind == "embedding" or (kind == "linear" and name.endswith("lm_head.weight"))
-            ) and len(bi.shape) == 2 and bi.shape[1] == fi.shape[1] and fi.shape[0] > bi.shape[0]
-            if not vocab_growth:
-                raise CheckpointError(
-                    f"{name}: shape {tuple(bi.shape)} in base but {tuple(fi.shape)} in fine-tune; "
-                    "only vocabulary growth (more embedding rows) can be extracted"
-                )
-            grown = True
-        module = name.rsplit(".", 1)[0]
-        if not bi.dtype.is_floating_point:
-            plans.append(_Plan(name, kind, "check"))
-        elif kind in ("linear", "conv1d"):
-            if not keep(module):
-                plans.append(_Plan(name, kind, "skip", "excluded by --include/--exclude"))
-            elif grown:
-                plans.append(_Plan(name, kind, "full", "vocabulary grew: saved whole", grown))
-            else:
-                plans.append(_Plan(name, kind, "lora"))
-        elif kind == "embedding":
-            if not keep(module) or embeddings == "skip":
-                why = "--embeddings skip" if keep(module) else "excluded by --include/--exclude"
-                plans.append(_Plan(name, kind, "skip", why))
-            elif grown or embeddings == "full":
-                why = "vocabulary grew: saved whole" if grown else "--embeddings full"
-                plans.append(_Plan(name, kind, "full", why, grown))
-            else:
-                plans.append(_Plan(name, kind, "lora"))
-        elif kind == "bias":
-            plans.append(_Plan(name, kind, "bias"))
-        else:  # norms and other float tensors
-            act = "full" if other_deltas == "full" and kind == "norm" and keep(module) else "skip"
-            why = "" if act == "full" else f"{kind} tensor" if kind != "norm" else (
-                "--other-deltas skip" if keep(module) else "excluded by --include/--exclude")
-            plans.append(_Plan(name, kind, act, why))
-    if not any(p.action == "lora" for p in plans):
-        raise OptionError(
-            "no Linear/Conv1D/Embedding weight is selected for LoRA; check --include/--exclude and --embeddings"
+        fi, kind = f[name], kinds[name]
+        if bi.shape == fi.shape:
+            continue
+        vocab_growth = (
+            (kind == "embedding" or (kind == "linear" and name.endswith("lm_head.weight")))
+            and len(bi.shape) == 2 and bi.shape[1] == fi.shape[1] and fi.shape[0] > bi.shape[0]
         )
-    return plans
+        if not vocab_growth:
+            raise CheckpointError(
+                f"{name}: shape {tuple(bi.shape)} in base but {tuple(fi.shape)} in fine-tune; "
+                "only vocabulary growth (more embedding rows) can be extracted"
+            )
+        grown.add(name)
+    return grown
+
+
+_EXCLUDED = "excluded by include/exclude"
+_GREW = "vocabulary grew: saved whole"
+
+
+def _tensor_plan(name: str, kind: str, floating: bool, grown: bool, selected: bool,
+                 opts: ExtractOptions) -> TensorPlan:
+    """What to do with one tensor, from its kind and the options alone (conflicts come later)."""
+    if not floating:
+        return TensorPlan(name, kind, "check")
+    if kind in ("linear", "conv1d"):
+        if not selected:
+            return TensorPlan(name, kind, "skip", _EXCLUDED)
+        return TensorPlan(name, kind, "full", _GREW, grown=True) if grown else TensorPlan(name, kind, "lora")
+    if kind == "embedding":
+        if not selected or opts.embeddings == "skip":
+            return TensorPlan(name, kind, "skip", "embeddings='skip'" if selected else _EXCLUDED)
+        if grown or opts.embeddings == "full":
+            return TensorPlan(name, kind, "full", _GREW if grown else "embeddings='full'", grown=grown)
+        return TensorPlan(name, kind, "lora")
+    if kind == "bias":
+        return TensorPlan(name, kind, "bias")
+    if kind != "norm":  # buffers and other float tensors
+        return TensorPlan(name, kind, "skip", f"{kind} tensor")
+    if not selected:
+        return TensorPlan(name, kind, "skip", _EXCLUDED)
+    if opts.effective_other_deltas == "skip":
+        return TensorPlan(name, kind, "skip", "serving_safe (no modules_to_save)" if opts.serving_safe
+                          else "other_deltas='skip'")
+    return TensorPlan(name, kind, "full")
+
+
+_NO_LORA_BIAS = "PEFT cannot combine lora_bias with an embedding LoRA"
+
+
+def _settle_lora_bias(plans: list[TensorPlan], pair: _Pair, opts: ExtractOptions) -> list[TensorPlan]:
+    """Bias deltas ride on lora_B.bias of their module's LoRA (lora_bias: true), which PEFT
+    refuses beside an Embedding LoRA. Settled here, before any SVD: with bias='skip' the bias
+    deltas are dropped; else, when both a bias delta and an embedding delta exist, the
+    embeddings are saved whole (modules_to_save), or, where nothing may be saved whole
+    (other_deltas='skip' / serving_safe), the bias deltas are dropped.
+    Reads the bias vectors (tiny) and, only in that case, compares the embeddings."""
+    by_name = {p.name: p for p in plans}
+
+    def rides(p: TensorPlan) -> bool:
+        weight = by_name.get(p.module + ".weight")
+        return weight is not None and weight.action == "lora" and weight.kind in ("linear", "conv1d")
+
+    def replaced(which: set[str], **change: Any) -> list[TensorPlan]:
+        return [dataclasses.replace(p, **change) if p.name in which else p for p in plans]
+
+    biases = [p for p in plans if p.action == "bias"]
+    if opts.bias == "skip":
+        return replaced({p.name for p in biases}, action="skip", why="bias='skip'")
+    plans = replaced({p.name for p in biases if not rides(p)}, action="skip",
+                     why="its weight has no LoRA (bias not representable)")
+    riding = [p for p in biases if rides(p)]
+    embeddings = [p for p in plans if p.kind == "embedding" and p.action == "lora"]
+    if not (riding and embeddings and any(pair.differs(p.name) for p in riding)):
+        return plans
+    changed = {p.name for p in embeddings if pair.differs(p.name)}
+    if not changed:
+        return plans
+    if opts.effective_other_deltas == "skip":
+        return replaced({p.name for p in riding}, action="skip",
+                        why=f"bias deltas dropped: {_NO_LORA_BIAS}, and nothing is saved whole "
+                        "(other_deltas='skip' / serving_safe)")
+    return replaced(changed, action="full", instead_of_lora=True,
+                    why=f"{_NO_LORA_BIAS}; bias='skip' keeps it a LoRA and drops the bias deltas")
+
+
+def plan_extraction(pair: _Pair, opts: ExtractOptions) -> ExtractPlan:
+    """Every decision that the headers (and the bias vectors) allow, before any SVD.
+
+    Args:
+        pair: the open base and fine-tune checkpoints.
+        opts: the validated options.
+    Returns:
+        ExtractPlan: one TensorPlan per tensor in base shard order, the budget in parameters
+        (budget policy) and the rank cap of every SVD.
+    Raises:
+        CheckpointError: the checkpoints hold different tensors, or shapes differ beyond
+            vocabulary growth.
+        OptionError: an include pattern matches no module; nothing is selected for LoRA.
+
+    Example:
+        >>> with LazyReader(bi) as rb, LazyReader(fi) as rf:
+        ...     plan = plan_extraction(_Pair(bi, fi, rb, rf), ExtractOptions(rank=4))
+        >>> {p.action for p in plan.tensors}
+        {'lora', 'full', 'bias'}
+    """
+    base_idx = pair.base_idx
+    kinds = tensor_kinds(base_idx)
+    grown = _paired_shapes(base_idx, pair.ft_idx, kinds)
+    keep = module_filter(opts.include, opts.exclude)
+    for pattern in opts.include:
+        if not any(re.search(pattern, n.rsplit(".", 1)[0]) for n in base_idx.tensors):
+            raise OptionError(f"include {pattern!r} matches no module of {base_idx.source}", field="include")
+    plans = [_tensor_plan(name, kinds[name], t.dtype.is_floating_point, name in grown, keep(name.rsplit(".", 1)[0]),
+                          opts) for name, t in base_idx.tensors.items()]
+    if not any(p.action == "lora" for p in plans):
+        raise OptionError("no Linear/Conv1D/Embedding weight is selected for LoRA; check include/exclude and "
+                          "embeddings")
+    plans = _settle_lora_bias(plans, pair, opts)
+    order = pair.rb.order([p.name for p in plans])
+    by_name = {p.name: p for p in plans}
+    budget = parse_budget(opts.budget, base_idx.total_params) if opts.budget is not None else None
+    return ExtractPlan(tuple(by_name[n] for n in order), base_idx.total_params, budget, opts.rank_cap)
+
+
+# ----------------------------------------------------------------------------- decompose
+
+
+@dataclass(frozen=True)
+class Row:
+    """What one tensor contributes to the adapter and the report."""
+
+    name: str
+    lora: LoraModule | None = None
+    report: ModuleReport | None = None
+    whole: torch.Tensor | None = None  # saved whole (modules_to_save)
+    bias: torch.Tensor | None = None  # a bias delta for its module's lora_B.bias (fp32)
+    skipped: dict | None = None
+    note: str = ""
+    sq_err: float = 0.0  # this LoRA's ‖Δ − B A‖², for the overall error
+    sq_tot: float = 0.0  # this LoRA's ‖Δ‖²
+
+
+@dataclass(frozen=True)
+class _SVDSettings:
+    method: str
+    niter: int
+    seed: int
+    device: torch.device
+
+    def kw(self) -> dict:
+        return dict(method=self.method, niter=self.niter, seed=self.seed, device=self.device)
 
 
 def _sq_norm(t: torch.Tensor) -> float:
@@ -169,273 +363,283 @@ def _orient(delta: torch.Tensor, kind: str) -> torch.Tensor:
     return delta.T if kind in ("conv1d", "embedding") else delta
 
 
-def extract_lora(
-    base: str | Path,
-    ft: str | Path,
-    out: str | Path,
-    *,
-    rank: int | None = None,
-    energy: float | None = None,
-    budget: str | int | None = None,
-    svd: str = "auto",
-    niter: int = 4,
-    max_rank: int | None = None,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    embeddings: str = "lora",
-    other_deltas: str = "full",
-    bias: str = "lora",
-    dtype: str | None = None,
-    device: str = "cpu",
-    seed: int = 0,
-    task_type: str | None = None,
-    overwrite: bool = False,
-    progress: Progress | None = None,
-) -> ExtractResult:
-    """Extract FT − BASE into a PEFT LoRA adapter at OUT. See module docstring."""
-    t0 = time.perf_counter()
-    policies = [p for p in (rank, energy, budget) if p is not None]
-    if len(policies) > 1:
-        raise OptionError("give only one of --rank, --energy, --budget")
-    if not policies:
-        rank = 16
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
-        raise OptionError(f"--rank must be a positive integer, got {rank!r}")
-    if energy is not None and not 0.0 < float(energy) <= 1.0:
-        raise OptionError(f"--energy must be in (0, 1], got {energy}")
-    if embeddings not in EMBEDDING_MODES:
-        raise OptionError(f"--embeddings must be one of {EMBEDDING_MODES}, got {embeddings!r}")
-    if other_deltas not in OTHER_MODES:
-        raise OptionError(f"--other-deltas must be one of {OTHER_MODES}, got {other_deltas!r}")
-    if bias not in ("lora", "skip"):
-        raise OptionError(f"--bias must be 'lora' or 'skip', got {bias!r}")
-    if dtype is not None and dtype not in DTYPES:
-        raise OptionError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    if max_rank is not None and max_rank < 1:
-        raise OptionError(f"--max-rank must be >= 1, got {max_rank}")
-    out = Path(out)
-    check_output_path(out, overwrite, [Path(base), Path(ft)])
+def decompose_lora(p: TensorPlan, d: torch.Tensor, total: float, wsq: float, k: int | None,
+                   opts: ExtractOptions, out_dtype: torch.dtype, svd: _SVDSettings,
+                   budget_rank: int | None = None) -> Row:
+    """One delta -> LoRA factors and its report row (a pure function of the delta).
 
+    k is the number of singular triplets to compute; the rank kept is k (fixed rank), the
+    smallest reaching opts.energy, or budget_rank. The error reported is that of the factors
+    as stored (the SVD's exact truncation error plus what the cast to out_dtype costs)."""
+    name = p.name
+    if total == 0.0:
+        return Row(name, skipped={"tensor": name, "why": "delta is zero"})
+    if budget_rank == 0:
+        return Row(name, skipped={"tensor": name, "why": "budget gave rank 0", "delta_norm": math.sqrt(total)},
+                   sq_err=total, sq_tot=total)
+    M = _orient(d, p.kind)  # (out, in)
+    res = truncated_svd(M, k, name=name, total_energy=total, **svd.kw())
+    r = res.k
+    if opts.energy is not None:
+        r = max(1, res.rank_for_energy(float(opts.energy)))
+    if budget_rank is not None:
+        r = min(budget_rank, res.k)
+    A32, B32 = lora_factors(res, r)  # (r, in), (out, r)
+    A, B = A32.to(out_dtype), B32.to(out_dtype)
+    err = res.sq_error(r)
+    if out_dtype != torch.float32:
+        err += _cast_sq_error(B32, A32, B.float(), A.float())
+    note = ""
+    if opts.energy is not None and res.energy_kept(r) < float(opts.energy):
+        note = f"energy {res.energy_kept(r):.3f} < {opts.energy} at the max rank {r}"
+    wnorm = math.sqrt(wsq)
+    report = ModuleReport(
+        p.module, p.kind, (int(M.shape[0]), int(M.shape[1])), r, A.numel() + B.numel(), math.sqrt(total),
+        math.sqrt(total) / wnorm if wnorm else math.inf, math.sqrt(err / total), 1.0 - err / total, res.method, note,
+    )
+    kind = "embedding" if p.kind == "embedding" else "linear"
+    module = LoraModule(p.module, kind, A.contiguous(), B.contiguous(), scaling=1.0)
+    return Row(name, lora=module, report=report, sq_err=err, sq_tot=total)
+
+
+def _whole_row(p: TensorPlan, pair: _Pair, out_dtype: torch.dtype | None) -> Row:
+    """A tensor saved whole: the fine-tune's, in the adapter dtype (default its own)."""
+    note = ""
+    if p.grown:  # no delta (shapes differ), but saved whole: still checked
+        rows_b, rows_f = pair.base_idx.tensors[p.name].shape[0], pair.ft_idx.tensors[p.name].shape[0]
+        note = (f"{p.name}: vocabulary grew from {rows_b} to {rows_f} rows; saved whole in modules_to_save — "
+                f"call base.resize_token_embeddings({rows_f}) before loading the adapter")
+    else:
+        d = pair.delta(p.name)[0]
+        if not d.any():
+            return Row(p.name, skipped={"tensor": p.name, "why": "delta is zero"} if p.instead_of_lora else None)
+        if p.instead_of_lora:
+            note = f"{p.name}: saved whole ({p.why})"
+    wf = pair.ft(p.name)
+    return Row(p.name, whole=wf.to(out_dtype or wf.dtype), note=note)
+
+
+def _other_row(p: TensorPlan, pair: _Pair) -> Row:
+    """A non-float tensor that must not change, a skipped delta, or a bias delta."""
+    if p.action == "check":
+        if torch.equal(pair.rb.get(p.name), pair.rf.get(p.name)):
+            return Row(p.name)
+        return Row(p.name, skipped={"tensor": p.name, "why": "non-float tensor differs; not representable"})
+    if p.grown:  # skipped, and no delta to report
+        return Row(p.name)
+    d = pair.delta(p.name)[0]
+    if not d.any():
+        return Row(p.name)
+    if p.action == "bias":
+        return Row(p.name, bias=d)
+    return Row(p.name, skipped={"tensor": p.name, "why": p.why, "delta_norm": float(d.norm())})
+
+
+def _budget_ranks(plan: ExtractPlan, budget: int, pair: _Pair, svd: _SVDSettings,
+                  progress: Progress | None) -> dict[str, int]:
+    """The budget policy's first pass: every LoRA candidate's spectrum, then the allocator."""
+    lora = plan.lora
+    spectra = {}
+    for i, p in enumerate(lora):
+        d = pair.delta(p.name)[0]
+        res = truncated_svd(_orient(d, p.kind), plan.cap, name=p.name, **svd.kw())
+        del d
+        m, n = res.shape
+        spectra[p.name] = (res.S, m, n)
+        if progress:
+            progress("spectra", i + 1, len(lora))
+    return allocate_budget(spectra, budget)
+
+
+def decompose(plan: ExtractPlan, pair: _Pair, opts: ExtractOptions, svd: _SVDSettings,
+              progress: Progress | None = None) -> list[Row]:
+    """One row per planned tensor, in shard order; one delta in memory at a time."""
+    out_dtype = parse_dtype(opts.dtype)
+    ranks = None if plan.budget_params is None else _budget_ranks(plan, plan.budget_params, pair, svd, progress)
+    rows = []
+    for i, p in enumerate(plan.tensors):
+        if p.action == "lora":
+            d, total, wsq = pair.delta(p.name)
+            dtype = out_dtype or pair.base_idx.tensors[p.name].dtype
+            rank = None if ranks is None else ranks[p.name]
+            k = plan.cap if rank is None else rank
+            rows.append(decompose_lora(p, d, total, wsq, k, opts, dtype, svd, budget_rank=rank))
+            del d
+        elif p.action == "full":
+            rows.append(_whole_row(p, pair, out_dtype))
+        else:
+            rows.append(_other_row(p, pair))
+        if progress:
+            progress("extract", i + 1, len(plan.tensors))
+    return rows
+
+
+# ----------------------------------------------------------------------------- assemble
+
+
+@dataclass
+class _Adapter:
+    modules: dict[str, LoraModule]
+    whole: dict[str, torch.Tensor]
+    skipped: list[dict]
+    notes: list[str]
+
+
+def _collect(rows: list[Row]) -> _Adapter:
+    """LoRA modules with their bias deltas (lora_B.bias), whole tensors, skips and notes."""
+    modules = {r.lora.module: r.lora for r in rows if r.lora is not None}
+    whole = {r.name: r.whole for r in rows if r.whole is not None}
+    skipped = [r.skipped for r in rows if r.skipped is not None]
+    notes = [r.note for r in rows if r.note]
+    for r in rows:
+        if r.bias is None:
+            continue
+        module = r.name.rsplit(".", 1)[0]
+        if module in modules and modules[module].kind == "linear":
+            modules[module] = dataclasses.replace(modules[module], bias=r.bias.to(modules[module].B.dtype))
+        else:  # its weight's delta was zero, or the budget gave it rank 0
+            skipped.append({"tensor": r.name, "why": "its weight has no LoRA (bias not representable)",
+                            "delta_norm": float(r.bias.norm())})
+    return _Adapter(modules, whole, skipped, notes)
+
+
+def _tied_heads(ad: _Adapter, tied: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Tied output heads: a LoRA on the embedding reaches the head once merged; an embedding
+    saved whole takes its head along, so PEFT's unmerged model (which wraps a copy of the
+    embedding) changes the logits exactly as the fine-tune does."""
+    notes = []
+    for head, src in tied.items():
+        if src.rsplit(".", 1)[0] in ad.modules:
+            notes.append(f"{head} is tied to {src}: its LoRA reaches the output head once merged; unmerged PEFT "
+                         "applies it to the output head only for embed_tokens/lm_head names (ensure_weight_tying)")
+    heads = {}
+    for head, src in tied.items():
+        if src in ad.whole and head not in ad.whole:
+            heads[head] = ad.whole[src]
+            notes.append(f"{head} is tied to {src}: saved whole beside it (modules_to_save)")
+    return heads, notes
+
+
+def assemble(plan: ExtractPlan, rows: list[Row], opts: ExtractOptions, base: Path, ft: Path, out: Path,
+             tied: Mapping[str, str], report_options: dict | None = None, t0: float | None = None) -> ExtractResult:
+    """Write the adapter directory (atomically) and return the report (timed from t0)."""
+    ad = _collect(rows)
+    if not ad.modules:
+        raise SurgeryError(f"{base} and {ft} have no weight differences to extract; nothing was written")
+    heads, tied_notes = _tied_heads(ad, tied)
+    whole = {**ad.whole, **heads}
+    notes = ad.notes + tied_notes
+    if opts.serving_safe and whole:
+        notes.append(f"serving_safe: {len(whole)} tensor(s) saved whole in modules_to_save anyway "
+                     "(a grown vocabulary cannot be a LoRA)")
+    sq_err = sum(r.sq_err for r in rows)
+    sq_tot = sum(r.sq_tot for r in rows)
+    tied_sources = {src.rsplit(".", 1)[0] for src in tied.values()}
+    # PEFT decides the orientation per layer (Conv1D: transposed, Linear: not) and only
+    # warns about the flag, so one adapter may hold both kinds.
+    fan_in_fan_out = any(p.kind == "conv1d" for p in plan.lora)
+    write_adapter(
+        out, ad.modules, full_tensors=whole, base_model_name_or_path=str(base), task_type=opts.task_type,
+        fan_in_fan_out=fan_in_fan_out, overwrite=opts.overwrite, inputs=[base, ft],
+        # a delta on a tied input embedding must reach the output head too: PEFT ties the
+        # adapter copies when asked
+        extra_config={"ensure_weight_tying": True} if tied_sources & set(ad.modules) else None,
+    )
+    reports = [r.report for r in rows if r.report is not None]
+    return ExtractResult(
+        out=out, modules=reports, full=list(whole), skipped=ad.skipped, notes=notes,
+        adapter_params=sum(m.params for m in reports) + sum(m.bias.numel() for m in ad.modules.values()
+                                                            if m.bias is not None),
+        full_params=sum(t.numel() for t in ad.whole.values()), model_params=plan.model_params,
+        overall_rel_error=math.sqrt(sq_err / sq_tot) if sq_tot else 0.0,
+        options=dict(report_options or {}), seconds=time.perf_counter() - t0 if t0 is not None else 0.0,
+    )
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _options(options: ExtractOptions | None, fields: dict[str, Any]) -> ExtractOptions:
+    if options is None:
+        return ExtractOptions(**fields)
+    if not isinstance(options, ExtractOptions):
+        raise TypeError(f"options must be an ExtractOptions, got {type(options).__name__}")
+    return options.replace(**fields) if fields else options
+
+
+def _open_models(base: Path, ft: Path) -> tuple[CheckpointIndex, CheckpointIndex]:
     base_idx, ft_idx = open_checkpoint(base), open_checkpoint(ft)
     for idx, what in ((base_idx, "BASE"), (ft_idx, "FT")):
         if idx.kind != "model":
             raise CheckpointError(f"{idx.source}: {what} is an adapter directory; give a model checkpoint")
-    kinds = tensor_kinds(base_idx)
-    keep = module_filter(include, exclude)
-    for p in keep.include:
-        if not any(p.search(n.rsplit(".", 1)[0]) for n in base_idx.tensors):
-            raise OptionError(f"--include {p.pattern!r} matches no module of {base}")
-    plans = _plan(base_idx, ft_idx, kinds, embeddings, other_deltas, keep)
-    lora_plans = [p for p in plans if p.action == "lora"]
-    model_params = base_idx.total_params
-    budget_params = parse_budget(budget, model_params) if budget is not None else None
-    cap = max_rank
-    if rank is not None:
-        cap = rank if max_rank is None else min(rank, max_rank)
-    elif cap is None and svd != "exact":
-        cap = DEFAULT_MAX_RANK
+    return base_idx, ft_idx
 
-    result = ExtractResult(out=out, modules=[], model_params=model_params, options={
-        "rank": rank, "energy": energy, "budget": budget, "svd": svd, "niter": niter, "max_rank": max_rank,
-        "include": list(include), "exclude": list(exclude), "embeddings": embeddings,
-        "other_deltas": other_deltas, "bias": bias, "dtype": dtype, "device": device, "seed": seed,
-    })
-    svd_kw = dict(method=svd, niter=niter, seed=seed, device=device)
 
-    with LazyReader(base_idx) as rb, LazyReader(ft_idx) as rf:
-        def finite(name: str, w: torch.Tensor, who: str) -> torch.Tensor:
-            if not all_finite(w):
-                raise CheckpointError(f"{name}: non-finite values (NaN/Inf) in the {who} checkpoint")
-            return w
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+    else:
+        with lapack_threads(n):
+            yield
 
-        def delta_of(p: _Plan):
-            """(Δ in fp32, ‖Δ‖², ‖W‖²), read a block of rows at a time from both files, so
-            memory is Δ plus two small blocks. Finiteness is read off the norms (NaN/Inf
-            propagate into them), so no extra pass over the data is needed."""
-            shape = base_idx.tensors[p.name].shape
-            d = torch.empty(shape, dtype=torch.float32)
-            wsq = 0.0
-            if len(shape) == 0:
-                d.copy_(rf.get(p.name).float() - rb.get(p.name).float())
-                wsq = float(rb.get(p.name).float()) ** 2
-            else:
-                step = max(1, (1 << 20) // max(1, math.prod(shape[1:])))
-                for i in range(0, shape[0], step):
-                    wb, wf = rb.get_rows(p.name, i, i + step), rf.get_rows(p.name, i, i + step)
-                    torch.sub(wf.float(), wb.float(), out=d[i : i + step])
-                    wsq += _sq_norm_fp32(wb)  # only feeds the report's relative change
-            dsq = _sq_norm(d)  # fp64: it sets the reported errors
-            if not (math.isfinite(dsq) and math.isfinite(wsq)):
-                finite(p.name, rb.get(p.name), "base")
-                finite(p.name, rf.get(p.name), "fine-tune")
-                if not math.isfinite(dsq):
-                    raise CheckpointError(f"{p.name}: the delta overflows fp32 (values too large)")
-            return d, dsq, wsq
 
-        # Budget: first pass for the spectra, then the allocator picks ranks.
-        ranks: dict[str, int] = {}
-        if budget_params is not None:
-            spectra = {}
-            lora_by_name = {q.name: q for q in lora_plans}
-            for i, name in enumerate(rb.order(lora_by_name)):
-                plan = lora_by_name[name]
-                d = delta_of(plan)[0]
-                res = truncated_svd(_orient(d, plan.kind), cap, name=name, **svd_kw)
-                del d
-                m, n = res.shape
-                spectra[name] = (res.S, m, n)
-                if progress:
-                    progress("spectra", i + 1, len(lora_plans))
-            ranks = allocate_budget(spectra, budget_params)
+def _options_report(opts: ExtractOptions, device: torch.device) -> dict:
+    """The options as the report records them (the values in force)."""
+    return {
+        "rank": opts.effective_rank, "energy": opts.energy, "budget": opts.budget, "svd": opts.svd,
+        "niter": opts.niter, "max_rank": opts.max_rank, "include": list(opts.include),
+        "exclude": list(opts.exclude), "embeddings": opts.embeddings, "other_deltas": opts.effective_other_deltas,
+        "bias": opts.bias, "dtype": opts.dtype, "device": str(device), "seed": opts.seed,
+    }
 
-        modules: dict[str, LoraModule] = {}
-        full: dict[str, torch.Tensor] = {}
-        biases: dict[str, torch.Tensor] = {}
-        sq_err = sq_tot = 0.0
-        by_name = {p.name: p for p in plans}
-        order = rb.order([p.name for p in plans])
-        for i, name in enumerate(order):
-            p = by_name[name]
-            module = name.rsplit(".", 1)[0]
-            if p.action == "check":
-                if not torch.equal(rb.get(name), rf.get(name)):
-                    result.skipped.append({"tensor": name, "why": "non-float tensor differs; not representable"})
-                continue
-            # A grown tensor has no delta (shapes differ) but is saved whole: still check it.
-            d = M = res = None  # release the previous delta before reading the next
-            d, total, wsq = delta_of(p) if not p.grown else (None, 0.0, 0.0)
-            if p.action == "full":
-                wf = finite(name, rf.get(name), "fine-tune")
-                if p.grown:
-                    result.notes.append(
-                        f"{name}: vocabulary grew from {base_idx.tensors[name].shape[0]} to "
-                        f"{ft_idx.tensors[name].shape[0]} rows; saved whole in modules_to_save — call "
-                        f"base.resize_token_embeddings({ft_idx.tensors[name].shape[0]}) before loading the adapter"
-                    )
-                elif not d.any():
-                    continue
-                out_dt = DTYPES[dtype] if dtype else wf.dtype
-                full[name] = wf.to(out_dt)
-                result.full.append(name)
-                result.full_params += wf.numel()
-                continue
-            if p.action == "bias":
-                if d.any():
-                    biases[module] = d
-                continue
-            if p.action == "skip":
-                if d is not None and d.any():
-                    result.skipped.append({"tensor": name, "why": p.why, "delta_norm": float(d.norm())})
-                continue
-            # LoRA
-            out_dt = DTYPES[dtype] if dtype else base_idx.tensors[name].dtype
-            M = _orient(d, p.kind)  # (out, in)
-            sq_tot += total
-            if total == 0.0:
-                result.skipped.append({"tensor": name, "why": "delta is zero"})
-                continue
-            k = ranks.get(name, cap) if budget_params is not None else cap
-            if budget_params is not None and k == 0:
-                sq_err += total
-                result.skipped.append({"tensor": name, "why": "budget gave rank 0", "delta_norm": math.sqrt(total)})
-                continue
-            res = truncated_svd(M, k, name=name, total_energy=total, **svd_kw)
-            r = res.k
-            if energy is not None:
-                r = max(1, res.rank_for_energy(float(energy)))
-            if budget_params is not None:
-                r = min(ranks[name], res.k)
-            A32, B32 = lora_factors(res, r)  # (r, in), (out, r)
-            A, B = A32.to(out_dt), B32.to(out_dt)
-            # the error of the factors as stored: the SVD's exact truncation error plus
-            # what the cast to the adapter dtype costs
-            err = res.sq_error(r)
-            if out_dt != torch.float32:
-                err += _cast_sq_error(B32, A32, B.float(), A.float())
-            note = ""
-            if energy is not None and res.energy_kept(r) < float(energy):
-                note = f"energy {res.energy_kept(r):.3f} < {energy} at the max rank {r}"
-            sq_err += err
-            kind = "embedding" if p.kind == "embedding" else "linear"
-            modules[module] = LoraModule(module, kind, A.contiguous(), B.contiguous(), scaling=1.0)
-            wnorm = math.sqrt(wsq)
-            result.modules.append(ModuleReport(
-                module, p.kind, tuple(M.shape), r, A.numel() + B.numel(), math.sqrt(total),
-                math.sqrt(total) / wnorm if wnorm else math.inf, math.sqrt(err / total),
-                1.0 - err / total, res.method, note,
-            ))
-            result.adapter_params += A.numel() + B.numel()
-            if progress:
-                progress("extract", i + 1, len(order))
 
-    # PEFT refuses lora_bias on Embedding layers: bias deltas and embedding LoRAs
-    # cannot share one adapter. Keep the biases (cheap) and save embeddings whole,
-    # or drop the biases where modules_to_save is not wanted (--bias skip / serving-safe).
-    emb = [m for m in modules.values() if m.kind == "embedding"]
-    if biases and emb and (bias == "skip" or other_deltas == "skip"):
-        for module, d in biases.items():
-            result.skipped.append({"tensor": module + ".bias", "why": "bias deltas skipped (--bias skip, or "
-                                   "embedding LoRA without modules_to_save: PEFT has no lora_bias on embeddings)",
-                                   "delta_norm": float(d.norm())})
-        biases = {}
-    elif biases and emb:
-        with LazyReader(ft_idx) as rf:
-            for m in emb:
-                name = m.module + ".weight"
-                wf = rf.get(name)
-                full[name] = wf.to(DTYPES[dtype] if dtype else wf.dtype)
-                result.full.append(name)
-                result.full_params += wf.numel()
-                del modules[m.module]
-                rep = next(r for r in result.modules if r.module == m.module)
-                result.modules.remove(rep)
-                result.adapter_params -= rep.params
-                # saved whole, it is no LoRA: its error and norm leave the overall error
-                sq_err = max(0.0, sq_err - (rep.rel_error * rep.delta_norm) ** 2)
-                sq_tot = max(0.0, sq_tot - rep.delta_norm ** 2)
-                result.notes.append(f"{name}: saved whole (PEFT cannot combine lora_bias with an embedding LoRA; "
-                                    "--bias skip keeps it a LoRA and drops the bias deltas)")
-    elif bias == "skip":
-        for module, d in biases.items():
-            result.skipped.append({"tensor": module + ".bias", "why": "--bias skip", "delta_norm": float(d.norm())})
-        biases = {}
-    # Bias deltas ride on lora_B.bias of their module (lora_bias: true).
-    for module, d in biases.items():
-        if module in modules and modules[module].kind == "linear":
-            modules[module].bias = d.to(modules[module].B.dtype)
-            result.adapter_params += d.numel()
-        else:
-            result.skipped.append({"tensor": module + ".bias", "why": "its weight has no LoRA (bias not representable)",
-                                   "delta_norm": float(d.norm())})
-    if not modules:
-        raise SurgeryError(f"{base} and {ft} have no weight differences to extract; nothing was written")
-    for head, src in base_idx.tied.items():
-        if src.rsplit(".", 1)[0] in modules:
-            result.notes.append(
-                f"{head} is tied to {src}: its LoRA reaches the output head once merged; unmerged PEFT "
-                "applies it to the output head only for embed_tokens/lm_head names (ensure_weight_tying)"
-            )
-    result.overall_rel_error = math.sqrt(sq_err / sq_tot) if sq_tot else 0.0
-    # A tied output head shares the input embedding. When the embedding is saved
-    # whole, save the head whole too, so PEFT's unmerged model (which wraps a copy
-    # of the embedding) changes the logits exactly as the fine-tune does.
-    for head, src in base_idx.tied.items():
-        if src in full and head not in full:
-            full[head] = full[src]
-            result.full.append(head)
-            result.notes.append(f"{head} is tied to {src}: saved whole beside it (modules_to_save)")
-    # A delta on a tied input embedding must reach the output head too: PEFT ties
-    # the adapter copies when asked (ensure_weight_tying).
-    tied_sources = {src.rsplit(".", 1)[0] for src in base_idx.tied.values()}
-    tied_touched = bool(tied_sources & set(modules))
-    # PEFT decides the orientation per layer (Conv1D: transposed, Linear: not) and
-    # only warns about the flag, so one adapter may hold both kinds.
-    fan_in_fan_out = any(p.kind == "conv1d" and p.action == "lora" for p in plans)
-    write_adapter(
-        out, modules, full_tensors=full, base_model_name_or_path=str(Path(base)),
-        task_type=task_type, fan_in_fan_out=fan_in_fan_out, overwrite=overwrite,
-        extra_config={"ensure_weight_tying": True} if tied_touched else None,
-        inputs=[Path(base), Path(ft)],
-    )
-    result.seconds = time.perf_counter() - t0
-    return result
+def extract_lora(
+    base: str | Path,
+    ft: str | Path,
+    out: str | Path,
+    options: ExtractOptions | None = None,
+    *,
+    progress: Progress | None = None,
+    **fields: Any,
+) -> ExtractResult:
+    """Extract FT − BASE into a PEFT LoRA adapter directory at OUT.
+
+    Streams one tensor pair at a time (base shard order) and decomposes each delta with a
+    truncated SVD in fp32; see the module docstring for the phases.
+
+    Args:
+        base, ft: model checkpoints (directories or files) of the same architecture.
+        out: the adapter directory to write (atomically).
+        options: an ExtractOptions; `fields` (its field names) build it or replace fields of it.
+        progress: optional callback(stage, done, total).
+    Returns:
+        ExtractResult: one report row per LoRA module, tensors saved whole, skipped deltas
+        with their reasons, notes, parameter counts and the overall relative error.
+    Raises:
+        OptionError: a bad option (field named), an include pattern that matches nothing,
+            nothing selected, an unavailable device.
+        CheckpointError: unreadable inputs, different tensors or shapes, NaN/Inf.
+        OutputError: OUT exists (without overwrite) or overlaps an input.
+        SurgeryError: the two models do not differ.
+
+    Example:
+        >>> res = extract_lora("fixtures/tiny-bert", "fixtures/tiny-bert-ft", "out/lora", rank=4)
+        >>> res.overall_rel_error < 1, len(res.modules)
+        (True, 13)
+    """
+    opts = _options(options, fields)
+    t0 = time.perf_counter()
+    base, ft, out = Path(base), Path(ft), Path(out)
+    check_output_path(out, opts.overwrite, [base, ft])
+    svd = _SVDSettings(opts.svd, opts.niter, opts.seed, resolve_device(opts.device))
+    base_idx, ft_idx = _open_models(base, ft)
+    with _threads(opts.threads), LazyReader(base_idx) as rb, LazyReader(ft_idx) as rf:
+        pair = _Pair(base_idx, ft_idx, rb, rf)
+        plan = plan_extraction(pair, opts)
+        rows = decompose(plan, pair, opts, svd, progress)
+    return assemble(plan, rows, opts, base, ft, out, base_idx.tied, _options_report(opts, svd.device), t0)
+
+
+__all__ = ["extract_lora", "ExtractOptions", "ExtractResult", "ModuleReport", "plan_extraction", "decompose",
+           "decompose_lora", "assemble", "ExtractPlan", "TensorPlan", "Row"]

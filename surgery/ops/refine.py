@@ -24,32 +24,38 @@ Training: AdamW (no weight decay: decay would pull the factors toward a zero del
 linear warm-up then cosine decay, gradient clipping at 1.0, dropout off
 (model.eval()), batches drawn by a seeded generator: the same inputs, seed and
 thread count give the same adapter bytes.
+
+Phases, each a function handing the next a value: _prepare (no model loaded: device,
+architectures, objective, tokenised calibration split) -> _teacher_cache (teacher released)
+-> _attach (the student) -> _train (held-out scoring by _evaluate) -> _save (best checkpoint).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import math
 import shutil
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery.core.hf import config_dict, load_pretrained, quiet, resolve_device
+from surgery.core.peft_format import LoraAdapterConfig, LoraModule, read_adapter, write_adapter
 from surgery.errors import AdapterError, CheckpointError, OptionError, SurgeryError
 from surgery.io import check_output_path, open_checkpoint
-from surgery.core.peft_format import LoraModule, read_adapter, write_adapter
+from surgery.options.refine import OBJECTIVES, RefineOptions
 
 Progress = Callable[..., None]  # (desc, done, total[, postfix])
-OBJECTIVES = ("auto", "pooled", "hidden", "logits-kl")
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 _CACHE_LIMIT = 8 * 2**30  # bytes of cached teacher outputs before we refuse (logits are vocab-sized)
 _CONFIG_COMPUTED = ("peft_type", "bias", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules",
@@ -123,16 +129,18 @@ def read_calibration(path: str | Path) -> list[str]:
     """
     p = Path(path)
     if not p.is_file():
-        raise OptionError(f"calibration file {p} not found; give a text file (one sample per line) or JSONL with \"text\"")
+        raise OptionError(f"calibration file {p} not found; give a text file (one sample per line) or JSONL with "
+                          "\"text\"", field="calibration")
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
-        raise OptionError(f"calibration file {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise OptionError(f"calibration file {p} is not UTF-8 text ({e.reason} at byte {e.start})",
+                          field="calibration") from None
     except OSError as e:
-        raise OptionError(f"cannot read calibration file {p} ({e.strerror or e})") from None
+        raise OptionError(f"cannot read calibration file {p} ({e.strerror or e})", field="calibration") from None
     numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip()]
     if not numbered:
-        raise OptionError(f"calibration file {p} is empty; it needs one text sample per line")
+        raise OptionError(f"calibration file {p} is empty; it needs one text sample per line", field="calibration")
     jsonl = p.suffix in (".jsonl", ".json") or numbered[0][1].lstrip().startswith("{")
     if not jsonl:
         return [ln.strip() for _, ln in numbered]
@@ -141,13 +149,14 @@ def read_calibration(path: str | Path) -> list[str]:
         try:
             obj = json.loads(ln)
         except json.JSONDecodeError as e:
-            raise OptionError(f"{p}:{no}: not valid JSON ({e.msg}); JSONL needs one object per line") from None
+            raise OptionError(f"{p}:{no}: not valid JSON ({e.msg}); JSONL needs one object per line",
+                              field="calibration") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise OptionError(f"{p}:{no}: expected an object with a string \"text\" field")
+            raise OptionError(f"{p}:{no}: expected an object with a string \"text\" field", field="calibration")
         if obj["text"].strip():
             texts.append(obj["text"])
     if not texts:
-        raise OptionError(f"calibration file {p} has no non-empty \"text\" values")
+        raise OptionError(f"calibration file {p} has no non-empty \"text\" values", field="calibration")
     return texts
 
 
@@ -157,7 +166,7 @@ def _split(n: int, holdout: float, seed: int, where: str) -> tuple[list[int], li
     if n - n_hold < 1:
         raise OptionError(
             f"calibration data {where} has {n} sample(s): too few for a {holdout:g} hold-out split; "
-            "give more samples (hundreds are better) or a smaller --holdout"
+            "give more samples (hundreds are better) or a smaller holdout", field="holdout",
         )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return sorted(perm[n_hold:]), sorted(perm[:n_hold])
@@ -172,7 +181,7 @@ def _tokenizer(base: Path):
     from transformers import AutoTokenizer
 
     try:
-        with _quiet():
+        with quiet():
             return AutoTokenizer.from_pretrained(str(base), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -180,12 +189,12 @@ def _tokenizer(base: Path):
 
 
 def _tokenize(tok, texts: Sequence[str], max_length: int) -> list[torch.Tensor]:
-    with _quiet():
+    with quiet():
         enc = tok(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)
     ids = [torch.tensor(x, dtype=torch.long) for x in enc["input_ids"]]  # each (L_i,)
     empty = [i for i, x in enumerate(ids) if x.numel() == 0]
     if empty:
-        raise OptionError(f"calibration sample {empty[0] + 1} tokenises to nothing; remove it")
+        raise OptionError(f"calibration sample {empty[0] + 1} tokenises to nothing; remove it", field="calibration")
     return ids
 
 
@@ -199,62 +208,21 @@ def _collate(ids: Sequence[torch.Tensor], pad_id: int, device) -> tuple[torch.Te
         mask[i, : x.numel()] = 1
     return out.to(device), mask.to(device)
 
-
 # ----------------------------------------------------------------------------- models
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """transformers logs load reports and warnings; the library never prints."""
-    import transformers.utils.logging as tlog
-
-    verbosity = tlog.get_verbosity()
-    bars = tlog.is_progress_bar_enabled()
-    try:
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        tlog.set_verbosity(verbosity)
-        if bars:
-            tlog.enable_progress_bar()
-
-
-def _model_class(path: Path):
+def _architecture(path: Path) -> str:
+    """The architecture named in a model directory's config.json ('AutoModel' when none is)."""
     idx = open_checkpoint(path)
     if idx.kind != "model":
         raise CheckpointError(f"{path}: is an adapter directory; give a model checkpoint directory")
-    cfg = idx.config
-    if not cfg or not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json; refine runs the model and needs a Hugging Face model directory")
-    if cfg.get("auto_map"):
-        raise CheckpointError(f"{path}: the model needs custom code (auto_map); refine never runs remote code")
-    import transformers
-
-    archs = cfg.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    # The architecture class keeps the checkpoint's tensor names (an adapter's module names).
-    return cls or transformers.AutoModel, (archs[0] if archs else "AutoModel")
+    archs = config_dict(path, idx.config).get("architectures") or []
+    return archs[0] if archs else "AutoModel"
 
 
 def _load_model(path: Path, device: torch.device) -> nn.Module:
-    cls, arch = _model_class(path)
-    try:
-        with _quiet():
-            model, info = cls.from_pretrained(str(path), dtype=torch.float32, local_files_only=True,
-                                              trust_remote_code=False, attn_implementation="eager",
-                                              output_loading_info=True)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"cannot load {path} as {arch} with transformers ({first})") from None
-    # transformers fills missing weights with random values and only logs it: refuse instead
-    bad = list(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
-    if bad:
-        raise CheckpointError(f"{path}: {len(bad)} weight(s) of {arch} are missing or mis-shaped in the checkpoint "
-                              f"(e.g. {bad[0]}); transformers would initialise them randomly")
-    model.eval()  # dropout off, also while the factors train
+    """A frozen fp32 model in eval mode (dropout off, also while the factors train), eager attention."""
+    model = load_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device)
@@ -265,9 +233,8 @@ def _resolve_objective(objective: str, arch: str, base: Path) -> str:
     if objective == "auto":
         return "logits-kl" if causal else "pooled"
     if objective == "logits-kl" and not causal:
-        raise OptionError(
-            f"--objective logits-kl needs a causal language model; {base} is {arch}; use pooled or hidden"
-        )
+        raise OptionError(f"objective logits-kl needs a causal language model; {base} is {arch}; use pooled or "
+                          "hidden", field="objective")
     return objective
 
 
@@ -348,9 +315,10 @@ class _Lora(nn.Module):
         self.B = nn.Parameter(m.B.detach().to(device=device, dtype=torch.float32).clone())  # (out|dim, r)
         self.scaling = float(m.scaling)
         bias = None if m.bias is None else m.bias.detach().to(device=device, dtype=torch.float32) * self.scaling
+        self.bias_delta: torch.Tensor | None
         self.register_buffer("bias_delta", bias, persistent=False)  # (out,) frozen, as extract decided
         self.enabled = True
-        self.padding_idx = None
+        self.padding_idx: int | None = None
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "embedding":
@@ -362,11 +330,19 @@ class _Lora(nn.Module):
     def head_delta(self, x: torch.Tensor) -> torch.Tensor:
         return self.scaling * ((x.to(self.B.dtype) @ self.B) @ self.A)  # (…, vocab)
 
+    def hook(self, _mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        """Forward hook on the adapted module: adds the delta while enabled."""
+        return out + self.delta(args[0]) if self.enabled else out
+
+    def head_hook(self, _mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        """Forward hook on an output head tied to this (embedding) LoRA's weight."""
+        return out + self.head_delta(args[0]) if self.enabled else out
+
 
 class _Student:
     """BASE with the adapter's full tensors loaded and LoRA hooks attached."""
 
-    def __init__(self, model: nn.Module, loras: dict[str, _Lora], handles: list):
+    def __init__(self, model: nn.Module, loras: Mapping[str, _Lora], handles: list):
         self.model, self.loras, self.handles = model, loras, handles
 
     def params(self) -> list[nn.Parameter]:
@@ -387,11 +363,10 @@ class _Student:
             h.remove()
 
 
-def _attach(model: nn.Module, modules: dict[str, LoraModule], full: dict[str, torch.Tensor],
-            where: str, device) -> _Student:
-    from transformers.pytorch_utils import Conv1D
 
-    # full tensors (modules_to_save, lm_head/embedding copies): into the frozen base
+
+def _load_full_tensors(model: nn.Module, full: Mapping[str, torch.Tensor], where: str) -> None:
+    """Full tensors (modules_to_save, lm_head/embedding copies) go into the frozen base as they are."""
     sd = model.state_dict(keep_vars=True)
     written: dict[int, tuple[str, torch.Tensor]] = {}
     for name, t in full.items():
@@ -410,54 +385,86 @@ def _attach(model: nn.Module, modules: dict[str, LoraModule], full: dict[str, to
             p.data.copy_(t.to(p.dtype))
         written[ptr] = (name, t)
 
+
+def _target_module(model: nn.Module, name: str, m: LoraModule, where: str) -> nn.Module:
+    """The base module a LoRA entry applies to, of the kind the adapter says."""
+    from transformers.pytorch_utils import Conv1D
+
+    if m.magnitude is not None:
+        raise AdapterError(f"{where}: {name} is DoRA (lora_magnitude_vector); refine trains plain LoRA factors only")
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        raise AdapterError(f"{where}: LoRA module {name!r} is not a module of the base model (names follow the "
+                           f"checkpoint); is the adapter for another model?") from None
+    want = nn.Embedding if m.kind == "embedding" else (nn.Linear, Conv1D)
+    if not isinstance(mod, want):
+        raise AdapterError(f"{where}: {name} is a {type(mod).__name__}, but the adapter holds a {m.kind} LoRA for it")
+    return mod
+
+
+def _make_lora(mod: nn.Module, name: str, m: LoraModule, where: str, device) -> _Lora:
+    """Trainable fp32 factors for one module, checked against its shape."""
+    from transformers.pytorch_utils import Conv1D
+
+    lo = _Lora(m, device)
+    if isinstance(mod, nn.Embedding):
+        lo.padding_idx = mod.padding_idx
+        if tuple(lo.A.shape[1:]) != (mod.num_embeddings,) or lo.B.shape[0] != mod.embedding_dim:
+            raise AdapterError(f"{where}: {name}: A {tuple(lo.A.shape)} / B {tuple(lo.B.shape)} do not fit the "
+                               f"embedding ({mod.num_embeddings}, {mod.embedding_dim})")
+        return lo
+    w = cast(torch.Tensor, mod.weight)  # Linear / Conv1D (checked by _target_module)
+    out_f, in_f = (w.shape[1], w.shape[0]) if isinstance(mod, Conv1D) else tuple(w.shape)
+    if lo.A.shape[1] != in_f or lo.B.shape[0] != out_f:
+        raise AdapterError(f"{where}: {name}: A {tuple(lo.A.shape)} / B {tuple(lo.B.shape)} do not fit the "
+                           f"layer (out={out_f}, in={in_f})")
+    return lo
+
+
+def _tied_head_hooks(model: nn.Module, loras: Mapping[str, _Lora]) -> list:
+    """An output head tied to a LoRA'd input embedding must see the same delta (the merged model has it)."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is None or not isinstance(head, nn.Linear):
+        return []
+    return [head.register_forward_hook(lo.head_hook) for name, lo in loras.items()
+            if lo.kind == "embedding" and model.get_submodule(name).weight is head.weight]
+
+
+def _attach(model: nn.Module, modules: Mapping[str, LoraModule], full: Mapping[str, torch.Tensor],
+            where: str, device) -> _Student:
+    """MODEL with the adapter's full tensors loaded and a LoRA forward hook on every adapted module."""
+    _load_full_tensors(model, full, where)
     loras: dict[str, _Lora] = {}
     handles = []
     for name, m in modules.items():
-        if m.magnitude is not None:
-            raise AdapterError(f"{where}: {name} is DoRA (lora_magnitude_vector); refine trains plain LoRA factors only")
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:
-            raise AdapterError(f"{where}: LoRA module {name!r} is not a module of the base model (names follow the "
-                               f"checkpoint); is the adapter for another model?") from None
-        want = nn.Embedding if m.kind == "embedding" else (nn.Linear, Conv1D)
-        if not isinstance(mod, want):
-            raise AdapterError(f"{where}: {name} is a {type(mod).__name__}, but the adapter holds a {m.kind} LoRA for it")
-        lo = _Lora(m, device)
-        if m.kind == "embedding":
-            lo.padding_idx = mod.padding_idx
-            if tuple(lo.A.shape[1:]) != (mod.num_embeddings,) or lo.B.shape[0] != mod.embedding_dim:
-                raise AdapterError(f"{where}: {name}: A {tuple(lo.A.shape)} / B {tuple(lo.B.shape)} do not fit the "
-                                   f"embedding ({mod.num_embeddings}, {mod.embedding_dim})")
-        else:
-            w = mod.weight
-            out_f, in_f = (w.shape[1], w.shape[0]) if isinstance(mod, Conv1D) else tuple(w.shape)
-            if lo.A.shape[1] != in_f or lo.B.shape[0] != out_f:
-                raise AdapterError(f"{where}: {name}: A {tuple(lo.A.shape)} / B {tuple(lo.B.shape)} do not fit the "
-                                   f"layer (out={out_f}, in={in_f})")
-        loras[name] = lo
-
-        def hook(_mod, args, out, lo=lo):
-            return out + lo.delta(args[0]) if lo.enabled else out
-
-        handles.append(mod.register_forward_hook(hook))
-
-    # An output head tied to a LoRA'd input embedding must see the same delta (the merged model has it).
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    if head is not None and isinstance(head, nn.Linear):
-        for name, lo in loras.items():
-            if lo.kind == "embedding" and model.get_submodule(name).weight is head.weight:
-                def head_hook(_mod, args, out, lo=lo):
-                    return out + lo.head_delta(args[0]) if lo.enabled else out
-
-                handles.append(head.register_forward_hook(head_hook))
+        mod = _target_module(model, name, m, where)
+        loras[name] = _make_lora(mod, name, m, where, device)
+        handles.append(mod.register_forward_hook(loras[name].hook))
+    handles += _tied_head_hooks(model, loras)
     return _Student(model, loras, handles)
 
 
 def load_student(base: str | Path, adapter: str | Path, device: str = "cpu") -> nn.Module:
-    """BASE (fp32, eval) with ADAPTER applied by our own LoRA forward (no PEFT); for checks."""
-    dev = _device(device)
+    """BASE (fp32, eval) with ADAPTER applied by our own LoRA forward (no PEFT); for checks.
+
+    Args:
+        base: the base model directory the adapter was made for.
+        adapter: a PEFT LoRA adapter directory.
+        device: "cpu", "cuda", "cuda:N" or "auto".
+
+    Returns:
+        The model, frozen, with forward hooks adding each module's LoRA delta.
+
+    Raises:
+        CheckpointError / AdapterError: the base cannot be loaded, or the adapter does not fit it.
+        OptionError: the device is unknown or unavailable.
+
+    Example:
+        >>> model = load_student("fixtures/tiny-bert", "out/lora-refined")
+    """
+    dev = resolve_device(device)
     _, modules, full = read_adapter(adapter)
     model = _load_model(Path(base), dev)
     _attach(model, modules, full, str(adapter), dev)
@@ -465,18 +472,6 @@ def load_student(base: str | Path, adapter: str | Path, device: str = "cpu") -> 
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise OptionError(f"unknown device {device!r}; use cpu or cuda") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise OptionError(f"unsupported device {device!r}; use cpu or cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError("--device cuda: no CUDA device is available; use --device cpu")
-    return dev
 
 
 def _progress_fn(progress: Progress | None):
@@ -489,7 +484,9 @@ def _progress_fn(progress: Progress | None):
         four = n >= 4 or any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values())
     except (TypeError, ValueError):
         four = False
-    return (lambda d, i, t, post=None: progress(d, i, t, post)) if four else (lambda d, i, t, post=None: progress(d, i, t))
+    if four:
+        return lambda d, i, t, post=None: progress(d, i, t, post)
+    return lambda d, i, t, post=None: progress(d, i, t)
 
 
 @contextlib.contextmanager
@@ -513,242 +510,359 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def _check_options(steps, lr, batch, max_length, objective, holdout, eval_every, threads) -> None:
-    def bad(cond, msg):
-        if cond:
-            raise OptionError(msg)
 
-    def not_int(v) -> bool:
-        return isinstance(v, bool) or not isinstance(v, int)
-
-    bad(not_int(steps) or steps < 0, f"--refine-steps must be an integer >= 0, got {steps!r}")
-    bad(isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0,
-        f"--refine-lr must be a finite number >= 0, got {lr!r}")
-    bad(not_int(batch) or batch < 1, f"--refine-batch must be an integer >= 1, got {batch!r}")
-    bad(isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2,
-        f"--max-length must be an integer >= 2, got {max_length!r}")
-    bad(objective not in OBJECTIVES, f"--objective must be one of {OBJECTIVES}, got {objective!r}")
-    bad(isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0.0 < holdout < 1.0,
-        f"--holdout must be in (0, 1), got {holdout!r}")
-    bad(eval_every is not None and (not isinstance(eval_every, int) or eval_every < 1),
-        f"--eval-every must be an integer >= 1, got {eval_every!r}")
-    bad(threads is not None and (not isinstance(threads, int) or threads < 1), f"--threads must be >= 1, got {threads!r}")
+# ----------------------------------------------------------------------------- phases
+# prepare (no model loaded: every cheap check) -> teacher cache (teacher released) -> student
+# -> train (held-out scoring) -> save the best checkpoint. Each phase hands the next a value.
 
 
-# ----------------------------------------------------------------------------- refine
+@dataclass
+class _Data:
+    """Tokenised calibration samples and their seeded train / held-out split."""
+
+    ids: list[torch.Tensor]  # each (L_i,)
+    pad_id: int
+    train: list[int]
+    hold: list[int]
+    where: str  # the calibration file, or "(list)"
+
+    def batch(self, idx: Sequence[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        return _collate([self.ids[i] for i in idx], self.pad_id, device)  # (b, L), (b, L)
 
 
-def refine_adapter(
-    base: str | Path,
-    adapter: str | Path,
-    teacher: str | Path,
-    calibration: str | Path | Sequence[str],
-    out: str | Path,
-    *,
-    steps: int = 300,
-    lr: float = 1e-3,
-    batch: int = 16,
-    max_length: int = 128,
-    objective: str = "auto",
-    holdout: float = 0.1,
-    eval_every: int | None = None,
-    device: str = "cpu",
-    seed: int = 0,
-    threads: int | None = None,
-    overwrite: bool = False,
-    progress: Progress | None = None,
-) -> RefineResult:
-    """Train ADAPTER's LoRA factors so that BASE + adapter reproduces TEACHER on calibration text.
+@dataclass
+class _Setup:
+    """What is settled before any model is loaded."""
 
-    calibration: a file (one sample per line, or JSONL with "text") or a list of strings.
-    Writes a PEFT LoRA adapter with the same modules, ranks and scales to OUT (atomically),
-    holding the factors of the best held-out checkpoint (step 0 = the adapter as given).
-    """
-    t0 = time.perf_counter()
-    _check_options(steps, lr, batch, max_length, objective, holdout, eval_every, threads)
-    base, adapter, teacher, out = Path(base), Path(adapter), Path(teacher), Path(out)
-    dev = _device(device)
-    check_output_path(out, overwrite, [base, adapter, teacher])
-    cfg, modules, full = read_adapter(adapter)
-    if cfg.use_dora:
-        raise AdapterError(f"{adapter}: DoRA adapter; refine trains plain LoRA factors only")
-    _, arch = _model_class(base)
-    _, t_arch = _model_class(teacher)
+    device: torch.device
+    objective: str  # resolved: pooled | hidden | logits-kl
+    data: _Data
+
+
+@dataclass
+class _Cache:
+    """The teacher's side of the objective, per sample: (d,) pooled, (L_i, d) hidden, (L_i, V) log-probs."""
+
+    targets: list[torch.Tensor]
+    nbytes: int
+
+    def of(self, idx: Sequence[int]) -> list[torch.Tensor]:
+        return [self.targets[i] for i in idx]
+
+
+@dataclass
+class _Trained:
+    """The training phase's outcome: held-out scores and the best checkpoint's factors."""
+
+    no_adapter: EvalPoint
+    before: EvalPoint
+    best: EvalPoint
+    best_state: list[torch.Tensor]  # A, B per module, in the adapter's module order
+    curve: list[EvalPoint]
+    train_loss: list[tuple[int, float]]
+    seconds: float
+    eval_seconds: float
+
+
+def _calibration_texts(calibration) -> tuple[list[str], str]:
+    """(samples, where) from a calibration file or a sequence of samples."""
+    if isinstance(calibration, (str, Path)) or hasattr(calibration, "__fspath__"):
+        return read_calibration(calibration), str(calibration)
+    texts = [str(t) for t in calibration if str(t).strip()]
+    if not texts:
+        raise OptionError("calibration list is empty; give text samples", field="calibration")
+    return texts, "(list)"
+
+
+def _prepare(base: Path, teacher: Path, opts: RefineOptions) -> _Setup:
+    """Device, architectures, objective and tokenised calibration data: every check that needs no model."""
+    dev = resolve_device(opts.device)
+    arch, t_arch = _architecture(base), _architecture(teacher)
     if t_arch != arch:
-        raise CheckpointError(f"teacher {teacher} is {t_arch} but base {base} is {arch}; they must share an architecture")
-    obj = _resolve_objective(objective, arch, base)
-    if isinstance(calibration, (str, Path)):
-        texts, where = read_calibration(calibration), str(calibration)
-    else:
-        texts, where = [str(t) for t in calibration if str(t).strip()], "(list)"
-        if not texts:
-            raise OptionError("calibration list is empty; give text samples")
-    train_idx, hold_idx = _split(len(texts), holdout, seed, where)
+        raise CheckpointError(f"teacher {teacher} is {t_arch} but base {base} is {arch}; they must share an "
+                              "architecture")
+    obj = _resolve_objective(opts.objective, arch, base)
+    texts, where = _calibration_texts(opts.calibration)
+    train, hold = _split(len(texts), opts.holdout, opts.seed, where)
     tok = _tokenizer(base)
-    ids = _tokenize(tok, texts, max_length)
+    ids = _tokenize(tok, texts, opts.max_length)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    every = eval_every or max(1, steps // 10)
-    emit = _progress_fn(progress)
-    result_opts = {"steps": steps, "lr": lr, "batch": batch, "max_length": max_length, "objective": obj,
-                   "holdout": holdout, "eval_every": every, "device": str(dev), "seed": seed,
-                   "threads": threads or torch.get_num_threads(), "calibration": where}
+    return _Setup(dev, obj, _Data(ids, pad_id, train, hold, where))
 
-    with _threads(threads), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(seed)
-        # 1. the teacher's outputs, once; then the teacher goes
-        teacher_model = _load_model(teacher, dev)
-        cache: list[torch.Tensor | None] = [None] * len(ids)
-        order = hold_idx + train_idx
-        cache_bytes = 0
-        with torch.no_grad():
-            for k in range(0, len(order), batch):
-                chunk = order[k: k + batch]
-                x, m = _collate([ids[i] for i in chunk], pad_id, dev)
-                for i, t in zip(chunk, _target(_forward(teacher_model, x, m, obj), m, obj)):
-                    cache[i] = t
-                    cache_bytes += t.numel() * t.element_size()
-                if cache_bytes > _CACHE_LIMIT:
-                    raise OptionError(
-                        f"cached teacher outputs exceed {_CACHE_LIMIT / 2**30:.0f} GiB after {k + len(chunk)} samples "
-                        f"({obj}); use fewer calibration samples or a smaller --max-length"
-                    )
-                emit("teacher", min(k + batch, len(order)), len(order))
-        del teacher_model
 
-        # 2. the student: base + full tensors + LoRA hooks
-        model = _load_model(base, dev)
-        student = _attach(model, modules, full, str(adapter), dev)
-        params = student.params()
+def _teacher_cache(teacher: Path, setup: _Setup, batch_size: int, emit) -> _Cache:
+    """The teacher's outputs on every sample, computed once; the teacher is released on return,
+    before the student is loaded (peak memory: one model + the cache)."""
+    model = _load_model(teacher, setup.device)
+    data, obj = setup.data, setup.objective
+    targets = [torch.empty(0)] * len(data.ids)  # every index is filled: order covers all samples
+    order = data.hold + data.train
+    nbytes = 0
+    with torch.no_grad():
+        for k in range(0, len(order), batch_size):
+            chunk = order[k: k + batch_size]
+            x, m = data.batch(chunk, setup.device)
+            for i, t in zip(chunk, _target(_forward(model, x, m, obj), m, obj), strict=True):
+                targets[i] = t
+                nbytes += t.numel() * t.element_size()
+            if nbytes > _CACHE_LIMIT:
+                raise OptionError(
+                    f"cached teacher outputs exceed {_CACHE_LIMIT / 2**30:.0f} GiB after {k + len(chunk)} samples "
+                    f"({obj}); use fewer calibration samples or a smaller max_length", field="max_length")
+            emit("teacher", min(k + batch_size, len(order)), len(order))
+    return _Cache(targets, nbytes)
 
-        timer = {"eval": 0.0}
 
-        def evaluate(step: int) -> EvalPoint:
+def _evaluate(model: nn.Module, data: _Data, cache: _Cache, objective: str, batch_size: int, step: int,
+              device) -> EvalPoint:
+    """MODEL's error against the cached teacher outputs, over the held-out samples."""
+    tot = cos = mx = 0.0
+    n = 0
+    with torch.no_grad():
+        for k in range(0, len(data.hold), batch_size):
+            chunk = data.hold[k: k + batch_size]
+            x, m = data.batch(chunk, device)
+            _, (s, c, u, d) = _loss(_forward(model, x, m, objective), m, cache.of(chunk), objective)
+            tot, cos, n, mx = tot + s, cos + c, n + u, max(mx, d)
+    kl = objective == "logits-kl"
+    return EvalPoint(step, tot / n, None if kl else cos / n, tot / n if kl else None, mx)
+
+
+def _batch_stream(train: list[int], batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Training batches: the train samples in seeded random order, epoch after epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    stream: list[int] = []
+    while True:
+        if len(stream) < min(batch_size, len(train)):
+            stream += [train[i] for i in torch.randperm(len(train), generator=gen).tolist()]
+        chunk, stream = stream[:batch_size], stream[batch_size:]
+        yield chunk
+
+
+def _train_step(student: _Student, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor],
+                targets: list[torch.Tensor], objective: str, lr: float, step: int) -> float:
+    """One AdamW step at learning rate LR; returns the batch loss."""
+    x, m = batch
+    loss, _ = _loss(_forward(student.model, x, m, objective), m, targets, objective)
+    if not torch.isfinite(loss.detach()):
+        raise SurgeryError(f"refine loss became {float(loss.detach())} at step {step + 1}; lower lr "
+                           f"(now {opt.defaults['lr']:g}); nothing was written")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.params(), 1.0)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.step()
+    return float(loss.detach())
+
+
+def _train(student: _Student, setup: _Setup, cache: _Cache, opts: RefineOptions, emit) -> _Trained:
+    """Train the factors; score the held-out samples every eval_interval steps; keep the best."""
+    data, obj, dev, bs = setup.data, setup.objective, setup.device, opts.batch_size
+    params = student.params()
+    with student.disabled():
+        no_adapter = _evaluate(student.model, data, cache, obj, bs, 0, dev)
+    before = _evaluate(student.model, data, cache, obj, bs, 0, dev)
+    curve, train_loss = [before], []
+    best, best_state = before, [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    every, warmup = opts.eval_interval, opts.warmup_steps
+    run_loss, run_n = 0.0, 0
+    t_train, t_eval = time.perf_counter(), 0.0
+    emit("refine", 0, opts.steps, f"held-out {before.loss:.4g}")
+    for step, chunk in zip(range(opts.steps), _batch_stream(data.train, bs, opts.seed), strict=False):
+        lr = _lr_at(step, opts.steps, opts.lr, warmup)
+        loss = _train_step(student, opt, data.batch(chunk, dev), cache.of(chunk), obj, lr, step)
+        run_loss, run_n, done = run_loss + loss, run_n + 1, step + 1
+        if done % every == 0 or done == opts.steps:
             te = time.perf_counter()
-            tot = cos = 0.0
-            n = 0
-            mx = 0.0
-            with torch.no_grad():
-                for k in range(0, len(hold_idx), batch):
-                    chunk = hold_idx[k: k + batch]
-                    x, m = _collate([ids[i] for i in chunk], pad_id, dev)
-                    _, (s, c, u, d) = _loss(_forward(model, x, m, obj), m, [cache[i] for i in chunk], obj)
-                    tot, cos, n, mx = tot + s, cos + c, n + u, max(mx, d)
-            kl = obj == "logits-kl"
-            timer["eval"] += time.perf_counter() - te
-            return EvalPoint(step, tot / n, None if kl else cos / n, tot / n if kl else None, mx)
+            point = _evaluate(student.model, data, cache, obj, bs, done, dev)
+            t_eval += time.perf_counter() - te
+            curve.append(point)
+            train_loss.append((done, run_loss / run_n))
+            run_loss, run_n = 0.0, 0
+            if point.loss < best.loss:  # ties keep the earlier checkpoint (lr 0 keeps the input)
+                best, best_state = point, [p.detach().clone() for p in params]
+        emit("refine", done, opts.steps, f"loss {loss:.4g} held-out {curve[-1].loss:.4g}")
+    return _Trained(no_adapter, before, best, best_state, curve, train_loss, time.perf_counter() - t_train, t_eval)
 
-        with student.disabled():
-            no_adapter = evaluate(0)
-        before = evaluate(0)
-        curve = [before]
-        best, best_state = before, [p.detach().clone() for p in params]
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-        warmup = max(1, min(100, steps // 10))
-        gen = torch.Generator().manual_seed(seed)
-        stream: list[int] = []
-        run_loss, run_n, train_loss = 0.0, 0, []
-        t_train, timer["eval"] = time.perf_counter(), 0.0
-        emit("refine", 0, steps, f"held-out {before.loss:.4g}")
-        for step in range(steps):
-            if len(stream) < min(batch, len(train_idx)):
-                stream += [train_idx[i] for i in torch.randperm(len(train_idx), generator=gen).tolist()]
-            chunk, stream = stream[:batch], stream[batch:]
-            x, m = _collate([ids[i] for i in chunk], pad_id, dev)
-            loss, _ = _loss(_forward(model, x, m, obj), m, [cache[i] for i in chunk], obj)
-            if not torch.isfinite(loss.detach()):
-                raise SurgeryError(f"refine loss became {float(loss.detach())} at step {step + 1}; lower --refine-lr "
-                                   f"(now {lr:g}); nothing was written")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, steps, lr, warmup)
-            opt.step()
-            run_loss, run_n = run_loss + float(loss.detach()), run_n + 1
-            done = step + 1
-            if done % every == 0 or done == steps:
-                point = evaluate(done)
-                curve.append(point)
-                train_loss.append((done, run_loss / run_n))
-                run_loss, run_n = 0.0, 0
-                if point.loss < best.loss:  # ties keep the earlier checkpoint (lr 0 keeps the input)
-                    best, best_state = point, [p.detach().clone() for p in params]
-            emit("refine", done, steps, f"loss {float(loss.detach()):.4g} held-out {curve[-1].loss:.4g}")
-        train_seconds, eval_seconds = time.perf_counter() - t_train, timer["eval"]
-        student.remove()
-        del model
 
-    # 3. the adapter: same modules, ranks, scales, full tensors and config fields; best factors
-    it = iter(best_state)
+def _save(out: Path, cfg: LoraAdapterConfig, modules: Mapping[str, LoraModule], full: Mapping[str, torch.Tensor],
+          factors: list[torch.Tensor], overwrite: bool, inputs: list[Path]) -> None:
+    """The refined adapter: the input's modules, ranks, scales, full tensors and config fields; new factors."""
+    it = iter(factors)
     refined: dict[str, LoraModule] = {}
     for name, m in modules.items():
         a, b = next(it), next(it)
         refined[name] = LoraModule(name, m.kind, a.cpu().to(m.A.dtype).contiguous(), b.cpu().to(m.B.dtype).contiguous(),
                                    m.bias, None, m.scaling)
     extra = {k: v for k, v in cfg.raw.items() if k not in _CONFIG_COMPUTED}
-    fifo = bool(cfg.fan_in_fan_out)
     write_adapter(out, refined, full_tensors=full, base_model_name_or_path=cfg.base_model_name_or_path,
-                  task_type=cfg.task_type, fan_in_fan_out=fifo, extra_config=extra, overwrite=overwrite,
-                  inputs=[base, adapter, teacher])
+                  task_type=cfg.task_type, fan_in_fan_out=bool(cfg.fan_in_fan_out), extra_config=extra,
+                  overwrite=overwrite, inputs=inputs)
+
+
+# ----------------------------------------------------------------------------- refine
+
+
+def _options(options: RefineOptions | None, fields: dict[str, Any]) -> RefineOptions:
+    """The options object: OPTIONS with FIELDS replaced, or RefineOptions(**FIELDS)."""
+    if options is None:
+        return RefineOptions(**fields)
+    return options.replace(**fields) if fields else options
+
+
+def _result_options(opts: RefineOptions, setup: _Setup) -> dict[str, Any]:
+    """The options as they were applied (defaults resolved), for the report."""
+    return {**opts.to_json(), "objective": setup.objective, "eval_every": opts.eval_interval,
+            "warmup": opts.warmup_steps, "device": str(setup.device),
+            "threads": opts.threads or torch.get_num_threads(), "calibration": setup.data.where}
+
+
+def _read_lora(adapter: Path) -> tuple[LoraAdapterConfig, dict[str, LoraModule], dict[str, torch.Tensor]]:
+    cfg, modules, full = read_adapter(adapter)
+    if cfg.use_dora:
+        raise AdapterError(f"{adapter}: DoRA adapter; refine trains plain LoRA factors only")
+    return cfg, modules, full
+
+
+def _refine(base: Path, adapter: Path, lora: tuple, teacher: Path, out: Path, opts: RefineOptions, setup: _Setup,
+            progress: Progress | None, t0: float) -> RefineResult:
+    """The phases after _prepare: teacher cache -> student -> train -> save. LORA: _read_lora(ADAPTER)."""
+    cfg, modules, full = lora
+    emit = _progress_fn(progress)
+    applied = _result_options(opts, setup)
+    dev = setup.device
+    with _threads(opts.threads), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(opts.seed)
+        cache = _teacher_cache(teacher, setup, opts.batch_size, emit)
+        student = _attach(_load_model(base, dev), modules, full, str(adapter), dev)
+        trained = _train(student, setup, cache, opts, emit)
+        student.remove()
+        trainable = sum(p.numel() for p in student.params())
+        del student
+    _save(out, cfg, modules, full, trained.best_state, opts.overwrite, [base, adapter, teacher])
     return RefineResult(
-        out=out, objective=obj, steps=steps, best_step=best.step, train_samples=len(train_idx),
-        holdout_samples=len(hold_idx), trainable_params=sum(p.numel() for p in params), no_adapter=no_adapter,
-        before=before, after=best, curve=curve, train_loss=train_loss, cache_bytes=cache_bytes,
-        seconds=time.perf_counter() - t0, train_seconds=train_seconds, eval_seconds=eval_seconds,
-        options=result_opts,
+        out=out, objective=setup.objective, steps=opts.steps, best_step=trained.best.step,
+        train_samples=len(setup.data.train), holdout_samples=len(setup.data.hold), trainable_params=trainable,
+        no_adapter=trained.no_adapter, before=trained.before, after=trained.best, curve=trained.curve,
+        train_loss=trained.train_loss, cache_bytes=cache.nbytes, seconds=time.perf_counter() - t0,
+        train_seconds=trained.seconds, eval_seconds=trained.eval_seconds, options=applied,
     )
+
+
+def refine_adapter(
+    base: str | Path,
+    adapter: str | Path,
+    out: str | Path,
+    options: RefineOptions | None = None,
+    *,
+    teacher: str | Path,
+    progress: Progress | None = None,
+    **fields: Any,
+) -> RefineResult:
+    """Train ADAPTER's LoRA factors so that BASE + adapter reproduces TEACHER on calibration text.
+
+    Writes a PEFT LoRA adapter with the same modules, ranks, scales, full tensors and config
+    to OUT (atomically), holding the factors of the best held-out checkpoint (step 0 = the
+    adapter as given). Inputs are never modified.
+
+    Args:
+        base: the base model directory (its tokenizer tokenises the calibration text).
+        adapter: the LoRA adapter to refine (ours or PEFT's; not DoRA).
+        out: the refined adapter directory to write.
+        options: a RefineOptions; None builds one from FIELDS.
+        teacher: the model to imitate (the fine-tune); same architecture as BASE.
+        progress: callback(desc, done, total[, postfix]).
+        **fields: RefineOptions fields (calibration=..., steps=..., ...), replacing those of OPTIONS.
+
+    Returns:
+        RefineResult: held-out scores (no adapter, the input, the saved checkpoint), the curve.
+
+    Raises:
+        OptionError: a bad option (naming its field), or calibration data that cannot be used.
+        CheckpointError / AdapterError: BASE, TEACHER or ADAPTER cannot be loaded or do not fit.
+        OutputError: OUT exists (without overwrite) or overlaps an input.
+        SurgeryError: the loss became non-finite (nothing is written).
+
+    Example:
+        >>> res = refine_adapter("base/", "lora/", "lora-refined/", teacher="ft/",
+        ...                      calibration="texts.txt", steps=300)
+        >>> res.after.loss < res.before.loss
+        True
+    """
+    t0 = time.perf_counter()
+    opts = _options(options, fields)
+    base, adapter, teacher, out = Path(base), Path(adapter), Path(teacher), Path(out)
+    check_output_path(out, opts.overwrite, [base, adapter, teacher])
+    lora = _read_lora(adapter)  # a bad adapter fails before the calibration text is tokenised
+    setup = _prepare(base, teacher, opts)
+    return _refine(base, adapter, lora, teacher, out, opts, setup, progress, t0)
 
 
 def extract_and_refine(
     base: str | Path,
     ft: str | Path,
     out: str | Path,
+    options: RefineOptions | None = None,
     *,
-    calibration: str | Path | Sequence[str],
-    refine_steps: int = 300,
-    refine_lr: float = 1e-3,
-    refine_batch: int = 16,
-    max_length: int = 128,
-    objective: str = "auto",
-    holdout: float = 0.1,
-    eval_every: int | None = None,
-    threads: int | None = None,
-    device: str = "cpu",
-    seed: int = 0,
-    overwrite: bool = False,
+    extract: Callable[[Path], Any] | Mapping[str, Any] | None = None,
     progress: Progress | None = None,
-    **extract_options,
-):
-    """extract_lora(BASE, FT) into a temporary directory, then refine_adapter with FT as the
-    teacher into OUT. Returns (ExtractResult, RefineResult); OUT appears only when both succeed.
-    extract_options are extract_lora's keyword options (rank, energy, budget, embeddings, ...)."""
-    from surgery.ops.extract import extract_lora
+    **fields: Any,
+) -> tuple[Any, RefineResult]:
+    """Extract a LoRA adapter from FT - BASE, then refine it with FT as the teacher, into OUT.
 
-    _check_options(refine_steps, refine_lr, refine_batch, max_length, objective, holdout, eval_every, threads)
+    The extraction goes to a temporary directory beside OUT, removed afterwards; OUT appears
+    only when both steps succeed. Every cheap refine check (calibration, objective, tokenizer,
+    device) runs before the extraction.
+
+    Args:
+        base, ft: the base model and its fine-tune (the teacher).
+        out: the refined adapter directory to write.
+        options: a RefineOptions; None builds one from FIELDS.
+        extract: how to extract: a callable writing the adapter to the directory it is given and
+            returning its ExtractResult, or extract_lora's keyword options (None: its defaults).
+        progress: callback(desc, done, total[, postfix]), passed to both steps.
+        **fields: RefineOptions fields, replacing those of OPTIONS.
+
+    Returns:
+        (ExtractResult with .out set to OUT, RefineResult).
+
+    Raises:
+        what extract_lora and refine_adapter raise; SurgeryError when no temporary directory
+        can be made beside OUT.
+
+    Example:
+        >>> ex, res = extract_and_refine("base/", "ft/", "lora/", calibration="texts.txt",
+        ...                              extract={"rank": 8})
+    """
+    opts = _options(options, fields)
     base, ft, out = Path(base), Path(ft), Path(out)
-    check_output_path(out, overwrite, [base, ft])
-    # cheap checks first, so a bad calibration file fails before the SVDs
-    if isinstance(calibration, (str, Path)):
-        _split(len(read_calibration(calibration)), holdout, seed, str(calibration))
-    _resolve_objective(objective, _model_class(base)[1], base)
-    _tokenizer(base)
-    _device(device)
+    check_output_path(out, opts.overwrite, [base, ft])
+    setup = _prepare(base, ft, opts)  # bad calibration text fails before the SVDs
+    run_extract = extract if callable(extract) else _extract_lora(base, ft, dict(extract or {}), progress)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.extract-", dir=out.parent))
     except OSError as e:
         raise SurgeryError(f"cannot create a temporary directory beside {out} ({e.strerror or e})") from None
     try:
-        ex = extract_lora(base, ft, tmp / "adapter", device=device, seed=seed, progress=progress, **extract_options)
-        res = refine_adapter(base, tmp / "adapter", ft, calibration, out, steps=refine_steps, lr=refine_lr,
-                             batch=refine_batch, max_length=max_length, objective=objective, holdout=holdout,
-                             eval_every=eval_every, device=device, seed=seed, threads=threads,
-                             overwrite=overwrite, progress=progress)
+        ex = run_extract(tmp / "adapter")
+        t0 = time.perf_counter()
+        res = _refine(base, tmp / "adapter", _read_lora(tmp / "adapter"), ft, out, opts, setup, progress, t0)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    ex.out = out
-    return ex, res
+    return dataclasses.replace(ex, out=out), res
 
 
-__all__ = ["EvalPoint", "RefineResult", "read_calibration", "refine_adapter", "extract_and_refine",
-           "load_student", "OBJECTIVES"]
+def _extract_lora(base: Path, ft: Path, kwargs: dict[str, Any], progress: Progress | None):
+    def run(where: Path):
+        from surgery.ops.extract import extract_lora
+
+        return extract_lora(base, ft, where, progress=progress, **kwargs)
+
+    return run
+
+
+__all__ = ["EvalPoint", "RefineResult", "RefineOptions", "read_calibration", "refine_adapter",
+           "extract_and_refine", "load_student", "OBJECTIVES"]

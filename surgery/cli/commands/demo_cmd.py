@@ -9,7 +9,7 @@ import click
 from ..main import cli
 from ..util import echo_json, human_count, progress_bar, table
 
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[3] / "fixtures"
 
 
 @cli.command("demo")

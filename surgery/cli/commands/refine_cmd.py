@@ -1,16 +1,38 @@
-"""surgery refine (and the report shared with `extract-lora --refine`)"""
+"""surgery refine, and the refine flags and report shared with `extract-lora --refine`.
+
+The flags are declared once here (refine_flags) and become a RefineOptions in one place
+(build_refine_options, on cli.util.build_options): every rule lives on RefineOptions.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import click
 
-from surgery.ops.refine import OBJECTIVES, refine_adapter
+from surgery.options.refine import OBJECTIVES, RefineOptions
 
 from ..main import cli
-from ..util import echo_json, human_bytes, human_count, progress_bar, table
+from ..util import (
+    build_options,
+    device_option,
+    echo_json,
+    human_bytes,
+    human_count,
+    json_option,
+    out_option,
+    overwrite_option,
+    progress_bar,
+    quiet_option,
+    table,
+    threads_option,
+)
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RefineOptions)}
 
 
 def _fmt(v, spec=".3e") -> str:
@@ -41,28 +63,38 @@ def render_refine(res) -> str:
     return "\n".join(lines)
 
 
-def refine_options(prefix: bool):
-    """The refine options; with prefix=True named --refine-steps/-lr/-batch (extract-lora)."""
+def refine_flags(prefix: bool = False) -> Callable:
+    """The flags of RefineOptions' refine-only fields, each click parameter named by its field.
+
+    prefix=True names the training flags --refine-steps/-lr/-warmup/-batch (extract-lora, where
+    they sit beside the extraction's own). --device, --seed, --threads and --overwrite are the
+    command's own (shared with what else it does); build_refine_options picks them up too.
+    No ranges here: RefineOptions checks every value (exit 2 naming the flag)."""
     p = "refine-" if prefix else ""
+    d = _DEFAULTS
+    opts = [
+        click.option("--calibration", type=click.Path(path_type=str),
+                     help="Unlabeled text: one sample per line, or JSONL with a \"text\" field."),
+        click.option(f"--{p}steps", "steps", type=int, default=d["steps"], show_default=True,
+                     help="Optimizer steps (0 scores the adapter and writes it back unchanged)."),
+        click.option(f"--{p}lr", "lr", type=float, default=d["lr"], show_default=True,
+                     help="Peak learning rate (AdamW, warm-up then cosine decay); 0 keeps the adapter."),
+        click.option(f"--{p}warmup", "warmup", type=int, default=None,
+                     help="Warm-up steps (default steps/10, between 1 and 100)."),
+        click.option(f"--{p}batch", "batch_size", type=int, default=d["batch_size"], show_default=True,
+                     help="Samples per step."),
+        click.option("--max-length", "max_length", type=int, default=d["max_length"], show_default=True,
+                     help="Tokens per calibration sample (longer ones are truncated)."),
+        click.option("--objective", "objective", default=d["objective"], show_default=True,
+                     metavar="|".join(OBJECTIVES),
+                     help="pooled (encoders), hidden, logits-kl (causal LMs); auto picks by architecture."),
+        click.option("--holdout", "holdout", type=float, default=d["holdout"], show_default=True,
+                     help="Share of the calibration samples held out for scoring, in (0, 1)."),
+        click.option("--eval-every", "eval_every", type=int, default=None,
+                     help="Held-out scoring interval in steps (default steps/10)."),
+    ]
 
     def deco(f):
-        opts = [
-            click.option("--calibration", type=click.Path(path_type=str),
-                         help="Unlabeled text: one sample per line, or JSONL with a \"text\" field."),
-            click.option(f"--{p}steps", "refine_steps", type=click.IntRange(min=0), default=300, show_default=True,
-                         help="Optimizer steps."),
-            click.option(f"--{p}lr", "refine_lr", type=click.FloatRange(min=0), default=1e-3, show_default=True,
-                         help="Peak learning rate (AdamW, warm-up then cosine decay); 0 keeps the adapter."),
-            click.option(f"--{p}batch", "refine_batch", type=click.IntRange(min=1), default=16, show_default=True),
-            click.option("--max-length", type=click.IntRange(min=2), default=128, show_default=True,
-                         help="Tokens per calibration sample (longer ones are truncated)."),
-            click.option("--objective", type=click.Choice(OBJECTIVES), default="auto", show_default=True,
-                         help="pooled (encoders), hidden, logits-kl (causal LMs); auto picks by architecture."),
-            click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
-                         show_default=True, help="Share of the calibration samples held out for scoring."),
-            click.option("--eval-every", type=click.IntRange(min=1), help="Held-out scoring interval (default steps/10)."),
-            click.option("--threads", type=click.IntRange(min=1), help="CPU threads for the training (default: torch's)."),
-        ]
         for o in reversed(opts):
             f = o(f)
         return f
@@ -70,20 +102,34 @@ def refine_options(prefix: bool):
     return deco
 
 
+def build_refine_options(ctx: click.Context, params: Mapping[str, Any] | None = None) -> RefineOptions:
+    """RefineOptions from a command's parsed flags (default: ctx.params); flags that are not
+    RefineOptions fields are ignored. A refused value is a usage error (exit 2) naming its flag.
+
+    Example (extract-lora --refine): ``ropts = build_refine_options(ctx)`` picks calibration,
+    steps (--refine-steps), lr, warmup, batch_size, max_length, objective, holdout, eval_every,
+    and the command's device, seed, threads and overwrite."""
+    params = ctx.params if params is None else params
+    names = RefineOptions.field_names()
+    return build_options(RefineOptions, ctx, **{k: v for k, v in params.items() if k in names})
+
+
 @cli.command("refine")
 @click.argument("base", type=click.Path(path_type=str))
 @click.argument("adapter", type=click.Path(path_type=str))
 @click.option("--teacher", required=True, type=click.Path(path_type=str), help="The model to imitate (the fine-tune).")
-@click.option("-o", "--out", required=True, type=click.Path(path_type=str), help="Refined adapter directory to write.")
-@refine_options(prefix=False)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@out_option("Refined adapter directory to write.")
+@refine_flags()
+@device_option()
+@click.option("--seed", type=int, default=_DEFAULTS["seed"], show_default=True,
+              help="Seeds the hold-out split, the batch order and torch.")
+@threads_option()
 @click.option("--report", type=click.Path(path_type=str), help="Write the full report as JSON here.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def refine_cmd(base, adapter, teacher, out, calibration, refine_steps, refine_lr, refine_batch, max_length,
-               objective, holdout, eval_every, threads, device, seed, report, overwrite, as_json, quiet):
+@overwrite_option("an existing output directory (and --report file)")
+@json_option("Print the report as JSON on stdout.")
+@quiet_option()
+@click.pass_context
+def refine_cmd(ctx, base, adapter, teacher, out, report, as_json, quiet, **_flags):
     """Train a LoRA adapter's factors so that BASE + ADAPTER imitates TEACHER.
 
     Only the LoRA A/B matrices train, on unlabeled calibration text, to match the
@@ -96,24 +142,22 @@ def refine_cmd(base, adapter, teacher, out, calibration, refine_steps, refine_lr
       surgery refine base/ lora/ --teacher ft/ --calibration texts.txt -o lora-refined/
       surgery refine base/ lora/ --teacher ft/ --calibration data.jsonl -o out/ --steps 500 --report r.json
     """
-    if calibration is None:
-        raise click.UsageError("--calibration FILE is required (unlabeled text, one sample per line)")
+    opts = build_refine_options(ctx)
     if report:
         from surgery.io import check_report_path
 
-        check_report_path(report, [Path(base), Path(adapter), Path(teacher)], overwrite)
+        check_report_path(report, [Path(base), Path(adapter), Path(teacher)], opts.overwrite)
+    from surgery.ops.refine import refine_adapter
+
     with progress_bar(not quiet) as prog:
-        res = refine_adapter(
-            base, adapter, teacher, calibration, out, steps=refine_steps, lr=refine_lr, batch=refine_batch,
-            max_length=max_length, objective=objective, holdout=holdout, eval_every=eval_every, device=device,
-            seed=seed, threads=threads, overwrite=overwrite, progress=prog,
-        )
+        res = refine_adapter(base, adapter, out, opts, teacher=teacher, progress=prog)
     if report:
         from surgery.io import write_text_atomic
 
         write_text_atomic(report, json.dumps(res.to_json(), indent=2) + "\n")
     if as_json:
         echo_json(res.to_json())
-    else:
+        return
+    if not quiet:
         click.echo(render_refine(res), err=True)
-        click.echo(f"wrote {out}: held-out {res.objective} loss {res.before.loss:.3e} -> {res.after.loss:.3e}")
+    click.echo(f"wrote {out}: held-out {res.objective} loss {res.before.loss:.3e} -> {res.after.loss:.3e}")
