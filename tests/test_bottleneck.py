@@ -21,7 +21,7 @@ from surgery.ops.bottleneck import (
 from surgery.errors import AdapterError, CheckpointError, OptionError, OutputError
 
 transformers = pytest.importorskip("transformers")
-from conftest import load_fp32_model  # noqa: E402
+from helpers import load_fp32_model  # noqa: E402
 
 
 _load = load_fp32_model

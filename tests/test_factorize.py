@@ -15,7 +15,7 @@ from surgery.errors import CheckpointError, OptionError, OutputError
 from surgery.ops.factorize import factorize, last_hidden, load_factorized, sample_inputs, savings
 
 transformers = pytest.importorskip("transformers")
-from conftest import load_fp32_model  # noqa: E402
+from helpers import load_fp32_model  # noqa: E402
 
 
 _load = load_fp32_model

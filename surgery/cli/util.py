@@ -20,7 +20,8 @@ def table(rows: list[list], headers: list[str], align: str | None = None) -> str
     align = align or "l" * len(headers)
     out = []
     for j, r in enumerate(cells):
-        out.append("  ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(r, widths, align)).rstrip())
+        padded = (c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(r, widths, align, strict=False))
+        out.append("  ".join(padded).rstrip())
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
@@ -110,8 +111,8 @@ class BudgetType(click.ParamType):
     name = "budget"
 
     def convert(self, value, param, ctx):
-        from surgery.errors import OptionError
         from surgery.core.lowrank import parse_budget
+        from surgery.errors import OptionError
 
         try:
             parse_budget(str(value).strip(), 10**15)

@@ -3,8 +3,15 @@
 from .guards import escape_name, load_json
 from .index import CheckpointIndex, TensorInfo, open_checkpoint, safe_torch_load
 from .reader import LazyReader
-from .writer import (ShardedWriter, atomic_output_dir, check_output_path, check_report_path, non_weight_files,
-                     parse_size, write_text_atomic)
+from .writer import (
+                     ShardedWriter,
+                     atomic_output_dir,
+                     check_output_path,
+                     check_report_path,
+                     non_weight_files,
+                     parse_size,
+                     write_text_atomic,
+)
 
 __all__ = [
     "CheckpointIndex", "TensorInfo", "open_checkpoint", "safe_torch_load", "LazyReader",

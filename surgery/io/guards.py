@@ -22,8 +22,9 @@ import os
 import re
 import stat
 from collections.abc import Iterator
+from io import BufferedReader
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ..errors import CheckpointError, SurgeryError
 
@@ -292,7 +293,7 @@ def check_regular(path: str | os.PathLike, error: type[SurgeryError] = Checkpoin
 
 
 def open_regular(path: str | os.PathLike, error: type[SurgeryError] = CheckpointError,
-                 what: str | None = None) -> IO[bytes]:
+                 what: str | None = None) -> BufferedReader:
     """Open a regular file for binary reading; never blocks on a FIFO, never opens a device.
 
     The path is checked with stat() before opening, and the open file again with fstat()

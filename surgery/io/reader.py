@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from io import BufferedReader
 from pathlib import Path
 
 import torch
@@ -23,10 +24,10 @@ class LazyReader:
     def __init__(self, index: CheckpointIndex):
         self.index = index
         self._shard: Path | None = None
-        self._fh = None
+        self._fh: BufferedReader | None = None
         self._sd: dict[str, torch.Tensor] | None = None
 
-    def __enter__(self) -> "LazyReader":
+    def __enter__(self) -> LazyReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -61,8 +62,9 @@ class LazyReader:
         if self._sd is not None:
             return self._sd[name]
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        assert self._fh is not None  # a safetensors shard: _open opened it
         self._fh.seek(info.offset)
-        got = self._fh.readinto(buf.numpy()) if info.nbytes else 0
+        got = self._fh.readinto(buf.numpy().data) if info.nbytes else 0
         if got != info.nbytes:
             raise CheckpointError(
                 f"{escape_name(info.shard)}: tensor '{escape_name(name, 200)}' is truncated "
@@ -82,8 +84,9 @@ class LazyReader:
         row = info.nbytes // info.shape[0] if info.shape[0] else 0
         n = max(0, stop - start) * row
         buf = torch.empty(n, dtype=torch.uint8)
+        assert self._fh is not None  # a safetensors shard: _open opened it
         self._fh.seek(info.offset + start * row)
-        got = self._fh.readinto(buf.numpy()) if n else 0
+        got = self._fh.readinto(buf.numpy().data) if n else 0
         if got != n:
             raise CheckpointError(
                 f"{escape_name(info.shard)}: tensor '{escape_name(name, 200)}' is truncated; re-download the checkpoint"

@@ -23,6 +23,7 @@ import struct
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -286,10 +287,11 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, inputs: Iterable
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy())
+    return t.view(torch.uint8).numpy().data
 
 
-NON_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".onnx.data", ".h5", ".msgpack", ".gguf", ".ckpt")
+NON_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".onnx.data", ".h5", ".msgpack", ".gguf",
+                       ".ckpt")
 
 
 def _unsafe(p: Path, allowed: Path) -> str | None:
@@ -393,16 +395,16 @@ class ShardedWriter:
         self.tmp_dir: Path | None = None
         self._shards: list[tuple[Path, dict]] = []  # (final temp file, header)
         self._names: set[str] = set()
-        self._spill = None
+        self._spill: BinaryIO | None = None
         self._header: dict = {}
         self._pos = 0
         self.total_size = 0
         self._planned: list[list[tuple[str, tuple, torch.dtype]]] | None = None
         self._next = (0, 0)  # (shard, entry) expected next in planned mode
-        self._direct = None  # the open shard file in planned mode
+        self._direct: BinaryIO | None = None  # the open shard file in planned mode
         self.skipped: list[str] = []  # side files copy_files left out as unsafe, 'name: why'
 
-    def __enter__(self) -> "ShardedWriter":
+    def __enter__(self) -> ShardedWriter:
         self.tmp_dir = self._ctx.__enter__()
         return self
 
@@ -437,6 +439,13 @@ class ShardedWriter:
         self._spill = self._direct = None
         return error
 
+    @property
+    def _dir(self) -> Path:
+        """The temporary output directory (set by __enter__)."""
+        if self.tmp_dir is None:
+            raise RuntimeError("ShardedWriter used outside its `with` block")
+        return self.tmp_dir
+
     # -- tensors -------------------------------------------------------------
     def plan(self, entries: Iterable[tuple[str, tuple, torch.dtype]]) -> None:
         """Announce every tensor (name, shape, dtype) in the order it will be added.
@@ -459,12 +468,13 @@ class ShardedWriter:
         self._planned = shards
 
     def _open_planned(self, i: int) -> None:
+        assert self._planned is not None  # add_blocks checked
         header, pos = {}, 0
         for name, shape, dtype in self._planned[i]:
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
             pos += nbytes
-        self._direct = open(self.tmp_dir / f".shard{i}.safetensors", "wb")
+        self._direct = open(self._dir / f".shard{i}.safetensors", "wb")
         self._direct.write(_header_bytes({"__metadata__": self.metadata, **header}))
         self._header = header
 
@@ -486,6 +496,7 @@ class ShardedWriter:
             self._open_planned(i)
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         written = 0
+        assert self._direct is not None  # opened for the shard's first tensor (j == 0)
         for block in blocks:
             if block.dtype != dtype:
                 raise OutputError(f"tensor {_q(name)}: a block has dtype {block.dtype}, expected {dtype}")
@@ -498,7 +509,7 @@ class ShardedWriter:
         if j + 1 == len(self._planned[i]):
             self._direct.close()
             self._direct = None
-            self._shards.append((self.tmp_dir / f".shard{i}.safetensors", self._header))
+            self._shards.append((self._dir / f".shard{i}.safetensors", self._header))
             self._next = (i + 1, 0)
         else:
             self._next = (i, j + 1)
@@ -511,10 +522,11 @@ class ShardedWriter:
         if tensor.dtype not in DTYPE_NAMES:
             raise OutputError(f"tensor {_q(name)} has dtype {tensor.dtype} that safetensors cannot store")
         nbytes = tensor.numel() * tensor.element_size()
-        if self._spill is not None and self.shard_size and nbytes and self._pos and self._pos + nbytes > self.shard_size:
+        if (self._spill is not None and self.shard_size and nbytes and self._pos
+                and self._pos + nbytes > self.shard_size):
             self._close_shard()
         if self._spill is None:
-            self._spill = open(self.tmp_dir / f".shard{len(self._shards)}.data", "wb")
+            self._spill = open(self._dir / f".shard{len(self._shards)}.data", "wb")
             self._header, self._pos = {}, 0
         self._spill.write(tensor_bytes(tensor))
         self._header[name] = {
@@ -527,10 +539,11 @@ class ShardedWriter:
         self._names.add(name)
 
     def _close_shard(self) -> None:
+        assert self._spill is not None  # callers check
         spill_path = Path(self._spill.name)
         self._spill.close()
         self._spill = None
-        final = self.tmp_dir / f".shard{len(self._shards)}.safetensors"
+        final = self._dir / f".shard{len(self._shards)}.safetensors"
         with open(final, "wb") as f, open(spill_path, "rb") as data:
             f.write(_header_bytes({"__metadata__": self.metadata, **self._header}))
             shutil.copyfileobj(data, f, 16 * 2**20)
@@ -545,17 +558,17 @@ class ShardedWriter:
                 self._planned = None  # nothing announced: fall through to an empty file
         if self._planned is None and (self._spill is not None or not self._shards):
             if self._spill is None:  # nothing written: still a valid empty file
-                self._spill = open(self.tmp_dir / ".shard0.data", "wb")
+                self._spill = open(self._dir / ".shard0.data", "wb")
                 self._header, self._pos = {}, 0
             self._close_shard()
         n = len(self._shards)
         if n == 1:
-            self._shards[0][0].rename(self.tmp_dir / f"{self.basename}.safetensors")
+            self._shards[0][0].rename(self._dir / f"{self.basename}.safetensors")
             return
         weight_map = {}
         for i, (path, header) in enumerate(self._shards, 1):
             fname = f"{self.basename}-{i:05d}-of-{n:05d}.safetensors"
-            path.rename(self.tmp_dir / fname)
+            path.rename(self._dir / fname)
             for tname in header:
                 weight_map[tname] = fname
         index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
@@ -563,7 +576,7 @@ class ShardedWriter:
 
     # -- other files -----------------------------------------------------------
     def write_json(self, name: str, obj) -> Path:
-        p = self.tmp_dir / name
+        p = self._dir / name
         p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return p
 
@@ -593,7 +606,7 @@ class ShardedWriter:
                 elif why != "missing":
                     skipped.append(f"{escape_name(n)}: {why}")
         for p in files:
-            _copy_regular(p, self.tmp_dir / p.name)
+            _copy_regular(p, self._dir / p.name)
         copied = [p.name for p in files]
         if names is None and src_dir.is_dir():
             for sub in sorted(src_dir.iterdir()):
@@ -602,9 +615,9 @@ class ShardedWriter:
                     if listing is None:
                         continue
                     for rel, p in listing:
-                        (self.tmp_dir / sub.name / rel).parent.mkdir(parents=True, exist_ok=True)
-                        _copy_regular(p, self.tmp_dir / sub.name / rel)
-                    (self.tmp_dir / sub.name).mkdir(exist_ok=True)
+                        (self._dir / sub.name / rel).parent.mkdir(parents=True, exist_ok=True)
+                        _copy_regular(p, self._dir / sub.name / rel)
+                    (self._dir / sub.name).mkdir(exist_ok=True)
                     copied.append(sub.name + "/")
         self.skipped.extend(skipped)
         return copied

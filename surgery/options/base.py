@@ -85,7 +85,8 @@ def finite_number(value: Any, field: str, lo: float | None = None, hi: float | N
         ok = value < hi if hi_open else value <= hi
     rng = ""
     if lo is not None or hi is not None:
-        rng = f" in {'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        rng = f" in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
     require(ok, field, f"must be a finite number{rng}, got {value!r}")
 
 
