@@ -137,7 +137,7 @@ class LoraAdapterConfig:
     raw: dict = field(default_factory=dict)
 
     def rank_for(self, module: str) -> int:
-        return pattern_value(self.rank_pattern, module, self.r)
+        return int(pattern_value(self.rank_pattern, module, self.r))
 
     def alpha_for(self, module: str) -> float:
         return pattern_value(self.alpha_pattern, module, self.lora_alpha)

@@ -129,6 +129,25 @@ class _Op:
     fifo: bool = False        # weight stored (in, out) (GPT-2 Conv1D)
     tensor: torch.Tensor | None = None  # replacement ("replace")
 
+    def lora(self) -> LoraModule:
+        """The module of a "lora" / "dora" / "bias" op (the plan always sets it for those)."""
+        if self.module is None:
+            raise TypeError(f"{self.kind} op without a LoRA module")
+        return self.module
+
+    def bias(self) -> torch.Tensor:
+        """lora_B.bias of a "bias" op's module (the plan adds bias ops only where there is one)."""
+        bias = self.lora().bias
+        if bias is None:
+            raise TypeError(f"{self.kind} op without a lora_B.bias")
+        return bias
+
+    def full(self) -> torch.Tensor:
+        """The tensor of a "replace" op (the plan always sets it)."""
+        if self.tensor is None:
+            raise TypeError(f"{self.kind} op without a tensor")
+        return self.tensor
+
 
 @dataclass
 class _Base:
@@ -149,7 +168,7 @@ class _Base:
         return torch.equal(self.read(src), t.to(self.dtypes[src]))
 
     def modules(self) -> set[str]:
-        out = set()
+        out: set[str] = set()
         for name in [*self.shapes, *self.tied]:
             parts = name.split(".")
             out.update(".".join(parts[:i]) for i in range(1, len(parts)))
@@ -515,6 +534,8 @@ def lora_delta(m: LoraModule, fifo: bool = False, device: torch.device | str = "
 
 def dora_merge(base32: torch.Tensor, m: LoraModule, fifo: bool, delta: torch.Tensor) -> torch.Tensor:
     """PEFT's DoRA merge: (m / ‖W + Δ‖) ⊙ (W + Δ), norm of the unmerged base plus the scaled delta."""
+    if m.magnitude is None:
+        raise TypeError(f"{m.module}: dora_merge needs the DoRA magnitude")
     mag = m.magnitude.to(device=base32.device, dtype=torch.float32)  # (out,) / embedding (dim,)
     if m.kind == "embedding":
         # DoraEmbeddingLayer has fan_in_fan_out=True: norm over the vocabulary, one per embedding dim
@@ -536,7 +557,7 @@ def _apply_ops(t: torch.Tensor, ops: Sequence[_Op], unmerge: bool, device: torch
         base32 = t.clone()  # never write into the reader's buffer
     for op in ops:
         if op.kind == "replace":
-            s = op.tensor.to(device=device, dtype=torch.float32)
+            s = op.full().to(device=device, dtype=torch.float32)
             base32 = s if op.weight == 1.0 else base32 + op.weight * (s - base32)
             if inplace and base32 is op.tensor:
                 base32 = base32.clone()  # nor into the adapter's own tensor
@@ -544,19 +565,19 @@ def _apply_ops(t: torch.Tensor, ops: Sequence[_Op], unmerge: bool, device: torch
     sign = -1.0 if unmerge else 1.0
     for op in ops:
         if op.kind == "lora":
-            d = lora_delta(op.module, op.fifo, device)
+            d = lora_delta(op.lora(), op.fifo, device)
             d = d if (op.weight == 1.0 and not unmerge) else (sign * op.weight) * d
-            if op.module.kind == "embedding" and not unmerge:
+            if op.lora().kind == "embedding" and not unmerge:
                 # PEFT's Embedding.merge adds get_delta_weight(...).to(weight dtype): the delta is
                 # rounded to the base dtype first (Linear adds the fp32 delta, one rounding)
                 d = d.to(t.dtype).float()
             out = out.add_(d) if inplace else out + d
         elif op.kind == "bias":
-            d = op.module.bias.to(device=device, dtype=torch.float32) * op.module.scaling  # (out,)
+            d = op.bias().to(device=device, dtype=torch.float32) * op.lora().scaling  # (out,)
             d = d if (op.weight == 1.0 and not unmerge) else (sign * op.weight) * d
             out = out.add_(d) if inplace else out + d
         elif op.kind == "dora":
-            merged = dora_merge(base32, op.module, op.fifo, lora_delta(op.module, op.fifo, device))
+            merged = dora_merge(base32, op.lora(), op.fifo, lora_delta(op.lora(), op.fifo, device))
             if out is base32 and op.weight == 1.0:
                 out = merged  # bit-identical to PEFT for a lone DoRA adapter
             else:
@@ -678,7 +699,7 @@ def _iter_plan(idx: CheckpointIndex, plan: _Plan, progress: Progress | None) -> 
     for name, ops in plan.extra.items():
         src = idx.tensors[plan.base.tied[name]]
         # the head starts from the shared tensor's dtype; its values come from the replace op
-        yield name, _finish(name, ops[0].tensor.to(src.dtype), plan, ops)
+        yield name, _finish(name, ops[0].full().to(src.dtype), plan, ops)
         done += 1
         if progress:
             progress(desc, done, total)
@@ -891,7 +912,10 @@ def _result(out: Path, idx: CheckpointIndex, plan: _Plan, changed: list[str], nb
 
 def _model_base(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> _Base:
     """A loaded model seen as a base: parameters that share storage (tied embeddings) are one."""
-    shapes, dtypes, tied, seen = {}, {}, {}, {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
     for name, t in sd.items():
         key = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else None
         if key is not None and key in seen:

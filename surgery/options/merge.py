@@ -43,10 +43,10 @@ class MergeOptions(Options):
         5000000000
     """
 
-    weights: tuple[float, ...] = ()
+    weights: Sequence[float] | None = ()   # stored as a tuple of floats
     unmerge: bool = False
-    dtype: str | None = None
-    shard_size: int | None = None
+    dtype: str | None = None               # a torch dtype is accepted too; stored as its short name
+    shard_size: int | str | None = None    # stored as bytes (int)
     device: str = "auto"
     threads: int | None = None
     overwrite: bool = False
