@@ -30,7 +30,7 @@ from ..util import (
               help="Weight of each adapter, in order (repeat once per adapter; default 1.0).")
 @click.option("--unmerge", is_flag=True, help="Subtract the adapters instead of adding them.")
 @dtype_option("Output dtype of floating tensors (default: each tensor keeps its own).")
-@click.option("--shard-size", help="Max shard size, e.g. 5GB (default: as the base's largest shard).")
+@click.option("--shard-size", metavar="SIZE", help="Max shard size, e.g. 5GB (default: as the base's largest shard).")
 @device_option("Where the deltas are computed: auto = cuda when one is available, else cpu.")
 @threads_option()
 @overwrite_option("OUT if it exists")
