@@ -51,14 +51,15 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from surgery.errors import AdapterError
-from surgery.io import LazyReader, ShardedWriter, open_checkpoint
+from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, open_checkpoint
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's order of preference
@@ -136,7 +137,7 @@ class LoraAdapterConfig:
     raw: dict = field(default_factory=dict)
 
     def rank_for(self, module: str) -> int:
-        return pattern_value(self.rank_pattern, module, self.r)
+        return int(pattern_value(self.rank_pattern, module, self.r))
 
     def alpha_for(self, module: str) -> float:
         return pattern_value(self.alpha_pattern, module, self.lora_alpha)
@@ -191,15 +192,19 @@ def _is_num(v) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
-def _check_regex(text: str, where: str, what: str, wrap) -> None:
+def _check_regex(text: str, where: str, what: str, wrap: Callable[[str], str]) -> None:
     try:
         re.compile(wrap(text))
     except re.error as e:
-        raise AdapterError(f"{where}: {what} {text!r} is not a valid regular expression ({e}); fix the pattern") from None
+        raise AdapterError(f"{where}: {what} {text!r} is not a valid regular expression ({e}); "
+                           f"fix the pattern") from None
 
 
-def parse_adapter_config(data: dict, where: str = CONFIG_NAME) -> LoraAdapterConfig:
-    """Validate an adapter_config.json dict; `where` names it in error messages."""
+def _bad(where: str, data: dict, key: str, want: str) -> AdapterError:
+    return AdapterError(f"{where}: {key} must be {want}, got {data.get(key)!r}; fix adapter_config.json")
+
+
+def _check_peft_type(data: Any, where: str) -> None:
     if not isinstance(data, dict):
         raise AdapterError(f"{where}: expected a JSON object")
     ptype = data.get("peft_type")
@@ -207,64 +212,81 @@ def parse_adapter_config(data: dict, where: str = CONFIG_NAME) -> LoraAdapterCon
         raise AdapterError(f"{where}: no peft_type; is this a PEFT adapter_config.json? add \"peft_type\": \"LORA\"")
     if ptype != "LORA":
         raise AdapterError(
-            f"{where}: unsupported adapter type {ptype} (peft_type); only LoRA adapters (peft_type \"LORA\") are supported"
+            f"{where}: unsupported adapter type {ptype} (peft_type); "
+            f"only LoRA adapters (peft_type \"LORA\") are supported"
         )
 
-    def bad(key, want):
-        return AdapterError(f"{where}: {key} must be {want}, got {data.get(key)!r}; fix adapter_config.json")
 
-    r = data.get("r", 8)  # LoraConfig defaults
+def _parse_scalars(data: dict, where: str) -> dict[str, Any]:
+    """r, lora_alpha (LoraConfig's defaults: 8, 8) and the boolean flags."""
+    r = data.get("r", 8)
     if not _is_int(r) or r <= 0:
-        raise bad("r", "a positive integer")
+        raise _bad(where, data, "r", "a positive integer")
     alpha = data.get("lora_alpha", 8)
     if not _is_num(alpha):
-        raise bad("lora_alpha", "a finite number")
-
-    flags = {}
+        raise _bad(where, data, "lora_alpha", "a finite number")
+    out: dict[str, Any] = {"r": r, "lora_alpha": alpha}
     for key in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias"):
-        flags[key] = data.get(key, False)
-        if not isinstance(flags[key], bool):
-            raise bad(key, "true or false")
+        out[key] = data.get(key, False)
+        if not isinstance(out[key], bool):
+            raise _bad(where, data, key, "true or false")
+    return out
 
-    for key, wrap in (("target_modules", lambda s: s), ("exclude_modules", lambda s: s)):
+
+def _check_targets(data: dict, where: str) -> None:
+    """target_modules / exclude_modules: a list of names, a regex string or null."""
+    for key in ("target_modules", "exclude_modules"):
         v = data.get(key)
         if isinstance(v, str):
-            _check_regex(v, where, key, wrap)
+            _check_regex(v, where, key, lambda s: s)
         elif v is not None and not (isinstance(v, list) and all(isinstance(t, str) for t in v)):
-            raise bad(key, "a list of module names, a regex string or null")
+            raise _bad(where, data, key, "a list of module names, a regex string or null")
 
+
+def _parse_patterns(data: dict, where: str) -> dict[str, dict]:
+    """rank_pattern (positive integers) and alpha_pattern (finite numbers), keys valid regexes."""
     patterns = {}
     for key, ok, want in (("rank_pattern", lambda v: _is_int(v) and v > 0, "positive integers"),
                           ("alpha_pattern", _is_num, "finite numbers")):
         p = data.get(key) or {}
         if not isinstance(p, dict):
-            raise bad(key, "an object mapping module patterns to values")
+            raise _bad(where, data, key, "an object mapping module patterns to values")
         for k, v in p.items():
             _check_regex(k, where, f"{key} key", lambda s: rf"(.*\.)?({s})$")
             if not ok(v):
                 raise AdapterError(f"{where}: {key}[{k!r}] = {v!r}; values must be {want}")
         patterns[key] = dict(p)
+    return patterns
 
+
+def _check_module_options(data: dict, where: str) -> None:
+    """modules_to_save, task_type, base_model_name_or_path, bias."""
     mts = data.get("modules_to_save")
     if mts is not None and not (isinstance(mts, list) and all(isinstance(m, str) and m for m in mts)):
-        raise bad("modules_to_save", "a list of module names or null")
+        raise _bad(where, data, "modules_to_save", "a list of module names or null")
     for m in mts or ():
         _check_regex(m, where, "modules_to_save entry", lambda s: rf"(^|.*\.){s}($|\..*)")
     for key in ("task_type", "base_model_name_or_path"):
         if data.get(key) is not None and not isinstance(data[key], str):
-            raise bad(key, "a string or null")
-    bias = data.get("bias", "none")
-    if bias not in ("none", "all", "lora_only"):
-        raise bad("bias", '"none", "all" or "lora_only"')
+            raise _bad(where, data, key, "a string or null")
+    if data.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise _bad(where, data, "bias", '"none", "all" or "lora_only"')
+
+
+def _check_layers(data: dict, where: str) -> None:
+    """layers_pattern (string(s), valid regexes) and layers_to_transform (integer(s))."""
     lp = data.get("layers_pattern")
     if lp is not None and not (isinstance(lp, str) or (isinstance(lp, list) and all(isinstance(p, str) for p in lp))):
-        raise bad("layers_pattern", "a string, a list of strings or null")
+        raise _bad(where, data, "layers_pattern", "a string, a list of strings or null")
     for p in [lp] if isinstance(lp, str) else lp or ():
         _check_regex(p, where, "layers_pattern", lambda s: rf"(?:^|.*?\.){s}\.(?P<idx>\d+)\.")
     lt = data.get("layers_to_transform")
     if lt is not None and not (_is_int(lt) or (isinstance(lt, list) and all(_is_int(i) for i in lt))):
-        raise bad("layers_to_transform", "an integer, a list of integers or null")
+        raise _bad(where, data, "layers_to_transform", "an integer, a list of integers or null")
 
+
+def _check_supported(data: dict, where: str) -> None:
+    """Options whose saved tensors are not plain LoRA factors against the unmodified base."""
     for key, why in _UNSUPPORTED_OPTIONS.items():
         if data.get(key):
             raise AdapterError(f"{where}: {key} is set ({why}); only plain LoRA / rsLoRA / DoRA adapters are supported")
@@ -275,12 +297,39 @@ def parse_adapter_config(data: dict, where: str = CONFIG_NAME) -> LoraAdapterCon
             f"convert it first with PEFT's save_pretrained(path_initial_model_for_weight_conversion=...)"
         )
 
+
+def parse_adapter_config(data: dict, where: str = CONFIG_NAME) -> LoraAdapterConfig:
+    """Validate an adapter_config.json dict.
+
+    Args:
+        data: the parsed JSON.
+        where: names the config in error messages (a path, usually).
+
+    Returns:
+        LoraAdapterConfig (`raw` keeps every key of `data`).
+
+    Raises:
+        AdapterError naming the first key at fault and how to fix it: not LoRA, bad values,
+        invalid regexes, options whose tensors are not plain LoRA factors.
+
+    Example:
+        >>> parse_adapter_config({"peft_type": "LORA", "r": 4, "lora_alpha": 8}).scaling_for("q_proj")
+        2.0
+    """
+    _check_peft_type(data, where)
+    scalars = _parse_scalars(data, where)
+    _check_targets(data, where)
+    patterns = _parse_patterns(data, where)
+    _check_module_options(data, where)
+    _check_layers(data, where)
+    _check_supported(data, where)
+    mts = data.get("modules_to_save")
     return LoraAdapterConfig(
-        r=r, lora_alpha=alpha, target_modules=data.get("target_modules"),
+        **scalars, target_modules=data.get("target_modules"),
         rank_pattern=patterns["rank_pattern"], alpha_pattern=patterns["alpha_pattern"],
         modules_to_save=list(mts) if mts is not None else None,
         task_type=data.get("task_type"), base_model_name_or_path=data.get("base_model_name_or_path"),
-        raw=dict(data), **flags,
+        raw=dict(data),
     )
 
 
@@ -290,7 +339,8 @@ def read_adapter_config(path: str | Path) -> LoraAdapterConfig:
     if p.is_dir():
         p = p / CONFIG_NAME
     if not p.is_file():
-        raise AdapterError(f"{p}: not found; an adapter directory needs adapter_config.json (PEFT save_pretrained writes it)")
+        raise AdapterError(f"{p}: not found; an adapter directory needs adapter_config.json "
+                           f"(PEFT save_pretrained writes it)")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except OSError as e:
@@ -384,25 +434,20 @@ def _full_tensor_name(key: str, cfg: LoraAdapterConfig, lora_modules: set[str]) 
     return None
 
 
-def read_adapter(
-    path: str | Path,
-) -> tuple[LoraAdapterConfig, dict[str, LoraModule], dict[str, torch.Tensor]]:
-    """Read a PEFT LoRA adapter directory.
+@dataclass
+class _SavedKeys:
+    """An adapter file's keys sorted out: LoRA slots per module, and the full tensors."""
 
-    Returns (config, {module name: LoraModule}, {base tensor name: full tensor}).
-    Keys and shapes are checked from the file header before any tensor is read.
-    """
-    root = Path(path)
-    cfg = read_adapter_config(root)
-    if not any((root / n).is_file() for n in WEIGHT_NAMES):
-        raise AdapterError(f"{root}: no adapter_model.safetensors or adapter_model.bin beside adapter_config.json")
-    idx = open_checkpoint(root)  # CheckpointError for corrupt files and pickles that carry code
-    where = idx.shards[0]
+    modules: dict[str, tuple[str, dict[str, str]]]  # module -> (kind, slot -> saved key)
+    full: dict[str, str]                            # base tensor name -> saved key
 
-    slots: dict[str, dict[str, str]] = {}  # module -> slot -> saved key
+
+def _lora_slots(keys: Iterable[str], where: Path) -> tuple[dict[str, dict[str, str]], dict[str, set[str]], list[str]]:
+    """(module -> slot -> saved key, module -> kinds seen, keys that are not LoRA weights)."""
+    slots: dict[str, dict[str, str]] = {}
     kinds: dict[str, set[str]] = {}
     others: list[str] = []
-    for key in idx.tensors:
+    for key in keys:
         if not key.startswith(PREFIX):
             raise AdapterError(f"{where}: key {key!r} does not start with {PREFIX!r}; PEFT would ignore it")
         c = _classify(key[len(PREFIX):])
@@ -413,10 +458,14 @@ def read_adapter(
         slots.setdefault(module, {})[slot] = key
         if kind:
             kinds.setdefault(module, set()).add(kind)
+    return slots, kinds, others
 
-    full: dict[str, str] = {}  # base tensor name -> saved key
+
+def _full_keys(others: list[str], cfg: LoraAdapterConfig, lora_modules: set[str], where: Path) -> dict[str, str]:
+    """Base tensor name -> saved key, for every key that is not a LoRA weight (else AdapterError)."""
+    full: dict[str, str] = {}
     for key in others:
-        name = _full_tensor_name(key[len(PREFIX):], cfg, set(slots))
+        name = _full_tensor_name(key[len(PREFIX):], cfg, lora_modules)
         if name is None:
             raise AdapterError(
                 f"{where}: unknown key {key!r}: not a LoRA weight of a module, nor in modules_to_save "
@@ -425,7 +474,13 @@ def read_adapter(
         if name in full:
             raise AdapterError(f"{where}: keys {full[name]!r} and {key!r} both hold tensor {name!r}; keep one")
         full[name] = key
+    return full
 
+
+def _sort_keys(idx: CheckpointIndex, cfg: LoraAdapterConfig, where: Path) -> _SavedKeys:
+    """Every saved key placed (a LoRA slot of one module or a full tensor), from the header only."""
+    slots, kinds, others = _lora_slots(idx.tensors, where)
+    full = _full_keys(others, cfg, set(slots), where)
     modules: dict[str, tuple[str, dict[str, str]]] = {}
     for module, s in slots.items():
         kind = kinds.get(module, set())
@@ -436,56 +491,98 @@ def read_adapter(
                 f"(or lora_embedding_A/lora_embedding_B) pair"
             )
         modules[module] = (kind.pop(), s)
+    return _SavedKeys(modules, full)
 
-    for module, (kind, s) in modules.items():
+
+def read_adapter(
+    path: str | Path,
+) -> tuple[LoraAdapterConfig, dict[str, LoraModule], dict[str, torch.Tensor]]:
+    """Read a PEFT LoRA adapter directory.
+
+    Keys and shapes are checked from the file header before any tensor is read.
+
+    Args:
+        path: the adapter directory (adapter_config.json + adapter_model.safetensors or .bin).
+
+    Returns:
+        (config, {module name: LoraModule}, {base tensor name: full tensor}).
+
+    Raises:
+        AdapterError for a config or key PEFT would ignore or misplace, ranks or shapes that do
+        not fit; CheckpointError for corrupt files and pickles that carry code.
+
+    Example:
+        >>> cfg, modules, full = read_adapter("fixtures/tiny-llama-lora")  # doctest: +SKIP
+    """
+    root = Path(path)
+    cfg = read_adapter_config(root)
+    if not any((root / n).is_file() for n in WEIGHT_NAMES):
+        raise AdapterError(f"{root}: no adapter_model.safetensors or adapter_model.bin beside adapter_config.json")
+    idx = open_checkpoint(root)  # CheckpointError for corrupt files and pickles that carry code
+    where = idx.shards[0]
+    keys = _sort_keys(idx, cfg, where)
+    for module, (kind, s) in keys.modules.items():
         _check_module(cfg, where, module, kind, {slot: idx.tensors[k].shape for slot, k in s.items()},
                       {slot: idx.tensors[k].dtype for slot, k in s.items()})
 
     out: dict[str, LoraModule] = {}
     tensors: dict[str, torch.Tensor] = {}
     with LazyReader(idx) as reader:
-        for module, (kind, s) in modules.items():
+        for module, (kind, s) in keys.modules.items():
             t = {slot: reader.get(k) for slot, k in s.items()}
             out[module] = LoraModule(module, kind, t["A"], t["B"], t.get("bias"), t.get("magnitude"),
                                      cfg.scaling_for(module))
-        for name, key in full.items():
+        for name, key in keys.full.items():
             tensors[name] = reader.get(key)
     return cfg, out, tensors
 
 
-def _check_module(cfg: LoraAdapterConfig, where, module: str, kind: str, shapes: dict, dtypes: dict) -> None:
-    def fail(msg):
-        raise AdapterError(f"{where}: {module}: {msg}")
-
-    for slot, dt in dtypes.items():
-        if not dt.is_floating_point:
-            fail(f"{slot} has dtype {dt}; LoRA weights must be floating point")
+def _check_factors(cfg: LoraAdapterConfig, module: str, shapes: dict, dtypes: dict) -> str | None:
+    """What is wrong with a module's A / B (dtype, shapes, rank, targeting), or None."""
+    bad_dtype = [f"{slot} has dtype {dt}; LoRA weights must be floating point"
+                 for slot, dt in dtypes.items() if not dt.is_floating_point]
+    if bad_dtype:
+        return bad_dtype[0]
     a, b = shapes["A"], shapes["B"]
     if len(a) != 2 or len(b) != 2:
-        fail(f"A {tuple(a)} / B {tuple(b)} are not matrices; only Linear, Conv1D and Embedding LoRA is supported")
+        return f"A {tuple(a)} / B {tuple(b)} are not matrices; only Linear, Conv1D and Embedding LoRA is supported"
     if a[0] != b[1]:
-        fail(f"rank mismatch: A is {tuple(a)} (r={a[0]}) but B is {tuple(b)} (r={b[1]})")
+        return f"rank mismatch: A is {tuple(a)} (r={a[0]}) but B is {tuple(b)} (r={b[1]})"
     want = cfg.rank_for(module)
     if a[0] != want:
-        fail(f"rank {a[0]} in the weights but adapter_config.json gives r={want} (r / rank_pattern); fix the config")
+        return f"rank {a[0]} in the weights but adapter_config.json gives r={want} (r / rank_pattern); fix the config"
     if cfg.targets(module) is False:
-        fail(f"not matched by target_modules {cfg.target_modules!r} (or excluded); PEFT would ignore its weights")
+        return f"not matched by target_modules {cfg.target_modules!r} (or excluded); PEFT would ignore its weights"
+    return None
+
+
+def _check_bias_magnitude(cfg: LoraAdapterConfig, kind: str, shapes: dict) -> str | None:
+    """What is wrong with a module's lora_B.bias / DoRA magnitude against the config, or None."""
+    out = shapes["B"][0]
     if "bias" in shapes:
         if not cfg.lora_bias:
-            fail("has lora_B.bias but lora_bias is false; PEFT would ignore it; set \"lora_bias\": true")
-        if tuple(shapes["bias"]) != (b[0],):
-            fail(f"lora_B.bias has shape {tuple(shapes['bias'])}, expected ({b[0]},)")
+            return "has lora_B.bias but lora_bias is false; PEFT would ignore it; set \"lora_bias\": true"
+        if tuple(shapes["bias"]) != (out,):
+            return f"lora_B.bias has shape {tuple(shapes['bias'])}, expected ({out},)"
     elif cfg.lora_bias and kind == "linear" and cfg.raw.get("init_lora_weights", True) is not True:
-        fail("lora_bias is true but lora_B.bias is missing, and PEFT would initialise it non-zero")
+        return "lora_bias is true but lora_B.bias is missing, and PEFT would initialise it non-zero"
     if kind == "embedding" and cfg.lora_bias:
-        fail("lora_bias is not supported for embeddings by PEFT; set \"lora_bias\": false")
+        return "lora_bias is not supported for embeddings by PEFT; set \"lora_bias\": false"
     if "magnitude" in shapes:
         if not cfg.use_dora:
-            fail("has lora_magnitude_vector but use_dora is false; set \"use_dora\": true")
-        if tuple(shapes["magnitude"]) != (b[0],):
-            fail(f"lora_magnitude_vector has shape {tuple(shapes['magnitude'])}, expected ({b[0]},)")
+            return "has lora_magnitude_vector but use_dora is false; set \"use_dora\": true"
+        if tuple(shapes["magnitude"]) != (out,):
+            return f"lora_magnitude_vector has shape {tuple(shapes['magnitude'])}, expected ({out},)"
     elif cfg.use_dora:
-        fail("use_dora is true but lora_magnitude_vector is missing")
+        return "use_dora is true but lora_magnitude_vector is missing"
+    return None
+
+
+def _check_module(cfg: LoraAdapterConfig, where: Path, module: str, kind: str, shapes: dict, dtypes: dict) -> None:
+    """One module's saved tensors (shapes and dtypes from the header) against the config."""
+    problem = _check_factors(cfg, module, shapes, dtypes) or _check_bias_magnitude(cfg, kind, shapes)
+    if problem:
+        raise AdapterError(f"{where}: {module}: {problem}")
 
 
 # ----------------------------------------------------------------------------- write
@@ -534,30 +631,35 @@ _COMPUTED = ("peft_type", "bias", "r", "lora_alpha", "rank_pattern", "alpha_patt
 _NAME = re.compile(r"[^.\s]+(\.[^.\s]+)*")
 
 
+def _module_problem(name: str, m: LoraModule) -> str | None:
+    """What makes LoRA module `name` unwritable as a PEFT adapter module, or None."""
+    if name != m.module:
+        return f"dict key differs from module.module {m.module!r}"
+    parts = name.split(".") if _NAME.fullmatch(name) else [""]
+    if any(p.startswith("lora_") or p in ("", "base_layer") for p in parts):
+        return "not a valid module name (dotted, no empty parts, no lora_* or base_layer parts)"
+    if m.kind not in ("linear", "embedding"):
+        return f"kind {m.kind!r}; use 'linear' or 'embedding'"
+    if m.A.dim() != 2 or m.B.dim() != 2 or m.A.shape[0] != m.B.shape[1] or m.A.shape[0] < 1:
+        return f"A {tuple(m.A.shape)} and B {tuple(m.B.shape)} must be (r, in) and (out, r) with r >= 1"
+    for slot, t in (("A", m.A), ("B", m.B), ("bias", m.bias), ("magnitude", m.magnitude)):
+        if t is not None and not t.is_floating_point():
+            return f"{slot} has dtype {t.dtype}; use a floating-point dtype"
+    for slot, t in (("bias", m.bias), ("magnitude", m.magnitude)):
+        if t is not None and tuple(t.shape) != (m.B.shape[0],):
+            return f"{slot} has shape {tuple(t.shape)}, expected ({m.B.shape[0]},)"
+    if m.kind == "embedding" and m.bias is not None:
+        return "PEFT does not support lora_bias on embeddings; drop the bias"
+    if not math.isfinite(m.scaling):
+        return f"scaling {m.scaling} is not finite"
+    return None
+
+
 def _validate_modules(modules: Mapping[str, LoraModule], full_tensors: Mapping[str, torch.Tensor]) -> None:
     for name, m in modules.items():
-        def fail(msg):
-            raise AdapterError(f"LoRA module {name!r}: {msg}")
-
-        if name != m.module:
-            fail(f"dict key differs from module.module {m.module!r}")
-        parts = name.split(".") if _NAME.fullmatch(name) else [""]
-        if any(p.startswith("lora_") or p in ("", "base_layer") for p in parts):
-            fail("not a valid module name (dotted, no empty parts, no lora_* or base_layer parts)")
-        if m.kind not in ("linear", "embedding"):
-            fail(f"kind {m.kind!r}; use 'linear' or 'embedding'")
-        if m.A.dim() != 2 or m.B.dim() != 2 or m.A.shape[0] != m.B.shape[1] or m.A.shape[0] < 1:
-            fail(f"A {tuple(m.A.shape)} and B {tuple(m.B.shape)} must be (r, in) and (out, r) with r >= 1")
-        for slot, t in (("A", m.A), ("B", m.B), ("bias", m.bias), ("magnitude", m.magnitude)):
-            if t is not None and not t.is_floating_point():
-                fail(f"{slot} has dtype {t.dtype}; use a floating-point dtype")
-        for slot, t in (("bias", m.bias), ("magnitude", m.magnitude)):
-            if t is not None and tuple(t.shape) != (m.B.shape[0],):
-                fail(f"{slot} has shape {tuple(t.shape)}, expected ({m.B.shape[0]},)")
-        if m.kind == "embedding" and m.bias is not None:
-            fail("PEFT does not support lora_bias on embeddings; drop the bias")
-        if not math.isfinite(m.scaling):
-            fail(f"scaling {m.scaling} is not finite")
+        problem = _module_problem(name, m)
+        if problem:
+            raise AdapterError(f"LoRA module {name!r}: {problem}")
     for name, t in full_tensors.items():
         if not _NAME.fullmatch(name) or "." not in name:
             raise AdapterError(f"full tensor {name!r}: expected a dotted tensor name like 'classifier.weight'")
@@ -565,27 +667,8 @@ def _validate_modules(modules: Mapping[str, LoraModule], full_tensors: Mapping[s
             raise AdapterError(f"full tensor {name!r}: not a tensor")
 
 
-def write_adapter(
-    out_dir: str | Path,
-    modules: Mapping[str, LoraModule],
-    *,
-    full_tensors: Mapping[str, torch.Tensor] | None = None,
-    base_model_name_or_path: str | None = None,
-    task_type: str | None = None,
-    fan_in_fan_out: bool = False,
-    extra_config: Mapping | None = None,
-    overwrite: bool = False,
-    inputs: Iterable[Path] = (),
-) -> LoraAdapterConfig:
-    """Write a PEFT LoRA adapter directory atomically; returns its parsed config.
-
-    `full_tensors` ({base tensor name: tensor}) are saved whole; their modules go
-    into modules_to_save. `extra_config` adds/overrides non-computed config fields.
-    Everything is validated before the first byte is written.
-    """
-    full_tensors = dict(full_tensors or {})
-    _validate_modules(modules, full_tensors)
-    mts = sorted({n.rsplit(".", 1)[0] for n in full_tensors}) or None
+def _adapter_flags(modules: Mapping[str, LoraModule], mts: list[str] | None) -> tuple[bool, bool]:
+    """(use_dora, lora_bias) of the modules, after checking PEFT can express them together."""
     for name in modules:
         if _in_modules_to_save(name, mts):
             raise AdapterError(
@@ -597,14 +680,20 @@ def write_adapter(
     lora_bias = any(m.bias is not None for m in modules.values())
     if lora_bias and any(use_dora):
         raise AdapterError("PEFT does not support lora_bias together with DoRA; drop the biases or the magnitudes")
+    return any(use_dora), lora_bias
 
+
+def _adapter_config(modules: Mapping[str, LoraModule], mts: list[str] | None, *, use_dora: bool, lora_bias: bool,
+                    fan_in_fan_out: bool, task_type: str | None, base_model_name_or_path: str | None,
+                    extra_config: Mapping | None) -> dict:
+    """adapter_config.json's content (key order is part of the written bytes)."""
     cfg = {
         "peft_type": "LORA",
         **config_for_ranks({n: m.rank for n, m in modules.items()}, {n: m.scaling for n, m in modules.items()}),
         "target_modules": sorted(modules),
         "fan_in_fan_out": bool(fan_in_fan_out),
         "use_rslora": False,
-        "use_dora": bool(any(use_dora)),
+        "use_dora": bool(use_dora),
         "lora_bias": lora_bias,
         "modules_to_save": mts,
         "task_type": task_type,
@@ -625,24 +714,82 @@ def write_adapter(
     try:
         json.dumps(cfg)
     except (TypeError, ValueError) as e:
-        raise AdapterError(f"adapter config is not JSON-serialisable ({e}); pass plain values in extra_config") from None
+        raise AdapterError(f"adapter config is not JSON-serialisable ({e}); "
+                           f"pass plain values in extra_config") from None
+    return cfg
+
+
+def _parse_resolving(cfg: dict, modules: Mapping[str, LoraModule]) -> LoraAdapterConfig:
+    """The parsed config, once PEFT's pattern lookup gives every module its rank and alpha;
+    anchors and escapes the pattern keys in `cfg` when full names alone would be ambiguous."""
     alphas = {n: _alpha_for_scaling(float(m.scaling), m.rank) for n, m in modules.items()}
     parsed = parse_adapter_config(cfg, "adapter config being written")
+    if _resolves(parsed, modules, alphas):
+        return parsed
+    # A full name that is also a dotted suffix of another module's name would
+    # match both; anchored, escaped keys match exactly one module.
+    for key in ("rank_pattern", "alpha_pattern"):
+        cfg[key] = {"^" + re.escape(m): v for m, v in cfg[key].items()}
+    parsed = parse_adapter_config(cfg, "adapter config being written")
     if not _resolves(parsed, modules, alphas):
-        # A full name that is also a dotted suffix of another module's name would
-        # match both; anchored, escaped keys match exactly one module.
-        for key in ("rank_pattern", "alpha_pattern"):
-            cfg[key] = {"^" + re.escape(m): v for m, v in cfg[key].items()}
-        parsed = parse_adapter_config(cfg, "adapter config being written")
-        if not _resolves(parsed, modules, alphas):
-            raise AdapterError("cannot express the per-module ranks/scales in rank_pattern/alpha_pattern")
+        raise AdapterError("cannot express the per-module ranks/scales in rank_pattern/alpha_pattern")
+    return parsed
 
+
+def _saved_tensors(modules: Mapping[str, LoraModule], full_tensors: Mapping[str, torch.Tensor],
+                   lora_bias: bool) -> dict[str, torch.Tensor]:
     sd = adapter_state_dict(modules, full_tensors)
     if lora_bias:  # every linear LoRA layer gets a bias in PEFT; store explicit zeros
         for m in modules.values():
             key = module_key_prefix(m.module) + ".lora_B.bias"
             if m.kind == "linear" and key not in sd:
                 sd[key] = torch.zeros(m.B.shape[0], dtype=m.B.dtype)  # (out,)
+    return sd
+
+
+def write_adapter(
+    out_dir: str | Path,
+    modules: Mapping[str, LoraModule],
+    *,
+    full_tensors: Mapping[str, torch.Tensor] | None = None,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+    fan_in_fan_out: bool = False,
+    extra_config: Mapping | None = None,
+    overwrite: bool = False,
+    inputs: Iterable[Path] = (),
+) -> LoraAdapterConfig:
+    """Write a PEFT LoRA adapter directory atomically; everything is validated before the first
+    byte is written.
+
+    Args:
+        out_dir: the adapter directory to create.
+        modules: {module name: LoraModule}.
+        full_tensors: {base tensor name: tensor} saved whole; their modules go into modules_to_save.
+        base_model_name_or_path, task_type, fan_in_fan_out: copied into adapter_config.json.
+        extra_config: adds/overrides non-computed config fields.
+        overwrite: replace an existing out_dir. inputs: paths out_dir must not be or contain.
+
+    Returns:
+        The written config, parsed (LoraAdapterConfig).
+
+    Raises:
+        AdapterError for modules PEFT could not load as written; OutputError for the location.
+
+    Example:
+        >>> m = LoraModule("layers.0.q", "linear", torch.zeros(2, 8), torch.zeros(8, 2))
+        >>> write_adapter("out/lora", {m.module: m}).r  # doctest: +SKIP
+        2
+    """
+    full_tensors = dict(full_tensors or {})
+    _validate_modules(modules, full_tensors)
+    mts = sorted({n.rsplit(".", 1)[0] for n in full_tensors}) or None
+    use_dora, lora_bias = _adapter_flags(modules, mts)
+    cfg = _adapter_config(modules, mts, use_dora=use_dora, lora_bias=lora_bias, fan_in_fan_out=fan_in_fan_out,
+                          task_type=task_type, base_model_name_or_path=base_model_name_or_path,
+                          extra_config=extra_config)
+    parsed = _parse_resolving(cfg, modules)
+    sd = _saved_tensors(modules, full_tensors, lora_bias)
     with ShardedWriter(out_dir, shard_size=None, overwrite=overwrite, basename="adapter_model",
                        metadata={"format": "pt"}, inputs=inputs) as w:
         for key in sorted(sd):

@@ -27,7 +27,8 @@ from typing import BinaryIO
 
 import torch
 
-from ..errors import OptionError, OutputError
+from ..errors import OutputError
+from ..options.base import parse_size  # torch-free: the options objects parse sizes too
 from .guards import escape_name, open_regular, resolves_inside, source_root
 from .safetensors_header import DTYPE_NAMES
 
@@ -36,30 +37,6 @@ TMP_TAG = ".surgery-tmp-"
 
 def _q(name: object) -> str:
     return f"'{escape_name(name, 200)}'"
-
-_UNITS = {
-    "": 1, "B": 1,
-    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-    "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-}
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000, '1000' -> 1000."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-        unit = m.group(2).upper() if m else None
-        if not m or unit not in _UNITS:
-            raise OptionError(
-                f"invalid size {text!r}; use a number with an optional unit, e.g. 5GB, 500MB, 2GiB"
-            )
-        value = int(float(m.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise OptionError(f"invalid size {text!r}; it must be positive")
-    return value
 
 
 def _pid_alive(pid: int) -> bool:
