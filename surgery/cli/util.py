@@ -14,8 +14,11 @@ def echo_json(obj) -> None:
 
 
 def table(rows: list[list], headers: list[str], align: str | None = None) -> str:
-    """A plain-text table; align is a string of 'l'/'r' per column."""
-    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    """A plain-text table; align is a string of 'l'/'r' per column. Cells are escaped
+    (surgery.io.escape_name): a tensor name from a checkpoint never breaks a line or the terminal."""
+    from surgery.io.guards import escape_name  # imported when a table is drawn, not when the CLI starts
+
+    cells = [[str(c) for c in headers]] + [[escape_name(c, 200) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     align = align or "l" * len(headers)
     out = []

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from surgery.errors import CheckpointError, OptionError
+from surgery.io.guards import escape_name
 
 #: the dtypes surgery reads and writes, by their short names (also the CLI's --dtype choices)
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -96,16 +97,24 @@ def quiet(capture_stdio: bool = False) -> Iterator[io.StringIO]:
 
 def config_dict(path: str | Path, cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """config.json of a model directory, checked for what transformers needs offline: present,
-    no custom code. Raises CheckpointError."""
+    no custom code, not quantized (transformers would need bitsandbytes/optimum... and would not
+    give the weights surgery works on). Raises CheckpointError."""
     path = Path(path)
     if cfg is None:
         from surgery.io import open_checkpoint
 
         cfg = open_checkpoint(path).config
     if not cfg or not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json; this needs a Hugging Face model directory")
+        raise CheckpointError(f"{escape_name(path)}: no config.json; this needs a Hugging Face model directory")
     if cfg.get("auto_map"):
-        raise CheckpointError(f"{path}: the model needs custom code (auto_map); surgery never runs remote code")
+        raise CheckpointError(f"{escape_name(path)}: the model needs custom code (auto_map); surgery never runs "
+                              "remote code")
+    quant = cfg.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, Mapping) else "unknown"
+        raise CheckpointError(f"{escape_name(path)}: a quantized model (quantization_config, quant_method "
+                              f"'{escape_name(method, 40)}'); surgery works on unquantized weights: use the original "
+                              "model, or dequantize it first")
     return dict(cfg)
 
 
@@ -200,17 +209,20 @@ def load_pretrained(path: str | Path, cls: type | None = None, dtype: torch.dtyp
     name = getattr(cls_, "__name__", str(cls_))
     try:
         with quiet(capture_stdio=True):
+            # ignore_mismatched_sizes: mis-shaped weights are listed in info (refused below), not a ValueError
             model, info = cls_.from_pretrained(str(path), dtype=dtype, local_files_only=True,
-                                              trust_remote_code=False, output_loading_info=True, **kwargs)
+                                              trust_remote_code=False, output_loading_info=True,
+                                              ignore_mismatched_sizes=True, **kwargs)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load {path} as {name} with transformers ({first})") from None
-    missing = [str(k) for k in info.get("missing_keys") or []]
-    mismatched = [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []]
+        raise CheckpointError(f"cannot load {escape_name(path)} as {name} with transformers "
+                              f"({escape_name(first, 200)})") from None
+    missing = [escape_name(k, 200) for k in info.get("missing_keys") or []]
+    mismatched = [escape_name(k[0] if isinstance(k, tuple) else k, 200) for k in info.get("mismatched_keys") or []]
     bad = missing + mismatched
     if bad:
-        raise CheckpointError(f"{path}: {len(bad)} weight(s) of {name} are missing or mis-shaped in the checkpoint "
-                              f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); transformers would "
-                              "initialise them randomly")
+        raise CheckpointError(f"{escape_name(path)}: {len(bad)} weight(s) of {name} are missing or mis-shaped in "
+                              f"the checkpoint ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
+                              "transformers would initialise them randomly")
     model.eval()
     return model

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from surgery.errors import CheckpointError, OptionError
 from surgery.io import CheckpointIndex, open_checkpoint
+from surgery.io.guards import check_regex
 
 # kinds: "linear" (out, in) | "conv1d" (in, out) | "embedding" (vocab, dim)
 #        "bias" (of a linear/conv1d) | "norm" (1-D params of a module with no 2-D weight)
@@ -167,18 +168,15 @@ def module_filter(include: Sequence[str] = (), exclude: Sequence[str] = ()) -> C
         patterns (for `check_includes_match`).
 
     Raises:
-        OptionError: a pattern is not a valid regular expression.
+        OptionError (field "include" / "exclude"): a pattern is not a valid regular expression,
+        or one that could backtrack for ever (see surgery.options.patterns.check_regex).
 
     Example:
         >>> keep = module_filter(include=["attn"], exclude=["c_proj"])
         >>> keep("h.0.attn.c_attn"), keep("h.0.attn.c_proj"), keep("h.0.mlp.c_fc")
         (True, False, False)
     """
-    try:
-        inc = [re.compile(p) for p in include]
-        exc = [re.compile(p) for p in exclude]
-    except re.error as e:
-        raise OptionError(f"invalid --include/--exclude regex {e.pattern!r}: {e}", field="include") from None
+    inc, exc = _compiled(include, "include"), _compiled(exclude, "exclude")
 
     def keep(module: str) -> bool:
         if inc and not any(p.search(module) for p in inc):
@@ -187,6 +185,14 @@ def module_filter(include: Sequence[str] = (), exclude: Sequence[str] = ()) -> C
 
     keep.include = inc  # type: ignore[attr-defined]
     return keep
+
+
+def _compiled(patterns: Sequence[str], field: str) -> list[re.Pattern[str]]:
+    """The patterns compiled, each refused (OptionError naming FIELD) if invalid or catastrophic."""
+    try:
+        return [check_regex(p, field) for p in patterns]
+    except OptionError as e:
+        raise OptionError(str(e), field=field) from None
 
 
 def check_includes_match(keep: Callable[[str], bool], modules: Sequence[str], where: str | Path) -> None:

@@ -9,6 +9,11 @@
 - `source_root` / `resolves_inside` decide which symlinks in a checkpoint directory
   are legitimate: those that stay inside it, or inside the Hugging Face hub cache repo
   when the directory is a cache snapshot (files there are links to ../../blobs/).
+- `check_output_file` validates a file output (a report, a plot) before any work: never an
+  input, never inside an input directory or another output; `staged_text` writes a report
+  beside its place before the main output is written, and moves it in only with it.
+- `check_regex` (from surgery.options.patterns, torch-free) refuses user regexes that could
+  backtrack for ever on a hostile module name.
 
 Torch-free, so options and ops can use it too.
 """
@@ -21,12 +26,17 @@ import json
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from io import BufferedReader
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, SurgeryError
+from ..errors import CheckpointError, OutputError, SurgeryError
+from ..options.patterns import MAX_REGEX_CHARS, check_regex  # torch-free, so options use it too
+
+__all__ = ["escape_name", "load_json", "decode_json", "JSONRefused", "json_shape", "check_regular", "open_regular",
+           "hub_cache_repo", "source_root", "resolves_inside", "check_output_file", "staged_text", "check_regex",
+           "MAX_REGEX_CHARS", "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "MAX_NUMBER_CHARS", "gc_paused"]
 
 # config.json / index.json / adapter_config.json: the largest real ones (a sharded
 # index of a 100k-tensor model) are ~10 MB.
@@ -382,3 +392,115 @@ def resolves_inside(path: str | os.PathLike, root: Path) -> bool:
         return Path(path).resolve(strict=True).is_relative_to(root)
     except (OSError, RuntimeError, ValueError):  # RuntimeError: a symlink loop (Python < 3.13)
         return False
+
+
+# ----------------------------------------------------------------------------- file outputs
+
+
+def _refuse_overlap(p: Path, rp: Path, inputs: Iterable[str | os.PathLike], others: Iterable[str | os.PathLike],
+                    what: str) -> None:
+    """An output file must not be an input, sit inside an input directory, or overlap another output."""
+    name = escape_name(p)
+    for inp in inputs:
+        ri = Path(inp).resolve()
+        if rp == ri:
+            raise OutputError(f"{what} {name} is the input {escape_name(inp)}; choose another path "
+                              "(inputs are never modified)")
+        if ri.is_dir() and rp.is_relative_to(ri):
+            raise OutputError(f"{what} {name} would be written into the input directory {escape_name(inp)}; "
+                              "choose a path outside it")
+    for other in others:
+        ro = Path(other).resolve()
+        if rp == ro or rp.is_relative_to(ro):
+            raise OutputError(f"{what} {name} {'is' if rp == ro else 'is inside'} the output {escape_name(other)}, "
+                              "which is written as a whole; give them different paths")
+        if ro.is_relative_to(rp):
+            raise OutputError(f"output {escape_name(other)} is inside {what} {name}; give them different paths")
+
+
+def check_output_file(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (),
+                      others: Iterable[str | os.PathLike] = (), overwrite: bool = False,
+                      what: str = "report") -> Path:
+    """Validate where a file output (a JSON report, a plot) goes, before any work is done.
+
+    Links are followed: a path that resolves to an input is refused like the input itself.
+
+    Args:
+        path: the file to write.
+        inputs: every file or directory the command reads (models, adapters, calibration...).
+        others: the command's other outputs (the -o directory): the file may not be one of
+            them, sit inside one, or contain one.
+        overwrite: whether an existing file may be replaced.
+        what: how the message names the file ("report", "plot").
+
+    Returns:
+        The path, as a Path.
+
+    Raises:
+        OutputError: one line: equal to or inside an input, overlapping another output, an
+        existing file without overwrite, a directory, a missing or unwritable directory.
+
+    Example:
+        >>> check_output_file("r.json", inputs=["model/"], others=["out/"])          # doctest: +SKIP
+        PosixPath('r.json')
+    """
+    p = Path(path)
+    name = escape_name(p)
+    if "\x00" in str(p):
+        raise OutputError(f"{what} path {name} contains a NUL character; choose another")
+    rp = p.resolve()
+    _refuse_overlap(p, rp, inputs, others, what)
+    if not rp.parent.is_dir():
+        raise OutputError(f"the directory of {what} {name} does not exist; create it or choose another path")
+    if p.is_dir():
+        raise OutputError(f"{what} {name} is a directory; give a file name")
+    if os.path.lexists(p) and not overwrite:
+        raise OutputError(f"{what} {name} already exists; set overwrite to replace it")
+    eff = os.access in os.supports_effective_ids
+    if not os.access(rp.parent, os.W_OK | os.X_OK, effective_ids=eff):
+        raise OutputError(f"cannot write {what} {name}: {escape_name(rp.parent)} is not writable; "
+                          "choose a writable location")
+    return p
+
+
+@contextlib.contextmanager
+def staged_text(path: str | os.PathLike, text: str) -> Iterator[Path]:
+    """Write TEXT into a temporary sibling of PATH now; move it into place when the block
+    succeeds, remove it when the block fails.
+
+    For a report that must land with the output it describes or not at all: a full disk is
+    found before the block writes the output, and a failed output leaves no report.
+
+    Args:
+        path: the report's final path (validated before, see check_output_file).
+        text: its content.
+
+    Yields:
+        The staged file (hidden, beside PATH).
+
+    Raises:
+        OutputError: the staged file cannot be written (ENOSPC: "No space left on device..."),
+        nothing is left behind; or it cannot be moved into place.
+
+    Example:
+        >>> with staged_text("report.json", json.dumps(result)):           # doctest: +SKIP
+        ...     write_adapter(out, ...)       # the report appears only if this succeeds
+    """
+    from .writer import _temp_path, write_text_atomic  # writer imports this module
+
+    p = Path(path)
+    staged = _temp_path(p)
+    write_text_atomic(staged, text)
+    try:
+        yield staged
+    except BaseException:  # KeyboardInterrupt (SIGTERM in the CLI) too: no staged file left
+        with contextlib.suppress(OSError):
+            staged.unlink()
+        raise
+    try:
+        os.replace(staged, p)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            staged.unlink()
+        raise OutputError(f"cannot move {escape_name(p)} into place ({e.strerror or e}); choose another "
+                          "path") from None

@@ -8,7 +8,6 @@ outputs, and the random input sets both the exporter and the checks feed it.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 
 from surgery.core.hf import architecture_class, config_dict, quiet
 from surgery.errors import CheckpointError, OptionError
+from surgery.io.guards import escape_name, load_json
 from surgery.onnx.spec import CUSTOM_TASK, InputSpec, IOSpec
 from surgery.options.export import ExportOptions
 
@@ -41,19 +41,18 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     """
     cfg_path = model_dir / "config.json"
     if not model_dir.is_dir():
-        raise CheckpointError(f"model directory {model_dir} does not exist; pass a Hugging Face model directory")
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{model_dir} has no config.json; export-onnx needs a Hugging Face model directory")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {cfg_path} ({e}); fix or regenerate the config") from None
-    if not isinstance(raw, dict) or not raw:
-        raise CheckpointError(f"{cfg_path} is not a non-empty JSON object; fix or regenerate the config")
+        raise CheckpointError(f"model directory {escape_name(model_dir)} does not exist; pass a Hugging Face model "
+                              "directory")
+    if not os.path.lexists(cfg_path):
+        raise CheckpointError(f"{escape_name(model_dir)} has no config.json; export-onnx needs a Hugging Face model "
+                              "directory")
+    raw = load_json(cfg_path)  # a FIFO, a JSON bomb, duplicate keys: one line
+    if not raw:
+        raise CheckpointError(f"{escape_name(cfg_path)} is an empty JSON object; fix or regenerate the config")
     if raw.get("trust_remote_code"):
-        raise CheckpointError(f"{cfg_path} asks for remote code (trust_remote_code); surgery never runs code "
-                              "shipped with a checkpoint — pass the module via the Python API (model=)")
-    return config_dict(model_dir, raw)  # the shared rules (auto_map refused)
+        raise CheckpointError(f"{escape_name(cfg_path)} asks for remote code (trust_remote_code); surgery never runs "
+                              "code shipped with a checkpoint — pass the module via the Python API (model=)")
+    return config_dict(model_dir, raw)  # the shared rules (auto_map, quantization_config refused)
 
 
 def _arch_task(arch: str) -> str | None:
@@ -117,26 +116,43 @@ def _dropped_head(raw: Mapping[str, Any], config: Any, loaded: type) -> set[str]
     return _head_keys(model, set(model.state_dict()))
 
 
+def _shapes(key: Any) -> str:
+    """'name (checkpoint (100, 32), config (200, 32))' from a transformers mismatch entry."""
+    if isinstance(key, tuple) and len(key) == 3:
+        return f"{escape_name(key[0], 200)} (checkpoint {tuple(key[1])}, config.json {tuple(key[2])})"
+    return escape_name(key[0] if isinstance(key, tuple) else key, 200)
+
+
+_WHY = {
+    "head": "transformers would initialise them randomly; export the task the checkpoint was saved for "
+            "(task 'auto'), or set allow_random_head if a random head is what you want",
+    "missing": "transformers would initialise them randomly; config.json describes weights the checkpoint does not "
+               "hold (more layers? another architecture?): fix config.json or the checkpoint",
+    "mis-shaped": "transformers would initialise them randomly; config.json's sizes (hidden_size, vocab_size...) "
+                  "do not match the checkpoint: fix config.json or the checkpoint",
+    "unexpected": "transformers would ignore them; if they are a head, export the task it computes (task), else "
+                  "merge or remove them (an unmerged adapter? renamed weights?)",
+}
+
+
 def _check_loading(model_dir: Path, model: torch.nn.Module, info: Mapping[str, Any], dropped: set[str],
                    allow_random_head: bool) -> None:
-    """Refuse weights transformers would make up (missing, mis-shaped) or ignore (unexpected)."""
+    """Refuse weights transformers would make up (missing, mis-shaped) or ignore (unexpected),
+    naming them (escaped) and saying why."""
     name = type(model).__name__
     missing = {str(k) for k in info.get("missing_keys") or []}
-    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda k: str(k[0] if isinstance(k, tuple) else k))
     unexpected = sorted({str(k) for k in info.get("unexpected_keys") or []} - dropped)
-    random_head = missing and allow_random_head and _head_keys(model, missing) == missing
-    problems = [("missing", [] if random_head else sorted(missing)), ("mis-shaped", mismatched),
-                ("unexpected", unexpected)]
-    for what, keys in problems:
-        if not keys:
-            continue
-        shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-        why = {"missing": "transformers would initialise them randomly; export the task the checkpoint was "
-                          "saved for (task 'auto'), or set allow_random_head if a random head is what you want",
-               "mis-shaped": "transformers would initialise them randomly; fix config.json or the checkpoint",
-               "unexpected": "transformers would ignore them; if they are a head, export the task it "
-                             "computes (task), else merge or remove them (an unmerged adapter? renamed weights?)"}[what]
-        raise CheckpointError(f"{model_dir}: {len(keys)} weight(s) {what} for {name} ({shown}); {why}")
+    head_only = bool(missing) and _head_keys(model, missing) == missing
+    problems = [("missing", "head" if head_only else "missing",
+                 [] if head_only and allow_random_head else [escape_name(k, 200) for k in sorted(missing)]),
+                ("mis-shaped", "mis-shaped", [_shapes(k) for k in mismatched]),
+                ("unexpected", "unexpected", [escape_name(k, 200) for k in unexpected])]
+    for what, why, keys in problems:
+        if keys:
+            shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+            raise CheckpointError(f"{escape_name(model_dir)}: {len(keys)} weight(s) {what} for {name} ({shown}); "
+                                  f"{_WHY[why]}")
 
 
 def _from_pretrained(model_dir: Path, raw: Mapping[str, Any], task: str, allow_random_head: bool) -> Any:
@@ -149,14 +165,18 @@ def _from_pretrained(model_dir: Path, raw: Mapping[str, Any], task: str, allow_r
             cls = model_class(task, raw.get("architectures"))
             # Eager attention: plain MatMul/Softmax in the graph, which both exporters handle and
             # onnxruntime's Attention fusion recognises (SDPA's mask path does not fuse).
+            # ignore_mismatched_sizes: a weight whose shape differs from config.json is then listed
+            # in info["mismatched_keys"] (and refused by _check_loading, named), not a bare ValueError
             model, info = cls.from_pretrained(
                 model_dir, config=config, dtype=torch.float32, attn_implementation="eager",
                 trust_remote_code=False, local_files_only=True, output_loading_info=True,
+                ignore_mismatched_sizes=True,
             )
     except _LOAD_ERRORS as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load {model_dir} as {task} with transformers ({first}); "
-                              f"check config.json's model_type/architectures and the task") from None
+        raise CheckpointError(f"cannot load {escape_name(model_dir)} as {task} with transformers "
+                              f"({escape_name(first, 200)}); check config.json's model_type/architectures and the "
+                              "task") from None
     _check_loading(model_dir, model, info, _dropped_head(raw, config, type(model)), allow_random_head)
     return model
 

@@ -43,9 +43,10 @@ from torch import Tensor
 from surgery.core.hf import resolve_device, torch_threads
 from surgery.core.layers import check_includes_match, matrix_tensors, module_filter, module_of, open_model, oriented
 from surgery.core.lowrank import SVDResult, allocate_budget, parse_budget, truncated_svd
-from surgery.core.tensors import check_finite
+from surgery.core.tensors import check_finite, check_fits, matrix_bytes
 from surgery.errors import CheckpointError, OptionError, OutputError, SurgeryError
-from surgery.io import CheckpointIndex, LazyReader
+from surgery.io import CheckpointIndex, LazyReader, escape_name
+from surgery.io.guards import check_output_file
 from surgery.options.analyze import DEFAULT_RANKS, EXACT_MAX, RANDOMIZED_CAP, AnalyzeOptions
 
 __all__ = ["AnalyzeOptions", "AnalyzeResult", "ModuleAnalysis", "SpectrumStats", "analyze", "effective_rank",
@@ -186,6 +187,7 @@ class _Plan:
     budget: int | None  # parameters, resolved against the model's size
     k_cap: int  # singular values the randomized SVD computes
     device: torch.device
+    skipped: list[dict] = field(default_factory=list)  # selected but not analysable (an empty matrix), with why
 
 
 def analyze(
@@ -227,7 +229,7 @@ def analyze(
     return AnalyzeResult(
         model=str(model), base=None if base is None else str(base), ranks=list(opts.ranks), modules=rows,
         method_note=method_note(opts.exact_max, plan.k_cap, opts.niter), effective_rank_definition=EFFECTIVE_RANK_DEF,
-        budget=plan.budget, budget_used=used, model_params=plan.idx.total_params, skipped=[],
+        budget=plan.budget, budget_used=used, model_params=plan.idx.total_params, skipped=plan.skipped,
         seconds=time.perf_counter() - t0,
     )
 
@@ -242,17 +244,38 @@ def _plan(model: str | Path, base: str | Path | None, opts: AnalyzeOptions) -> _
     bidx = open_model(base, "BASE") if base is not None else None
     mats = matrix_tensors(idx)
     check_includes_match(keep, [module_of(n) for n in mats], model)
-    selected = {n: k for n, k in mats.items() if keep(module_of(n))}
+    chosen = {n: k for n, k in mats.items() if keep(module_of(n))}
+    selected = {n: k for n, k in chosen.items() if idx.tensors[n].numel}
+    skipped = [{"tensor": n, "why": f"empty matrix {tuple(idx.tensors[n].shape)}: no spectrum"}
+               for n in chosen if n not in selected]
     if not selected:
-        raise OptionError(f"no matrix weight of {model} is selected; check include/exclude", field="include")
+        raise OptionError(f"no non-empty matrix weight of {escape_name(model)} is selected; check include/exclude",
+                          field="include")
     if bidx is not None:
         for n in selected:
             bi = bidx.tensors.get(n)
             if bi is None or bi.shape != idx.tensors[n].shape:
                 why = "missing from BASE" if bi is None else f"shape {bi.shape} in BASE vs {idx.tensors[n].shape}"
-                raise CheckpointError(f"{n}: {why}; MODEL and BASE must share an architecture")
+                raise CheckpointError(f"{escape_name(n, 200)}: {why}; MODEL and BASE must share an architecture")
     budget = parse_budget(opts.budget, idx.total_params) if opts.budget is not None else None
-    return _Plan(idx, bidx, selected, budget, max(opts.cap, max(opts.ranks)), device)
+    plan = _Plan(idx, bidx, selected, budget, max(opts.cap, max(opts.ranks)), device, skipped)
+    _check_memory(plan, opts.exact_max)
+    return plan
+
+
+def _check_memory(plan: _Plan, exact_max: int) -> None:
+    """Refuse, before reading any tensor, a matrix whose analysis cannot fit in memory: the tensor
+    as read, its fp32 copy, the SVD's factors (all of them when exact) and, with a BASE, the
+    base tensor and the delta."""
+    def need(name: str) -> int:
+        info = plan.idx.tensors[name]
+        mn = min(info.shape)
+        n = matrix_bytes(info.nbytes, info.shape, rank=mn if mn <= exact_max else plan.k_cap)
+        return n + (matrix_bytes(info.nbytes, info.shape) if plan.bidx is not None else 0)
+
+    name = max(plan.selected, key=need)
+    check_fits(need(name), f"analysing {escape_name(name, 200)} {tuple(plan.idx.tensors[name].shape)}",
+               "use a machine with more memory, or exclude it (exclude)")
 
 
 def _analyze_all(plan: _Plan, opts: AnalyzeOptions, model, base, progress: Progress | None):
@@ -319,37 +342,52 @@ def layer_type(module: str) -> str:
     return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", module)
 
 
-def check_plot_path(path: str | Path, overwrite: bool = False) -> Path:
-    """Validate a plot path before any work: known extension, not there unless overwrite.
+def check_plot_path(path: str | Path, overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> Path:
+    """Validate a plot path before any work: known extension, matplotlib there, never an input
+    or inside an input directory (a model directory as the working directory), its directory
+    there, not there unless overwrite.
+
+    Args:
+        path: the plot file.
+        overwrite: whether an existing file may be replaced.
+        inputs: the checkpoints analysed (MODEL, BASE).
 
     Raises:
         OptionError: not .png / .svg / .pdf.
-        OutputError: the file exists (and overwrite is false) or is a directory.
+        OutputError: equal to or inside an input, exists (and overwrite is false), a directory,
+            or its directory is missing.
+        SurgeryError: matplotlib is not installed.
 
     Example:
-        >>> check_plot_path("spectra.png")
+        >>> check_plot_path("spectra.png", inputs=["fixtures/tiny-bert"])
         PosixPath('spectra.png')
     """
+    import importlib.util
+
     path = Path(path)
     if path.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise OptionError(f"plot {path}: use a .png, .svg or .pdf file name", field="plot")
-    if path.exists() and (not overwrite or path.is_dir()):
-        raise OutputError(f"plot file {path} already exists; set overwrite to replace it")
-    return path
+        raise OptionError(f"plot {escape_name(path)}: use a .png, .svg or .pdf file name", field="plot")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise SurgeryError(_NO_MATPLOTLIB)
+    return check_output_file(path, inputs=inputs, overwrite=overwrite, what="plot")
+
+
+_NO_MATPLOTLIB = "plotting needs matplotlib, which is not installed; pip install 'surgery[plot]'"
 
 
 def plot_spectra(result: AnalyzeResult, path: str | Path, *, overwrite: bool = False) -> Path:
     """Per layer type: normalised singular values (log scale) and the cumulative energy curve
     of each layer — of the delta when the analysis has a BASE, else of the weights. PNG/SVG/PDF
-    by extension; written to a temporary sibling and renamed."""
+    by extension; written to a temporary sibling and renamed. The path is checked again
+    (check_plot_path), against the checkpoints the result names."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SurgeryError("plotting needs matplotlib, which is not installed; pip install 'surgery[plot]'") from None
-    path = check_plot_path(path, overwrite)
+        raise SurgeryError(_NO_MATPLOTLIB) from None
+    path = check_plot_path(path, overwrite, [p for p in (result.model, result.base) if p is not None])
     groups: dict[str, list[ModuleAnalysis]] = {}
     for m in result.modules:
         groups.setdefault(layer_type(m.module), []).append(m)
@@ -377,16 +415,18 @@ def plot_spectra(result: AnalyzeResult, path: str | Path, *, overwrite: bool = F
         for ax in (ax_s, ax_e):
             ax.tick_params(labelsize=7)
             ax.set_xlabel("rank", fontsize=7)
-    fig.suptitle(f"{result.model}" + (f" - {result.base}" if result.base else ""), fontsize=9)
+    fig.suptitle(escape_name(result.model) + (f" - {escape_name(result.base)}" if result.base else ""), fontsize=9)
     fig.tight_layout()
     tmp = path.parent / f".{path.stem}.surgery-tmp-{os.getpid()}{path.suffix}"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # KeyboardInterrupt too: no temporary file left
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write the plot {path} ({e.strerror or e})") from None
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write the plot {escape_name(path)} ({e.strerror or e}); nothing was "
+                              "written") from None
+        raise
     finally:
         plt.close(fig)
     return path

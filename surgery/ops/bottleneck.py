@@ -57,7 +57,6 @@ both.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -72,9 +71,10 @@ from torch import Tensor, nn
 from surgery.core.hf import resolve_device, torch_threads
 from surgery.core.layers import PROJECTION_KINDS, matrix_tensors, module_filter, module_of, open_model, oriented
 from surgery.core.lowrank import lapack_threads, truncated_svd
-from surgery.core.tensors import check_finite
+from surgery.core.tensors import check_finite, check_fits, matrix_bytes
 from surgery.errors import AdapterError, CheckpointError, OptionError
-from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, check_output_path
+from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, check_output_path, escape_name, load_json
+from surgery.io.guards import check_regex, check_regular
 from surgery.options.init import ACTIVATION_NAMES, PLACEMENTS, InitAdapterOptions
 
 __all__ = ["InitAdapterOptions", "BottleneckAdapter", "BottleneckModule", "BottleneckResult", "BottleneckSet",
@@ -127,7 +127,8 @@ def sites(modules: Sequence[str], placement: str, pattern: str | None = None) ->
         pattern: a regex naming the modules instead (site "custom").
 
     Raises:
-        OptionError: unknown placement or invalid pattern.
+        OptionError: unknown placement, or a pattern that is invalid or could backtrack for ever
+            (surgery.io.guards.check_regex).
 
     Example:
         >>> sites(["l.0.self_attn.o_proj", "l.0.mlp.down_proj"], "attn")
@@ -137,9 +138,9 @@ def sites(modules: Sequence[str], placement: str, pattern: str | None = None) ->
         raise OptionError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}", field="placement")
     if pattern is not None:
         try:
-            rx = re.compile(pattern)
-        except re.error as e:
-            raise OptionError(f"invalid modules regex {pattern!r}: {e}", field="modules") from None
+            rx = check_regex(pattern, "modules")
+        except OptionError as e:
+            raise OptionError(str(e), field="modules") from None
         return {m: "custom" for m in modules if rx.search(m)}
     want = ("attn", "ffn") if placement == "both" else (placement,)
     out = {}
@@ -237,6 +238,7 @@ class _Plan:
     chosen: dict[str, str]  # module -> site
     bidx: CheckpointIndex | None = None
     fidx: CheckpointIndex | None = None
+    empty: list[str] = field(default_factory=list)  # selected projections with no elements: skipped
 
 
 def init_adapter(
@@ -300,16 +302,18 @@ def _plan(model: str | Path, opts: InitAdapterOptions) -> _Plan:
     keep = module_filter(opts.include, opts.exclude)
     projs = {module_of(n): k for n, k in matrix_tensors(idx, allowed=PROJECTION_KINDS).items()}
     chosen = {m: s for m, s in sites(list(projs), opts.placement, opts.modules).items() if keep(m)}
+    empty = sorted(m for m in chosen if min(idx.tensors[m + ".weight"].shape) == 0)
+    chosen = {m: s for m, s in chosen.items() if m not in empty}
     if not chosen:
         how = f"modules {opts.modules!r}" if opts.modules else f"placement {opts.placement}"
-        raise OptionError(f"{how} selects no output projection of {model}; name them with a modules regex",
-                          field="modules" if opts.modules else "placement")
+        raise OptionError(f"{how} selects no non-empty output projection of {escape_name(model)}; name them with a "
+                          "modules regex", field="modules" if opts.modules else "placement")
     for m in chosen:
         shape = idx.tensors[m + ".weight"].shape
         if R > min(shape):
-            raise OptionError(f"bottleneck {R} exceeds min{tuple(shape)} = {min(shape)} for {m}; "
+            raise OptionError(f"bottleneck {R} exceeds min{tuple(shape)} = {min(shape)} for {escape_name(m, 200)}; "
                               f"use bottleneck <= {min(shape)}", field="bottleneck")
-    plan = _Plan(idx, projs, chosen)
+    plan = _Plan(idx, projs, chosen, empty=empty)
     if opts.from_delta:
         base, ft = (Path(p) for p in opts.from_delta)
         plan.bidx, plan.fidx = open_model(base, "BASE"), open_model(ft, "FT")
@@ -317,9 +321,27 @@ def _plan(model: str | Path, opts: InitAdapterOptions) -> _Plan:
             for name in (m + ".weight", m + ".bias"):
                 shapes = [i.tensors[name].shape if name in i.tensors else None for i in (idx, plan.bidx, plan.fidx)]
                 if len(set(shapes)) != 1:
-                    raise CheckpointError(f"{name}: shapes {shapes} in MODEL/BASE/FT differ; "
+                    raise CheckpointError(f"{escape_name(name, 200)}: shapes {shapes} in MODEL/BASE/FT differ; "
                                           "from_delta needs the same architecture")
+    _check_memory(plan, R)
     return plan
+
+
+def _check_memory(plan: _Plan, R: int) -> None:
+    """Refuse, before the output is started, a projection whose adapter cannot be initialised in
+    memory: the weight as read, its fp32 copy and top-R SVD factors; with from_delta, the base and
+    fine-tuned weights, the delta and the (d, d) map X = Δ W⁺ with its full SVD."""
+    def need(m: str) -> int:
+        info = plan.idx.tensors[m + ".weight"]
+        n = matrix_bytes(info.nbytes, info.shape, rank=R)
+        if plan.fidx is not None:
+            d = info.shape[1] if plan.kinds[m] == "conv1d" else info.shape[0]
+            n += 2 * info.nbytes + matrix_bytes(0, info.shape, rank=min(info.shape), copies=2) + 4 * 3 * d * d
+        return n
+
+    m = max(plan.chosen, key=need)
+    check_fits(need(m), f"initialising the adapter of {escape_name(m, 200)}",
+               "use a machine with more memory, or exclude it (exclude)")
 
 
 def _write_adapters(w: ShardedWriter, plan: _Plan, opts: InitAdapterOptions, device: torch.device,
@@ -354,6 +376,8 @@ def _write_adapters(w: ShardedWriter, plan: _Plan, opts: InitAdapterOptions, dev
             config_modules[m] = {"dim": d, "bottleneck": R, "site": plan.chosen[m]}
             if progress:
                 progress("init-adapter", i + 1, len(order))
+    result.notes += [f"skipped {escape_name(m, 200)}: empty projection {tuple(plan.idx.tensors[m + '.weight'].shape)}"
+                     for m in plan.empty]
     if opts.from_delta:
         result.captured = 1.0 - sq_err / sq_tot if sq_tot else 1.0
         if opts.activation != "identity":
@@ -392,41 +416,68 @@ class BottleneckSet:
     adapters: dict[str, BottleneckAdapter]  # module name -> adapter
 
 
-def load_bottleneck(path: str | Path) -> BottleneckSet:
-    """Read and validate a bottleneck adapter directory."""
-    path = Path(path)
+def _read_config(path: Path) -> tuple[Path, dict, str, dict]:
+    """(config path, config, activation, modules) of a bottleneck adapter directory, checked."""
     cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not cfg_path.is_file() or not w_path.is_file():
-        raise AdapterError(f"{path}: not a bottleneck adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
-                           "create one with `surgery init-adapter`")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{cfg_path}: cannot read ({e}); re-create the adapter") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-        raise AdapterError(f"{cfg_path}: format is not {FORMAT!r}; this is not a surgery bottleneck adapter")
+        raise AdapterError(f"{escape_name(path)}: not a bottleneck adapter directory (needs {CONFIG_NAME} and "
+                           f"{WEIGHTS_NAME}); create one with `surgery init-adapter`")
+    cfg = load_json(cfg_path, error=AdapterError)  # a FIFO, a JSON bomb, duplicate keys: one line
+    where = escape_name(cfg_path)
+    if cfg.get("format") != FORMAT:
+        raise AdapterError(f"{where}: format is not {FORMAT!r}; this is not a surgery bottleneck adapter")
     if cfg.get("format_version") != FORMAT_VERSION:
-        raise AdapterError(f"{cfg_path}: format_version {cfg.get('format_version')!r} is not supported "
-                           f"(this surgery reads {FORMAT_VERSION}); upgrade surgery")
+        raise AdapterError(f"{where}: format_version {escape_name(repr(cfg.get('format_version')), 40)} is not "
+                           f"supported (this surgery reads {FORMAT_VERSION}); upgrade surgery")
     act = cfg.get("activation")
-    if act not in ACTIVATIONS:
-        raise AdapterError(f"{cfg_path}: unknown activation {act!r}; use one of {', '.join(ACTIVATIONS)}")
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        raise AdapterError(f"{where}: unknown activation {escape_name(repr(act), 40)}; use one of "
+                           f"{', '.join(ACTIVATIONS)}")
     mods = cfg.get("modules")
     if not isinstance(mods, dict) or not mods:
-        raise AdapterError(f"{cfg_path}: 'modules' must be a non-empty object")
+        raise AdapterError(f"{where}: 'modules' must be a non-empty object")
+    return cfg_path, cfg, act, mods
+
+
+def _module_sizes(m: str, spec: object, cfg_path: Path) -> tuple[int, int]:
+    """(dim, bottleneck) of one config entry: positive integers."""
+    d = spec.get("dim") if isinstance(spec, dict) else None
+    R = spec.get("bottleneck") if isinstance(spec, dict) else None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (d, R)):
+        raise AdapterError(f"{escape_name(cfg_path)}: module '{escape_name(m, 200)}' needs positive integer 'dim' "
+                           "and 'bottleneck'")
+    return cast(int, d), cast(int, R)
+
+
+def load_bottleneck(path: str | Path) -> BottleneckSet:
+    """Read and validate a bottleneck adapter directory.
+
+    Every tensor's shape is checked against its config entry before any module is built, so a
+    config naming absurd sizes is refused in one line, not an allocation failure.
+
+    Raises:
+        AdapterError: a missing, malformed or mismatched config or weights file.
+
+    Example:
+        >>> aset = load_bottleneck("out/adapters")
+        >>> sorted(aset.adapters)[:1]
+        ['encoder.layer.0.output.dense']
+    """
+    path = Path(path)
+    cfg_path, cfg, act, mods = _read_config(path)
+    w_path = path / WEIGHTS_NAME
+    check_regular(w_path, error=AdapterError)  # a FIFO would block safe_open
     try:
         with safe_open(str(w_path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
-        raise AdapterError(f"{w_path}: cannot read ({e}); re-create the adapter") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdapterError(f"{escape_name(w_path)}: cannot read ({escape_name(first, 200)}); re-create the "
+                           "adapter") from None
     adapters = {}
     expected = set()
     for m, spec in mods.items():
-        try:
-            d, R = int(spec["dim"]), int(spec["bottleneck"])
-        except (KeyError, TypeError, ValueError):
-            raise AdapterError(f"{cfg_path}: module {m!r} needs integer 'dim' and 'bottleneck'") from None
-        ad = BottleneckAdapter(d, R, act)
+        d, R = _module_sizes(m, spec, cfg_path)
         shapes = {"down.weight": (R, d), "down.bias": (R,), "up.weight": (d, R), "up.bias": (d,)}
         sd = {}
         for slot, shape in shapes.items():
@@ -435,13 +486,17 @@ def load_bottleneck(path: str | Path) -> BottleneckSet:
             t = tensors.get(key)
             if t is None or tuple(t.shape) != shape:
                 got = "missing" if t is None else f"shape {tuple(t.shape)}"
-                raise AdapterError(f"{w_path}: {key} is {got}, expected {shape}; the file does not match its config")
+                raise AdapterError(f"{escape_name(w_path)}: {escape_name(key, 200)} is {got}, expected {shape}; the "
+                                   "file does not match its config")
             sd[slot] = t.float()
+        ad = BottleneckAdapter(d, R, act)
         ad.load_state_dict(sd)
         adapters[m] = ad
     extra = sorted(set(tensors) - expected)
     if extra:
-        raise AdapterError(f"{w_path}: tensors not described by the config: {extra[:3]}; re-create the adapter")
+        shown = ", ".join(escape_name(k, 200) for k in extra[:3])
+        raise AdapterError(f"{escape_name(w_path)}: tensors not described by the config ({shown}); re-create the "
+                           "adapter")
     return BottleneckSet(cfg, adapters)
 
 
@@ -493,18 +548,21 @@ def attach_bottleneck(model: nn.Module, adapters: str | Path | BottleneckSet, *,
         try:
             target = model.get_submodule(m)
         except AttributeError:
-            raise AdapterError(f"module {m!r} of the adapter is not in the model; it was made for another "
-                               "architecture (or the model has a different prefix)") from None
+            raise AdapterError(f"module '{escape_name(m, 200)}' of the adapter is not in the model; it was made "
+                               "for another architecture (or the model has a different prefix)") from None
         if isinstance(target, nn.Linear):
             d = target.out_features
         elif isinstance(target, Conv1D):
             d = target.nf
         else:
-            raise AdapterError(f"module {m!r} is a {type(target).__name__}, not a Linear/Conv1D projection")
+            raise AdapterError(f"module '{escape_name(m, 200)}' is a {type(target).__name__}, not a Linear/Conv1D "
+                               "projection")
         if d != ad.down.in_features:
-            raise AdapterError(f"module {m!r} outputs {d} features but its adapter expects {ad.down.in_features}")
+            raise AdapterError(f"module '{escape_name(m, 200)}' outputs {d} features but its adapter expects "
+                               f"{ad.down.in_features}")
         if CHILD in target._modules:
-            raise AdapterError(f"module {m!r} already has a bottleneck adapter; remove() the first handle")
+            raise AdapterError(f"module '{escape_name(m, 200)}' already has a bottleneck adapter; remove() the "
+                               "first handle")
         targets[m] = target
     frozen = []
     if freeze_base:

@@ -37,9 +37,9 @@ from surgery.core.hf import parse_dtype, resolve_device
 from surgery.core.layers import module_filter, tensor_kinds
 from surgery.core.lowrank import allocate_budget, frob_sq, lapack_threads, lora_factors, truncated_svd
 from surgery.core.peft_format import LoraModule, write_adapter
-from surgery.core.tensors import all_finite
+from surgery.core.tensors import all_finite, check_fits, require_finite
 from surgery.errors import CheckpointError, OptionError, SurgeryError
-from surgery.io import CheckpointIndex, LazyReader, check_output_path, open_checkpoint
+from surgery.io import CheckpointIndex, LazyReader, check_output_path, escape_name, open_checkpoint
 from surgery.options.extract import ExtractOptions, parse_budget
 
 Progress = Callable[[str, int, int], None]
@@ -336,6 +336,8 @@ class _SVDSettings:
 
 def _sq_norm(t: torch.Tensor) -> float:
     """‖t‖²_F accumulated in fp64, a block at a time."""
+    if t.numel() == 0:  # an empty tensor: no rows to reshape into
+        return 0.0
     return frob_sq(t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1))
 
 
@@ -538,6 +540,10 @@ def assemble(plan: ExtractPlan, rows: list[Row], opts: ExtractOptions, base: Pat
     # PEFT decides the orientation per layer (Conv1D: transposed, Linear: not) and only
     # warns about the flag, so one adapter may hold both kinds.
     fan_in_fan_out = any(p.kind == "conv1d" for p in plan.lora)
+    stored = [(f"{n} {slot}", t) for n, m in ad.modules.items()  # as written: after the cast to the adapter dtype
+              for slot, t in (("lora_A", m.A), ("lora_B", m.B), ("lora_B.bias", m.bias)) if t is not None]
+    require_finite(stored + list(whole.items()), "the adapter", "the delta is too large to store in that dtype; "
+                   "exclude this module, or use dtype fp32 for an fp16/bf16 adapter")
     write_adapter(
         out, ad.modules, full_tensors=whole, base_model_name_or_path=str(base), task_type=opts.task_type,
         fan_in_fan_out=fan_in_fan_out, overwrite=opts.overwrite, inputs=[base, ft],
@@ -637,6 +643,8 @@ def extract_lora(
     with _threads(opts.threads), LazyReader(base_idx) as rb, LazyReader(ft_idx) as rf:
         pair = _Pair(base_idx, ft_idx, rb, rf)
         plan = plan_extraction(pair, opts)
+        big = max(plan.tensors, key=lambda p: base_idx.tensors[p.name].numel)  # each delta is held in fp32
+        check_fits(4 * base_idx.tensors[big.name].numel, f"the fp32 delta of {escape_name(big.name, 200)}")
         rows = decompose(plan, pair, opts, svd, progress)
     return assemble(plan, rows, opts, base, ft, out, base_idx.tied, _options_report(opts, svd.device), t0)
 

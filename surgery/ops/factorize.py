@@ -33,7 +33,6 @@ and cosine similarity (per token, mean and min) of the last hidden state.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -63,9 +62,9 @@ from surgery.core.layers import (
     tied_head,
 )
 from surgery.core.lowrank import SVDResult, lora_factors, truncated_svd
-from surgery.core.tensors import check_finite
+from surgery.core.tensors import check_finite, check_fits, matrix_bytes, require_finite
 from surgery.errors import CheckpointError, OptionError, SurgeryError
-from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, open_checkpoint, parse_size
+from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, escape_name, load_json, open_checkpoint, parse_size
 from surgery.ops.analyze import spectrum
 from surgery.options.factorize import FactorizeOptions
 
@@ -160,8 +159,8 @@ def factorize(
                 LazyReader(idx) as r:
             meta = _FactorWriter(w, idx, targets, opts, device, result).run(r, progress)
             if not meta:
-                raise OptionError(f"no module of {model} reaches min_savings {opts.min_savings} at the chosen "
-                                  f"{opts.policy}; nothing was written", field="min_savings")
+                raise OptionError(f"no module of {escape_name(model)} reaches min_savings {opts.min_savings} at the "
+                                  f"chosen {opts.policy}; nothing was written", field="min_savings")
             w.copy_files(idx.root)
             w.write_json(META_NAME, {"format": FORMAT, "format_version": FORMAT_VERSION, "modules": meta})
         result.params_after = idx.total_params - sum(m.params_before - m.params_after for m in result.modules)
@@ -187,6 +186,9 @@ def _targets(idx: CheckpointIndex, opts: FactorizeOptions, model, skipped: list[
             continue
         shape = idx.tensors[n].shape
         m, nn_ = (shape[1], shape[0]) if k == "conv1d" else shape
+        if m * nn_ == 0:
+            skipped.append({"module": module, "why": f"empty matrix {tuple(shape)}: nothing to factorise"})
+            continue
         if opts.rank is not None and savings(min(opts.rank, m, nn_), m, nn_) < opts.min_savings:
             saved = 100 * savings(min(opts.rank, m, nn_), m, nn_)
             skipped.append({"module": module, "why": f"rank {opts.rank} saves {saved:.1f}% of {m}x{nn_} < "
@@ -195,10 +197,26 @@ def _targets(idx: CheckpointIndex, opts: FactorizeOptions, model, skipped: list[
         targets[n] = k
     if not targets:
         ms = opts.min_savings
-        raise OptionError(f"no Linear/Conv1D weight of {model} would be factorised (see include/exclude, "
-                          f"min_savings; e.g. rank r saves {100 * ms:g}% only when r <= "
+        raise OptionError(f"no Linear/Conv1D weight of {escape_name(model)} would be factorised (see "
+                          f"include/exclude, min_savings; e.g. rank r saves {100 * ms:g}% only when r <= "
                           f"{1 - ms:g}·out·in/(out+in))", field="min_savings")
+    _check_memory(idx, targets, opts)
     return targets
+
+
+def _check_memory(idx: CheckpointIndex, targets: dict[str, str], opts: FactorizeOptions) -> None:
+    """Refuse, before the output is started, a weight whose factorisation cannot fit in memory:
+    the tensor as read, its fp32 copy and the product B·A checked against it, the SVD's factors
+    (the whole spectrum for the energy policy on an exact-sized matrix)."""
+    def need(name: str) -> int:
+        info = idx.tensors[name]
+        mn = min(info.shape)
+        rank = opts.rank if opts.rank is not None else (mn if mn <= 1024 else opts.max_rank)
+        return matrix_bytes(info.nbytes, info.shape, rank=rank, copies=2)
+
+    name = max(targets, key=need)
+    check_fits(need(name), f"factorising {escape_name(name, 200)} {tuple(idx.tensors[name].shape)}",
+               "use a machine with more memory, or exclude it (exclude)")
 
 
 class _FactorWriter:
@@ -256,6 +274,8 @@ class _FactorWriter:
             return
         A, B = lora_factors(res, k)  # (k, in), (out, k)
         A, B = A.to(t.dtype).contiguous(), B.to(t.dtype).contiguous()
+        require_finite([(module + ".0.weight", A), (module + ".1.weight", B)], "the factors",
+                       f"the factors overflow {t.dtype}; exclude this module")
         self.w.add(module + ".0.weight", A)
         self.w.add(module + ".1.weight", B)
         err = float((M - B.float() @ A.float()).norm())
@@ -315,8 +335,9 @@ def load_factorized(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mo
     try:
         with quiet(capture_stdio=True):
             config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot read config.json ({str(e).splitlines()[0]})") from None
+    except (ValueError, KeyError, OSError, TypeError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{escape_name(path)}: cannot read config.json ({escape_name(first, 200)})") from None
     cls = architecture_class(getattr(config, "architectures", None))
     model = model_from_config(config, cls)
     _swap_modules(model, meta.get("modules", {}), path / META_NAME, cls.__name__)
@@ -329,28 +350,55 @@ def load_factorized(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mo
 
 
 def _read_meta(path: Path) -> dict:
-    """factorization.json, checked for its format and version."""
+    """factorization.json, checked for its format and version and every entry's fields (the
+    tool's strict JSON reader: a FIFO, a JSON bomb or a duplicate key is one line)."""
     meta_path = path / META_NAME
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{meta_path}: cannot read ({e}); is {path} a `surgery factorize` output?") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: not a {FORMAT} v{FORMAT_VERSION} file; re-run surgery factorize")
+    meta = load_json(meta_path)
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{escape_name(meta_path)}: not a {FORMAT} v{FORMAT_VERSION} file; re-run surgery "
+                              "factorize")
+    modules = meta.get("modules")
+    if not isinstance(modules, dict):
+        raise CheckpointError(f"{escape_name(meta_path)}: 'modules' must be an object; re-run surgery factorize")
+    for name, spec in modules.items():
+        _check_entry(name, spec, meta_path)
     return meta
 
 
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _check_entry(name: str, spec: Any, meta_path: Path) -> None:
+    """One factorization.json entry: positive integer sizes, a rank within min(in, out), a boolean
+    bias (a rank of 2^40 would otherwise be an allocation failure)."""
+    ok = isinstance(spec, dict) and all(_positive_int(spec.get(k)) for k in ("rank", "in_features", "out_features"))
+    ok = ok and isinstance(spec.get("bias"), bool)
+    if not ok:
+        raise CheckpointError(f"{escape_name(meta_path)}: module '{escape_name(name, 200)}' needs positive integer "
+                              "rank / in_features / out_features and a boolean bias; re-run surgery factorize")
+    r, n, m = spec["rank"], spec["in_features"], spec["out_features"]
+    if r > min(n, m):
+        raise CheckpointError(f"{escape_name(meta_path)}: module '{escape_name(name, 200)}' has rank {r} above "
+                              f"min(in={n}, out={m}); re-run surgery factorize")
+
+
 def _swap_modules(model: nn.Module, modules: dict, meta_path: Path, cls_name: str) -> None:
-    """Replace each listed module of MODEL by the two-Linear Sequential its entry describes."""
+    """Replace each listed module of MODEL by the two-Linear Sequential its entry describes
+    (entries checked by _read_meta); the module must be a Linear / Conv1D of those sizes."""
     for name, spec in modules.items():
+        r, n, m, b = spec["rank"], spec["in_features"], spec["out_features"], spec["bias"]
         try:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            getattr(parent, child)
-            r, n, m, b = int(spec["rank"]), int(spec["in_features"]), int(spec["out_features"]), bool(spec["bias"])
-        except (AttributeError, KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{meta_path}: module {name!r} is not in {cls_name} or its entry is "
-                                  "malformed") from None
+            old = getattr(parent, child)
+        except (AttributeError, TypeError, ValueError):
+            raise CheckpointError(f"{escape_name(meta_path)}: module '{escape_name(name, 200)}' is not in "
+                                  f"{cls_name}; re-run surgery factorize") from None
+        w = getattr(old, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or sorted(w.shape) != sorted((n, m)):
+            raise CheckpointError(f"{escape_name(meta_path)}: module '{escape_name(name, 200)}' of {cls_name} is not "
+                                  f"a {m}x{n} projection; the file does not match config.json")
         setattr(parent, child, factored_linear(n, m, r, b))
 
 
@@ -360,19 +408,21 @@ def _load_strict(model: nn.Module, sd: dict[str, Tensor], path: Path) -> None:
     buffers = {n for n, _ in model.named_buffers()}
     unexpected = [k for k in sd if k not in expected and k not in buffers and not k.endswith("position_ids")]
     if unexpected:
-        raise CheckpointError(f"{path}: tensors the model does not have: {unexpected[:3]}; the checkpoint does "
+        shown = ", ".join(escape_name(k, 200) for k in unexpected[:3])
+        raise CheckpointError(f"{escape_name(path)}: tensors the model does not have ({shown}); the checkpoint does "
                               "not match its config/factorization.json")
     for k, t in sd.items():
         if k in expected and tuple(expected[k].shape) != tuple(t.shape):
-            raise CheckpointError(f"{path}: {k} has shape {tuple(t.shape)}, the model expects "
-                                  f"{tuple(expected[k].shape)}")
+            raise CheckpointError(f"{escape_name(path)}: {escape_name(k, 200)} has shape {tuple(t.shape)}, the "
+                                  f"model expects {tuple(expected[k].shape)}")
     model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
     cast(Any, model).tie_weights()  # a PreTrainedModel
     loaded_ptrs = {t.data_ptr() for n, t in model.state_dict().items() if n in sd}
     missing = [k for k, t in model.state_dict().items()
                if k not in sd and k not in buffers and t.data_ptr() not in loaded_ptrs]
     if missing:
-        raise CheckpointError(f"{path}: missing tensors {missing[:3]}; the checkpoint is incomplete")
+        shown = ", ".join(escape_name(k, 200) for k in missing[:3])
+        raise CheckpointError(f"{escape_name(path)}: missing tensors ({shown}); the checkpoint is incomplete")
 
 
 # ----------------------------------------------------------------------------- output check

@@ -67,9 +67,17 @@ from surgery.core.layers import (
 )
 from surgery.core.lowrank import lapack_threads, truncated_svd
 from surgery.core.peft_format import LoraModule, write_adapter
-from surgery.core.tensors import check_finite
+from surgery.core.tensors import check_finite, check_fits, matrix_bytes, require_finite
 from surgery.errors import OptionError
-from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, atomic_output_dir, check_output_path, parse_size
+from surgery.io import (
+    CheckpointIndex,
+    LazyReader,
+    ShardedWriter,
+    atomic_output_dir,
+    check_output_path,
+    escape_name,
+    parse_size,
+)
 from surgery.options.init import INIT_METHODS, InitLoraOptions
 
 __all__ = ["InitLoraOptions", "InitModule", "InitResult", "init_factors", "init_lora", "input_shard_size", "METHODS"]
@@ -112,7 +120,8 @@ def init_factors(
     """
     m, n = M.shape
     if not 1 <= rank <= min(m, n):
-        raise OptionError(f"rank {rank} is outside 1..min(out={m}, in={n}) for {name or 'the matrix'}; "
+        raise OptionError(f"rank {rank} is outside 1..min(out={m}, in={n}) for "
+                          f"{escape_name(name, 200) if name else 'the matrix'}; "
                           f"use rank <= {min(m, n)} or exclude it", field="rank")
     if method not in METHODS:
         raise OptionError(f"unknown method {method!r}; use one of {', '.join(METHODS)}", field="method")
@@ -256,13 +265,32 @@ def _targets(idx: CheckpointIndex, opts: InitLoraOptions, model, skipped: list[d
             skipped.append({"tensor": n, "why": "output head tied to the input embedding"})
             continue
         shape = idx.tensors[n].shape
+        if min(shape) == 0:
+            skipped.append({"tensor": n, "why": f"empty matrix {tuple(shape)}: no factors to initialise"})
+            continue
         if cast(int, opts.rank) > min(shape):
-            raise OptionError(f"rank {opts.rank} exceeds min{tuple(shape)} = {min(shape)} for {n}; "
-                              f"use rank <= {min(shape)} or exclude '{module_of(n)}'", field="rank")
+            raise OptionError(f"rank {opts.rank} exceeds min{tuple(shape)} = {min(shape)} for {escape_name(n, 200)}; "
+                              f"use rank <= {min(shape)} or exclude '{escape_name(module_of(n), 200)}'", field="rank")
         targets[n] = k
     if not targets:
-        raise OptionError(f"no Linear/Conv1D weight of {model} is selected; check include/exclude", field="include")
+        raise OptionError(f"no Linear/Conv1D weight of {escape_name(model)} is selected; check include/exclude",
+                          field="include")
+    _check_memory(idx, targets, opts)
     return targets
+
+
+def _check_memory(idx: CheckpointIndex, targets: dict[str, str], opts: InitLoraOptions) -> None:
+    """Refuse, before the output is started, a weight whose initialisation cannot fit in memory:
+    the tensor as read, three fp32 copies (the matrix, the residual, the check of the stored
+    sum) and the SVD's factors (the whole spectrum for milora or an exact SVD)."""
+    def need(name: str) -> int:
+        info = idx.tensors[name]
+        full = opts.method == "milora" or (opts.method == "pissa" and opts.svd == "exact")
+        return matrix_bytes(info.nbytes, info.shape, rank=min(info.shape) if full else opts.rank, copies=3)
+
+    name = max(targets, key=need)
+    check_fits(need(name), f"initialising {escape_name(name, 200)} {tuple(idx.tensors[name].shape)}",
+               "use a machine with more memory, or exclude it (exclude)")
 
 
 def _write_residual(idx: CheckpointIndex, dst: Path, shard_bytes: int, targets: dict[str, str],
@@ -305,6 +333,9 @@ def _init_one(t: Tensor, name: str, kind: str, opts: InitLoraOptions,
     # the residual against the factors as stored, so the stored sum is as close to W as it can be
     R = M - s * (B.float() @ A.float())  # (out, in)
     R_st = (R.T if kind == "conv1d" else R).to(t.dtype).contiguous()
+    require_finite([(module_of(name) + " lora_A", A), (module_of(name) + " lora_B", B), (name + " (residual)", R_st)],
+                   "the initialised tensors", "they overflow the dtype they are stored in: use adapter_dtype fp32, "
+                   "or exclude this module")
     back = oriented(R_st, kind) + s * (B.float() @ A.float())  # (out, in)
     wn = float(M.norm())
     module = module_of(name)

@@ -14,6 +14,7 @@ import re
 from typing import Any, TypeVar
 
 from surgery.errors import OptionError
+from surgery.options.patterns import check_regex
 
 T = TypeVar("T", bound="Options")
 
@@ -110,12 +111,13 @@ def device_name(value: Any, field: str = "device", extra: tuple[str, ...] = ()) 
 
 
 def regex(value: Any, field: str, allow_none: bool = True) -> None:
+    """A valid regular expression that cannot backtrack for ever (surgery.options.patterns)."""
     if value is None and allow_none:
         return
     try:
-        re.compile(value)
-    except (re.error, TypeError) as e:
-        raise OptionError(f"{field}: {value!r} is not a valid regular expression ({e})", field=field) from None
+        check_regex(value, field)
+    except OptionError as e:
+        raise OptionError(str(e), field=field) from None
 
 
 def regexes(values: Any, field: str) -> None:

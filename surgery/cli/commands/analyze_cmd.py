@@ -79,6 +79,9 @@ def render_analyze(res) -> str:
         lines.append(f"recommended ranks: budget {human_count(res.budget)} params, used "
                      f"{human_count(res.budget_used)} ({100 * res.budget_used / max(res.model_params, 1):.2f}% "
                      "of the model), same allocator as extract-lora --budget")
+    from surgery.io import escape_name
+
+    lines += [f"skipped {escape_name(sk['tensor'], 200)}: {sk['why']}" for sk in res.skipped]
     lines.append(f"{len(res.modules)} matrices; effective rank: {res.effective_rank_definition}")
     lines.append(res.method_note)
     return "\n".join(lines)
@@ -120,10 +123,11 @@ def analyze_cmd(ctx, model, base, plot, overwrite, as_json, quiet, **fields):
       surgery analyze ft/ --base base/ --ranks 4,8,16 --plot spectra.png --json > report.json
     """
     opts = build_options(AnalyzeOptions, ctx, **fields)
+    from surgery.io import escape_name
     from surgery.ops.analyze import analyze, check_plot_path, plot_spectra
 
-    if plot:
-        check_plot_path(plot, overwrite)  # fail before the SVDs, not after
+    if plot:  # fail before the SVDs, not after; never into MODEL or BASE
+        check_plot_path(plot, overwrite, [p for p in (model, base) if p is not None])
     with progress_bar(not quiet) as prog:
         res = analyze(model, base, opts, progress=prog)
     if plot:
@@ -133,4 +137,4 @@ def analyze_cmd(ctx, model, base, plot, overwrite, as_json, quiet, **fields):
     else:
         click.echo(render_analyze(res))
         if plot:
-            click.echo(f"wrote {plot}")
+            click.echo(f"wrote {escape_name(plot)}")

@@ -24,20 +24,23 @@ def _fixture_pair() -> tuple[str, str]:
 
 
 def render_demo(rep: dict) -> str:
+    from surgery.io import escape_name as esc
+
     ex, mg, exp = rep["extract"], rep["merge"], rep["export"]
     w, o = mg["weights_vs_ft"], mg["outputs_vs_ft"]
     rows = [[r["file"], r["input_set"], r["output"], "x".join(map(str, r["shape"])), f"{r['max_abs_diff']:.2e}",
              f"{r['mean_abs_diff']:.2e}", "ok" if r["passed"] else "FAIL"] for r in exp["validation"]]
     return "\n".join([
-        f"surgery demo: {rep['base']} -> {rep['ft']} (rank {rep['rank']})",
-        f"1. extract-lora  {ex['out']}: {ex['modules']} LoRA modules, {human_count(ex['adapter_params'])} params "
+        f"surgery demo: {esc(rep['base'])} -> {esc(rep['ft'])} (rank {rep['rank']})",
+        f"1. extract-lora  {esc(ex['out'])}: {ex['modules']} LoRA modules, {human_count(ex['adapter_params'])} params "
         f"(+{human_count(ex['full_params'])} saved whole), overall relative error {ex['overall_rel_error']:.4f} "
         f"[{ex['seconds']:.1f} s]",
-        f"2. merge         {mg['out']}: {mg['changed']} tensors changed; merged vs fine-tune weights: "
+        f"2. merge         {esc(mg['out'])}: {mg['changed']} tensors changed; merged vs fine-tune weights: "
         f"relative error {w['rel_error']:.4f} (extract reported {ex['overall_rel_error']:.4f}); outputs: "
         f"max |merged - ft| {o['merged_vs_ft_max_abs']:.2e} vs |base - ft| {o['base_vs_ft_max_abs']:.2e}, "
         f"cosine {o['merged_vs_ft_cosine']:.6f} [{mg['seconds']:.1f} s]",
-        f"3. export-onnx   {exp['out']}: exporter {exp['exporter']}, {exp['provider_note']} [{exp['seconds']:.1f} s]",
+        f"3. export-onnx   {esc(exp['out'])}: exporter {exp['exporter']}, {exp['provider_note']} "
+        f"[{exp['seconds']:.1f} s]",
         table(rows, ["file", "inputs", "output", "shape", "max abs", "mean abs", ""], "llllrrl"),
         f"4. validation    {exp['status']}; total {rep['seconds']:.1f} s",
     ])

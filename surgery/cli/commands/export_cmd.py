@@ -44,15 +44,17 @@ def render_benchmark(rows) -> str:
 
 
 def render_export(res) -> str:
-    lines = [f"exported {res.model_path} (+ {res.data_path.name}) with the {res.exporter} exporter"
-             + (f"; {res.exporter_note}" if res.exporter_note else "")]
+    from surgery.io import escape_name
+
+    lines = [f"exported {escape_name(res.model_path)} (+ {escape_name(res.data_path.name)}) with the {res.exporter} "
+             "exporter" + (f"; {escape_name(res.exporter_note)}" if res.exporter_note else "")]
     if res.optimized_path:
-        lines.append(f"optimised graph: {res.optimized_path}")
+        lines.append(f"optimised graph: {escape_name(res.optimized_path)}")
     if res.validation:
         lines += [f"validation on {res.provider_note}:", render_validation(res.validation)]
     if res.benchmark:
         lines.append(render_benchmark(res.benchmark))
-    lines.append(f"status: {res.status}; manifest: {res.manifest_path}")
+    lines.append(f"status: {res.status}; manifest: {escape_name(res.manifest_path)}")
     return "\n".join(lines)
 
 

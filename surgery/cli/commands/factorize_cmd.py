@@ -26,24 +26,28 @@ _DEFAULTS = FactorizeOptions(rank=1)  # the library's defaults, shown in --help
 
 
 def _check_line(oc) -> str:
+    from surgery.io import escape_name
+
     if oc is None:
         return "output check skipped (--no-check)"
     if "skipped" in oc:
-        return f"output check skipped ({oc['skipped']})"
+        return f"output check skipped ({escape_name(oc['skipped'])})"
     return (f"last hidden state on {oc['inputs']}: max abs diff {oc['max_abs_diff']:.3g} "
             f"(|ref| max {oc['ref_max_abs']:.3g}), cosine mean {oc['cosine_mean']:.5f} min {oc['cosine_min']:.5f}")
 
 
 def render_factorize(res) -> tuple[str, str]:
     """(report for stderr, summary line for stdout) of a FactorizeResult."""
+    from surgery.io import escape_name
+
     lines = [table([[m.module, m.kind, f"{m.shape[0]}x{m.shape[1]}", m.rank,
                      f"{100 * (1 - m.params_after / m.params_before):.1f}%", f"{m.rel_error:.4f}",
                      f"{100 * m.energy_kept:.2f}%"] for m in res.modules],
                    ["module", "kind", "shape", "rank", "saved", "rel err", "energy"], "lllrrrr")]
-    lines += [f"kept dense {s['module']}: {s['why']}" for s in res.skipped]
-    summary = (f"wrote {res.out}: {len(res.modules)} layers factorised, parameters {human_count(res.params_before)} "
-               f"-> {human_count(res.params_after)} (saved {human_count(res.params_saved)}, "
-               f"{100 * res.params_saved / max(res.params_before, 1):.1f}%); {_check_line(res.output_check)}")
+    lines += [f"kept dense {escape_name(s['module'], 200)}: {s['why']}" for s in res.skipped]
+    summary = (f"wrote {escape_name(res.out)}: {len(res.modules)} layers factorised, parameters "
+               f"{human_count(res.params_before)} -> {human_count(res.params_after)} "
+               f"(saved {human_count(res.params_saved)}, {100 * res.params_saved / max(res.params_before, 1):.1f}%); {_check_line(res.output_check)}")
     return "\n".join(lines), summary
 
 

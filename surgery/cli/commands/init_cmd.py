@@ -36,12 +36,15 @@ _ADAPTER = InitAdapterOptions(bottleneck=1)
 
 def render_init_lora(res) -> tuple[str, str]:
     """(report for stderr, summary line for stdout) of an InitResult."""
+    from surgery.io import escape_name
+
     worst = sorted(res.modules, key=lambda m: -m.rel_error)[:10]
     lines = [table([[m.module, m.kind, f"{m.shape[0]}x{m.shape[1]}", m.rank, f"{m.rel_residual:.4f}",
                      f"{m.rel_error:.2e}"] for m in worst],
                    ["module", "kind", "shape", "rank", "|W_res|/|W|", "recon err"], "lllrrr")]
-    lines += [f"skipped {s['tensor']}: {s['why']}" for s in res.skipped]
-    summary = (f"wrote {res.out}/adapter and {res.out}/residual: {res.method}, {len(res.modules)} modules, rank "
+    lines += [f"skipped {escape_name(s['tensor'], 200)}: {s['why']}" for s in res.skipped]
+    out = escape_name(res.out)
+    summary = (f"wrote {out}/adapter and {out}/residual: {res.method}, {len(res.modules)} modules, rank "
                f"{res.rank}, alpha {res.alpha:g}, {human_count(res.adapter_params)} LoRA params; max relative "
                f"reconstruction error {res.max_rel_error:.2e} (residual {res.residual_dtype}, adapter "
                f"{res.adapter_dtype})")
@@ -103,14 +106,17 @@ def init_lora_cmd(ctx, model, as_json, quiet, **fields):
 
 def render_init_adapter(res) -> tuple[str, str]:
     """(report for stderr, summary line for stdout) of a BottleneckResult."""
+    from surgery.io import escape_name
+
     delta = res.init == "delta"
     rows = [[m.module, m.site, m.dim, m.bottleneck, human_count(m.params), f"{100 * m.top_energy:.1f}%"]
             + ([f"{100 * m.captured:.1f}%"] if m.captured is not None else []) for m in res.modules]
     head = ["module", "site", "d", "R", "params", "W energy in top-R"] + (["delta captured"] if delta else [])
     lines = [table(rows, head, "llrrrr" + ("r" if delta else ""))]
-    lines += [f"note: {n}" for n in res.notes]
+    lines += [f"note: {escape_name(n)}" for n in res.notes]
     cap = f"; delta captured {100 * res.captured:.1f}%" if res.captured is not None else ""
-    summary = (f"wrote {res.out}: {len(res.modules)} bottleneck adapters (R={res.bottleneck}, {res.activation}), "
+    summary = (f"wrote {escape_name(res.out)}: {len(res.modules)} bottleneck adapters (R={res.bottleneck}, "
+               f"{res.activation}), "
                f"{human_count(res.trainable_params)} trainable params "
                f"({100 * res.trainable_params / max(res.model_params, 1):.2f}% of the model){cap}")
     return "\n".join(lines), summary

@@ -13,13 +13,16 @@ from ..util import echo_json, human_bytes, human_count, json_option, table
 
 
 def render_inspect(info) -> str:
-    """The text report of an InspectResult."""
+    """The text report of an InspectResult (names and config values from the checkpoint escaped)."""
+    from surgery.io import escape_name
+
     dtypes = ", ".join(f"{k} {human_bytes(v)}" for k, v in info.bytes_by_dtype.items())
-    lines = [f"{info.path}: {info.kind} ({info.format}, {len(info.shards)} shard(s))",
+    lines = [f"{escape_name(info.path)}: {info.kind} ({info.format}, {len(info.shards)} shard(s))",
              f"  tensors {info.tensor_count}, parameters {human_count(info.parameters)} "
              f"({info.parameters:,}), {human_bytes(info.bytes)}: {dtypes}"]
-    lines += [f"  {k}: {v}" for k, v in info.config.items()]
-    lines += [f"  tied: {head} is not stored; it shares {src} (tie_word_embeddings)" for head, src in info.tied.items()]
+    lines += [f"  {k}: {escape_name(v, 200)}" for k, v in info.config.items()]
+    lines += [f"  tied: {escape_name(head, 200)} is not stored; it shares {escape_name(src, 200)} (tie_word_embeddings)"
+              for head, src in info.tied.items()]
     rows = [[g["name"], str(tuple(g["shape"])), g["dtype"], g["count"], human_count(g["params"])]
             for g in info.groups]
     lines.append(table(rows, ["tensor", "shape", "dtype", "n", "params"], "lllrr"))
