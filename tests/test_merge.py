@@ -456,3 +456,32 @@ def test_property_unmerge_inverts_merge(out, inp, r, fifo, w, seed):
     torch.testing.assert_close(back, W, atol=1e-5 * (1 + merged.abs().max().item()), rtol=0)
     expected = W + w * 0.5 * ((m.B @ m.A).T if fifo else m.B @ m.A)
     torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------- PEFT matrix follow-ups (zoo adapters)
+
+
+def _zoo_case(case_id: str, tmp_path: Path):
+    """(base dir, [adapter dirs], PEFT's merged state dict) of a tests/test_peft_matrix.py case."""
+    from tests.test_peft_matrix import CASES, _build, _peft_merged, _state
+
+    case = next(c for c in CASES if c.id == case_id)
+    base, adapters = _build(case, tmp_path)
+    return base, adapters, _state(_peft_merged(base, adapters, case.weights, case.dtype))
+
+
+def test_tied_embedding_modules_to_save_unties_in_memory(tmp_path):
+    """apply_adapters_to_model (export-onnx --adapter) unties like merge: the head keeps the base values."""
+    from tests.test_peft_matrix import _load
+
+    base, adapters, truth = _zoo_case("llama-tied-mts-embed", tmp_path)
+    model, _ = _load(base, torch.float32)
+    res = apply_adapters_to_model(model, adapters)
+    assert "lm_head.weight" in res["changed"]
+    mine = {k: v.detach() for k, v in model.state_dict().items()}
+    assert all(torch.equal(mine[k], truth[k]) for k in truth)
+    assert not torch.equal(mine["lm_head.weight"], mine["model.embed_tokens.weight"])  # negative control
+    assert model.config.tie_word_embeddings is False
+    out = merge(base, adapters, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert any("untied" in n for n in out.notes)

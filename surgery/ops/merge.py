@@ -319,10 +319,13 @@ def _place_full(i: int, ad: _Adapter, name: str, t: torch.Tensor, base: _Base, r
         if shape is not None:
             rep.new_shapes[name] = shape
         rep.ops.setdefault(name, []).append(op)
+        _untie_heads(ad, name, base, rep)
     elif name in base.tied:
         # The head gets its own trained copy: untie it (see module docstring).
         if ad.weight != 1.0:
             raise OptionError(f"{ad.path}: replaces tied {name}; it cannot be scaled, use weight 1", field="weights")
+        if rep.extra.get(name):
+            raise AdapterError(f"{name}: replaced by two adapters (modules_to_save); merge them separately")
         rep.extra[name] = [op]
         rep.config_updates["tie_word_embeddings"] = False
         rep.notes.append(f"{name} was tied to {base.tied[name]}; {ad.path} replaces it, so it is written "
@@ -332,6 +335,22 @@ def _place_full(i: int, ad: _Adapter, name: str, t: torch.Tensor, base: _Base, r
             f"{ad.path}: full tensor {name!r} (modules_to_save) matches no tensor of the base {base.where}"
             + _missing_hint(name, base)
         )
+
+
+def _untie_heads(ad: _Adapter, name: str, base: _Base, rep: _Replacements) -> None:
+    """A full replacement of a tied input embedding: PEFT wraps only the embedding (modules_to_save),
+    so the heads tied to it keep the base values (untied), unless ensure_weight_tying keeps the tie."""
+    heads = [h for h, src in base.tied.items() if src == name]
+    if not heads:
+        return
+    if ad.config.raw.get("ensure_weight_tying") is True:
+        rep.notes.append(f"{ad.path}: replaces {name}; ensure_weight_tying keeps {', '.join(heads)} tied to it")
+        return
+    for head in heads:
+        rep.extra.setdefault(head, [])  # [] = a copy of the base's (unreplaced) source tensor
+        rep.config_updates["tie_word_embeddings"] = False
+        rep.notes.append(f"{head} was tied to {name}; {ad.path} replaces {name} only (modules_to_save), so "
+                         f"{head} keeps the base values and is written untied (tie_word_embeddings=false), as PEFT does")
 
 
 def _vocab_resize(base: _Base, new_shapes: dict[str, tuple[int, ...]]) -> tuple[dict, list[str]]:
@@ -696,13 +715,15 @@ def _iter_plan(idx: CheckpointIndex, plan: _Plan, progress: Progress | None) -> 
             done += 1
             if progress:
                 progress(desc, done, total)
-    for name, ops in plan.extra.items():
-        src = idx.tensors[plan.base.tied[name]]
-        # the head starts from the shared tensor's dtype; its values come from the replace op
-        yield name, _finish(name, ops[0].full().to(src.dtype), plan, ops)
-        done += 1
-        if progress:
-            progress(desc, done, total)
+        for name, ops in plan.extra.items():
+            src = plan.base.tied[name]
+            if ops:  # the head starts from the shared tensor's dtype; its values come from the replace op
+                yield name, _finish(name, ops[0].full().to(idx.tensors[src].dtype), plan, ops)
+            else:  # an untied head keeping the base values of its (replaced) source
+                yield name, _finish(name, reader.get(src), plan, None)
+            done += 1
+            if progress:
+                progress(desc, done, total)
 
 
 @contextlib.contextmanager
@@ -783,9 +804,12 @@ def _updated_config(config: dict, plan: _Plan) -> dict:
     for key, value in plan.config_updates.items():
         if key.startswith("text_config."):
             cfg["text_config"] = {**cfg["text_config"], key.split(".", 1)[1]: value}
-        elif key == "tie_word_embeddings" and isinstance(cfg.get("text_config"), dict) \
-                and "tie_word_embeddings" in cfg["text_config"] and "tie_word_embeddings" not in cfg:
-            cfg["text_config"] = {**cfg["text_config"], key: value}
+        elif key == "tie_word_embeddings":
+            # transformers reads the model's own config (top level); composite models' text models read
+            # text_config: set both where the text config has the key
+            cfg[key] = value
+            if isinstance(cfg.get("text_config"), dict) and key in cfg["text_config"]:
+                cfg["text_config"] = {**cfg["text_config"], key: value}
         else:
             cfg[key] = value
     if plan.dtype is not None:
@@ -928,6 +952,19 @@ def _model_base(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> _Base:
     return _Base("the model", shapes, dtypes, tied, config, read=lambda n: sd[n].detach())
 
 
+def _untie_in_model(model: torch.nn.Module, plan: _Plan, sd: dict[str, torch.Tensor]) -> None:
+    """Give every head the plan unties (plan.extra, no ops) its own copy of the base values."""
+    for head in plan.extra:
+        owner, _, pname = head.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        src = sd[plan.base.tied[head]]
+        setattr(module, pname, torch.nn.Parameter(src.detach().clone(), requires_grad=src.requires_grad))
+    if plan.extra:
+        for cfg in (getattr(model, "config", None), getattr(getattr(model, "config", None), "text_config", None)):
+            if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
+                cfg.tie_word_embeddings = False
+
+
 def apply_adapters_to_model(
     model: torch.nn.Module,
     adapters: Sequence[str | Path],
@@ -963,14 +1000,16 @@ def apply_adapters_to_model(
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     plan = _build_plan(_model_base(model, sd), _load_adapters(adapters, weight_list), unmerge=unmerge,
                        dtype=None, device=dev)
-    if plan.new_shapes or plan.extra:
-        raise AdapterError("the adapter resizes or unties embeddings; merge it to disk with `surgery merge` first")
+    if plan.new_shapes or any(plan.extra.values()):
+        raise AdapterError("the adapter resizes embeddings or replaces a tied head; merge it to disk with "
+                           "`surgery merge` first")
     with torch.no_grad():
+        _untie_in_model(model, plan, sd)
         for name, ops in plan.ops.items():
             t = sd[name]
             t.data.copy_(_finish(name, t.data, plan, ops).to(t.device))
     return {
-        "changed": sorted(plan.ops),
+        "changed": sorted({*plan.ops, *plan.extra}),
         "modules": [len(a) for a in plan.applied],
         "notes": plan.notes,
     }
