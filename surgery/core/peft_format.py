@@ -66,6 +66,8 @@ WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's orde
 PREFIX = "base_model.model."
 # PEFT's EMBEDDING_LAYER_NAMES: saved whole when the vocabulary was resized.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+# Output heads transformers ties to the input embedding (get_output_embeddings of the zoo's models).
+TIED_HEAD_NAMES = ("lm_head", "embed_out", "output", "cls")
 
 # Config options that change what the saved tensors mean, so a plain
 # "scale * B @ A" reading would be wrong. Truthy value -> refused.
@@ -145,6 +147,12 @@ class LoraAdapterConfig:
     def scaling_for(self, module: str) -> float:
         r, alpha = self.rank_for(module), self.alpha_for(module)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def tied_head(self, module: str) -> bool:
+        """With ensure_weight_tying, PEFT also puts a LoRA on the output head tied to a targeted input
+        embedding (saved as `lm_head.lora_A/B`), though target_modules does not name it. Whether the
+        base really ties it is checked when merging."""
+        return self.raw.get("ensure_weight_tying") is True and module.rsplit(".", 1)[-1] in TIED_HEAD_NAMES
 
     def targets(self, module: str) -> bool | None:
         """Would PEFT put a LoRA layer on `module`? None when the config cannot tell
@@ -551,7 +559,7 @@ def _check_factors(cfg: LoraAdapterConfig, module: str, shapes: dict, dtypes: di
     want = cfg.rank_for(module)
     if a[0] != want:
         return f"rank {a[0]} in the weights but adapter_config.json gives r={want} (r / rank_pattern); fix the config"
-    if cfg.targets(module) is False:
+    if cfg.targets(module) is False and not cfg.tied_head(module):
         return f"not matched by target_modules {cfg.target_modules!r} (or excluded); PEFT would ignore its weights"
     return None
 

@@ -210,6 +210,7 @@ class _Replacements:
     config_updates: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     applied: list[set[str]] = field(default_factory=list)
+    restored: set[str] = field(default_factory=set)  # unmerge: tensors restored whole from a saved original
 
 
 @dataclass
@@ -240,30 +241,23 @@ def _target_hits(entry: str, modules: set[str]) -> bool:
     return any(m == entry or m.endswith("." + entry) for m in modules)
 
 
-def _check_patterns(ad: _Adapter, base: _Base, modules: set[str]) -> None:
-    """Every rank/alpha pattern key and target_modules entry must match a base module (PEFT
-    silently ignores those that match nothing)."""
-    cfg = ad.config
+def _check_patterns(ad: _Adapter, base: _Base, modules: set[str]) -> list[str]:
+    """Notes for rank/alpha pattern keys and target_modules entries that match no base module.
+
+    PEFT merges such adapters (it ignores what matches nothing), so they are not refused; saved
+    tensor keys that fit no module are still refused (read_adapter, _module_target)."""
+    cfg, notes = ad.config, []
     for key in ("rank_pattern", "alpha_pattern"):
-        for k in getattr(cfg, key):
-            if not _pattern_hits(k, modules):
-                raise AdapterError(
-                    f"{ad.path}: {key} key {k!r} matches no module of the base {base.where}; "
-                    f"PEFT would silently ignore it; fix or remove the key in adapter_config.json"
-                )
+        notes += [f"{ad.path}: {key} key {k!r} matches no module of the base; ignored (as PEFT does)"
+                  for k in getattr(cfg, key) if not _pattern_hits(k, modules)]
     tm = cfg.target_modules
     if isinstance(tm, list):
-        for entry in tm:
-            if not _target_hits(entry, modules):
-                raise AdapterError(
-                    f"{ad.path}: target_modules entry {entry!r} matches no module of the base {base.where}; "
-                    f"is the adapter for another model? fix target_modules in adapter_config.json"
-                )
+        notes += [f"{ad.path}: target_modules entry {e!r} matches no module of the base; ignored (as PEFT does)"
+                  for e in tm if not _target_hits(e, modules)]
     elif isinstance(tm, str) and tm != "all-linear" and not any(re.fullmatch(tm, m) for m in modules):
-        raise AdapterError(
-            f"{ad.path}: target_modules regex {tm!r} matches no module of the base {base.where}; "
-            f"is the adapter for another model?"
-        )
+        notes.append(f"{ad.path}: target_modules regex {tm!r} matches no module of the base; is the adapter "
+                     f"for another model?")
+    return notes
 
 
 def _missing_hint(name: str, base: _Base) -> str:
@@ -353,6 +347,34 @@ def _untie_heads(ad: _Adapter, name: str, base: _Base, rep: _Replacements) -> No
                          f"{head} keeps the base values and is written untied (tie_word_embeddings=false), as PEFT does")
 
 
+def _restore_originals(i: int, ad: _Adapter, base: _Base, rep: _Replacements) -> None:
+    """Unmerge: full tensors can only be undone when they are provably the base's original values.
+
+    That holds for the base layer of a module the adapter puts LoRA on (`<module>.weight`, saved by
+    PEFT beside a targeted embedding / tied head: frozen, never trained): the stored tensor is
+    restored from it (and the LoRA deltas on it are not subtracted). Anything else (modules_to_save,
+    bias="all" biases, a resized vocabulary) was trained and the base values are not in the adapter."""
+    for name, t in ad.full.items():
+        if name.removesuffix(".weight") not in ad.modules or not name.endswith(".weight"):
+            raise AdapterError(
+                f"{ad.path}: stores trained full tensor {name} (modules_to_save / bias=\"all\"); the base values "
+                f"it replaced are not in the adapter, so unmerge cannot restore them; merge from the original base"
+            )
+        target = _resolve(name, base)
+        if target is None or tuple(t.shape) != base.shapes[target]:
+            raise AdapterError(f"{ad.path}: saved base layer {name} {tuple(t.shape)} does not fit the base "
+                               f"{base.where}; is the adapter for another model?")
+        prev = rep.ops.get(target)
+        if prev and not torch.equal(prev[0].full(), t):
+            raise AdapterError(f"{target}: adapters save different original values for it; unmerge them separately")
+        if not prev:
+            rep.ops[target] = [_Op(i, "replace", 1.0, tensor=t)]
+            rep.restored.add(target)
+            rep.notes.append(f"{target} restored from the original saved in {ad.path} (its LoRA deltas are not "
+                             f"subtracted)")
+    rep.applied.append({name.rsplit(".", 1)[0] for name in ad.full})
+
+
 def _vocab_resize(base: _Base, new_shapes: dict[str, tuple[int, ...]]) -> tuple[dict, list[str]]:
     """Config updates and notes for a resized vocabulary, which must resize every vocab-sized tensor."""
     if not new_shapes:
@@ -384,13 +406,12 @@ def _replacements(base: _Base, adapters: list[_Adapter], unmerge: bool) -> _Repl
     rep = _Replacements(adapters=[])
     replaced_by: dict[str, str] = {}
     for i, given in enumerate(adapters):
+        if unmerge:
+            rep.adapters.append(given)
+            _restore_originals(i, given, base, rep)
+            continue
         ad = _drop_restated(given, base, rep.notes)
         rep.adapters.append(ad)
-        if ad.full and unmerge:
-            raise AdapterError(
-                f"{ad.path}: stores full tensors ({', '.join(sorted(ad.full)[:3])}) that replace base weights; "
-                f"unmerge cannot recover the values they replaced; merge from the original base instead"
-            )
         for name, t in ad.full.items():
             if name in replaced_by:
                 raise AdapterError(f"{name}: replaced by both {replaced_by[name]} and {ad.path} (modules_to_save); "
@@ -417,6 +438,9 @@ def _module_target(ad: _Adapter, mname: str, base: _Base, rep: _Replacements) ->
             + _missing_hint(wname, base)
         )
     notes = []
+    if ad.config.targets(mname) is False and wname not in base.tied:  # accepted only as a tied head
+        raise AdapterError(f"{ad.path}: LoRA module {mname!r} is not matched by target_modules and is not an "
+                           f"output head tied to the embedding (ensure_weight_tying); PEFT would ignore its weights")
     if target != wname:
         notes.append(f"{wname} is tied to {target}: {ad.path}'s delta on {mname} changes the shared tensor "
                      f"(as in PEFT, where both modules share one parameter)")
@@ -489,7 +513,7 @@ def _module_ops(i: int, ad: _Adapter, m: LoraModule, base: _Base,
     shape = rep.new_shapes.get(target, base.shapes[target])
     fifo, out_dim, layout_notes = _factor_layout(ad, m, target, shape, base)
     kind = "dora" if m.magnitude is not None else "lora"
-    placed = [(target, _Op(i, kind, ad.weight, module=m, fifo=fifo))]
+    placed = [] if target in rep.restored else [(target, _Op(i, kind, ad.weight, module=m, fifo=fifo))]
     bias = _bias_target(ad, m, base, out_dim)
     if bias is not None:
         placed.append((bias, _Op(i, "bias", ad.weight, module=m)))
@@ -501,7 +525,7 @@ def _lora_ops(base: _Base, rep: _Replacements, unmerge: bool) -> _LoraOps:
     modules = base.modules()
     out = _LoraOps()
     for i, ad in enumerate(rep.adapters):
-        _check_patterns(ad, base, modules)
+        out.notes.extend(_check_patterns(ad, base, modules))
         if unmerge and ad.config.use_dora:
             raise AdapterError(
                 f"{ad.path}: DoRA merges cannot be undone from the merged weights (the norm ‖W+ΔW‖ that scaled "
@@ -541,11 +565,13 @@ def _t(x: torch.Tensor, fifo: bool) -> torch.Tensor:
     return x.T if fifo else x
 
 
-def lora_delta(m: LoraModule, fifo: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
-    """PEFT's get_delta_weight in fp32, in the layout of the stored weight."""
+def lora_delta(m: LoraModule, fifo: bool = False, device: torch.device | str = "cpu",
+               weight: float = 1.0) -> torch.Tensor:
+    """PEFT's get_delta_weight in fp32, in the layout of the stored weight; `weight` multiplies the
+    scaling first (PEFT's weighted merge: scaling *= weight, then (B @ A) * scaling)."""
     a = m.A.to(device=device, dtype=torch.float32)  # (r, in) / embedding (r, vocab)
     b = m.B.to(device=device, dtype=torch.float32)  # (out, r) / embedding (dim, r)
-    ba = (b @ a).mul_(m.scaling)  # scaled in place: the same rounding as PEFT's (B @ A) * s
+    ba = (b @ a).mul_(m.scaling * weight)  # scaled in place: the same rounding as PEFT's (B @ A) * s
     if m.kind == "embedding":
         return ba.T  # (vocab, dim)
     return _t(ba, fifo)  # (out, in), Conv1D (in, out)
@@ -581,19 +607,23 @@ def _apply_ops(t: torch.Tensor, ops: Sequence[_Op], unmerge: bool, device: torch
             if inplace and base32 is op.tensor:
                 base32 = base32.clone()  # nor into the adapter's own tensor
     out = base32
-    sign = -1.0 if unmerge else 1.0
+    last = None  # adapter of the previous delta
     for op in ops:
+        if op.kind in ("lora", "bias") and inplace and last is not None and op.adapter != last \
+                and t.dtype != torch.float32 and not unmerge:
+            # PEFT merges adapter after adapter into the weight: it is rounded to its dtype in between
+            out = out.to(t.dtype).float()
         if op.kind == "lora":
-            d = lora_delta(op.lora(), op.fifo, device)
-            d = d if (op.weight == 1.0 and not unmerge) else (sign * op.weight) * d
+            d = lora_delta(op.lora(), op.fifo, device, op.weight)
             if op.lora().kind == "embedding" and not unmerge:
                 # PEFT's Embedding.merge adds get_delta_weight(...).to(weight dtype): the delta is
                 # rounded to the base dtype first (Linear adds the fp32 delta, one rounding)
                 d = d.to(t.dtype).float()
+            d = d.neg_() if unmerge else d
             out = out.add_(d) if inplace else out + d
         elif op.kind == "bias":
-            d = op.bias().to(device=device, dtype=torch.float32) * op.lora().scaling  # (out,)
-            d = d if (op.weight == 1.0 and not unmerge) else (sign * op.weight) * d
+            d = op.bias().to(device=device, dtype=torch.float32) * (op.lora().scaling * op.weight)  # (out,)
+            d = d.neg_() if unmerge else d
             out = out.add_(d) if inplace else out + d
         elif op.kind == "dora":
             merged = dora_merge(base32, op.lora(), op.fifo, lora_delta(op.lora(), op.fifo, device))
@@ -601,6 +631,8 @@ def _apply_ops(t: torch.Tensor, ops: Sequence[_Op], unmerge: bool, device: torch
                 out = merged  # bit-identical to PEFT for a lone DoRA adapter
             else:
                 out = out + op.weight * (merged - base32)
+        if op.kind != "replace":
+            last = op.adapter
     return out
 
 
