@@ -552,8 +552,10 @@ def _check_factors(cfg: LoraAdapterConfig, module: str, shapes: dict, dtypes: di
     if bad_dtype:
         return bad_dtype[0]
     a, b = shapes["A"], shapes["B"]
-    if len(a) != 2 or len(b) != 2:
-        return f"A {tuple(a)} / B {tuple(b)} are not matrices; only Linear, Conv1D and Embedding LoRA is supported"
+    conv = len(a) == len(b) and 3 <= len(a) <= 5 and all(k == 1 for k in b[2:])  # Conv1d/2d/3d LoRA
+    if not conv and (len(a) != 2 or len(b) != 2):
+        return (f"A {tuple(a)} / B {tuple(b)} are neither matrices nor conv kernels (B of kernel size 1); "
+                f"only Linear, Conv1D, Embedding and Conv1d/2d/3d LoRA is supported")
     if a[0] != b[1]:
         return f"rank mismatch: A is {tuple(a)} (r={a[0]}) but B is {tuple(b)} (r={b[1]})"
     want = cfg.rank_for(module)

@@ -457,13 +457,18 @@ def _factor_layout(ad: _Adapter, m: LoraModule, target: str, shape: tuple[int, .
     """(fan_in_fan_out, out dim, notes) of LoRA module m on base weight `target` of `shape`,
     after checking that A, B (and the DoRA magnitude) fit it."""
     mname, cfg, notes = m.module, ad.config, []
-    if len(shape) != 2:
-        raise AdapterError(
-            f"{ad.path}: {mname}: base weight {target} has shape {shape}; only Linear, Conv1D and "
-            f"Embedding LoRA can be merged"
-        )
     r = m.A.shape[0]
-    if m.kind == "embedding":
+    if m.kind == "linear" and m.A.dim() > 2 and len(shape) == m.A.dim():  # Conv1d/2d/3d
+        want_a, want_b = (r, *shape[1:]), (shape[0], r, *([1] * (len(shape) - 2)))
+        if m.magnitude is not None:
+            raise AdapterError(f"{ad.path}: {mname}: DoRA on convolutions is not supported; merge it with PEFT")
+        fifo, out_dim = False, shape[0]
+    elif len(shape) != 2:
+        raise AdapterError(
+            f"{ad.path}: {mname}: base weight {target} has shape {shape} but A is {tuple(m.A.shape)}; only "
+            f"Linear, Conv1D, Embedding and Conv1d/2d/3d LoRA can be merged"
+        )
+    elif m.kind == "embedding":
         fifo, out_dim = False, shape[1]
         want_a, want_b = (r, shape[0]), (shape[1], r)
     else:
@@ -565,12 +570,23 @@ def _t(x: torch.Tensor, fifo: bool) -> torch.Tensor:
     return x.T if fifo else x
 
 
+def _conv_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """PEFT's _ConvNd.get_delta_weight (groups=1): a 1x1 Conv2d as a matrix product, otherwise
+    conv(A^T, B)^T; (out, in, *kernel)."""
+    if a.dim() == 4 and tuple(a.shape[2:]) == (1, 1):
+        return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * scaling
+    conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[a.dim()]
+    return conv(a.transpose(0, 1), b).transpose(0, 1) * scaling
+
+
 def lora_delta(m: LoraModule, fifo: bool = False, device: torch.device | str = "cpu",
                weight: float = 1.0) -> torch.Tensor:
     """PEFT's get_delta_weight in fp32, in the layout of the stored weight; `weight` multiplies the
     scaling first (PEFT's weighted merge: scaling *= weight, then (B @ A) * scaling)."""
-    a = m.A.to(device=device, dtype=torch.float32)  # (r, in) / embedding (r, vocab)
-    b = m.B.to(device=device, dtype=torch.float32)  # (out, r) / embedding (dim, r)
+    a = m.A.to(device=device, dtype=torch.float32)  # (r, in) / embedding (r, vocab) / conv (r, in, *k)
+    b = m.B.to(device=device, dtype=torch.float32)  # (out, r) / embedding (dim, r) / conv (out, r, 1, ...)
+    if a.dim() > 2:
+        return _conv_delta(a, b, m.scaling * weight)
     ba = (b @ a).mul_(m.scaling * weight)  # scaled in place: the same rounding as PEFT's (B @ A) * s
     if m.kind == "embedding":
         return ba.T  # (vocab, dim)
