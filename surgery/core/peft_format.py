@@ -58,8 +58,15 @@ from typing import Any
 
 import torch
 
+try:  # Python 3.11+: the regex parser the guard reads (re._parser / re._constants)
+    from re import _constants as _sre  # type: ignore[attr-defined]
+    from re import _parser as _re_parser  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - older Pythons
+    import sre_constants as _sre  # type: ignore[no-redef]
+    import sre_parse as _re_parser  # type: ignore[no-redef]
+
 from surgery.errors import AdapterError
-from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, open_checkpoint
+from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, load_json, open_checkpoint
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's order of preference
@@ -197,15 +204,62 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool)):
+        return False
+    try:
+        return math.isfinite(float(v))  # a 400-digit integer overflows float: not a usable number
+    except OverflowError:
+        return False
+
+
+MAX_RANK = 1 << 24  # far above any real LoRA rank; bigger values are typos or crafted configs
+MAX_REGEX_CHARS = 1000
+
+
+def _unbounded(items) -> bool:
+    """Does this parsed regex (re._parser items) contain an unbounded repeat (*, +, {n,})?"""
+    for op, av in items:
+        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
+            if av[1] == _sre.MAXREPEAT or _unbounded(av[2]):
+                return True
+        elif op in (_sre.SUBPATTERN, _sre.ATOMIC_GROUP):
+            if _unbounded(av[-1]):
+                return True
+        elif op == _sre.BRANCH and any(_unbounded(b) for b in av[1]):
+            return True
+    return False
+
+
+def _nested_repeat(items) -> bool:
+    """A repeat whose body holds an unbounded repeat, e.g. `(a*)*` or `([a-z.]*)+X`: catastrophic
+    backtracking on a long module name."""
+    for op, av in items:
+        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
+            if (av[1] > 1 and _unbounded(av[2])) or _nested_repeat(av[2]):
+                return True
+        elif op in (_sre.SUBPATTERN, _sre.ATOMIC_GROUP):
+            if _nested_repeat(av[-1]):
+                return True
+        elif op == _sre.BRANCH and any(_nested_repeat(b) for b in av[1]):
+            return True
+    return False
 
 
 def _check_regex(text: str, where: str, what: str, wrap: Callable[[str], str]) -> None:
+    """A valid pattern that cannot backtrack catastrophically (local guard: refuses nested
+    unbounded repeats and patterns over MAX_REGEX_CHARS before anything is matched)."""
+    if len(text) > MAX_REGEX_CHARS:
+        raise AdapterError(f"{where}: {what} is {len(text)} characters long (limit {MAX_REGEX_CHARS}); "
+                           f"shorten the pattern")
     try:
         re.compile(wrap(text))
-    except re.error as e:
+        parsed = _re_parser.parse(text)
+    except (re.error, RecursionError, OverflowError) as e:
         raise AdapterError(f"{where}: {what} {text!r} is not a valid regular expression ({e}); "
                            f"fix the pattern") from None
+    if _nested_repeat(list(parsed)):
+        raise AdapterError(f"{where}: {what} {text!r} nests an unbounded repeat inside a repeat (catastrophic "
+                           f"backtracking); rewrite it without nested * / +")
 
 
 def _bad(where: str, data: dict, key: str, want: str) -> AdapterError:
@@ -228,8 +282,8 @@ def _check_peft_type(data: Any, where: str) -> None:
 def _parse_scalars(data: dict, where: str) -> dict[str, Any]:
     """r, lora_alpha (LoraConfig's defaults: 8, 8) and the boolean flags."""
     r = data.get("r", 8)
-    if not _is_int(r) or r <= 0:
-        raise _bad(where, data, "r", "a positive integer")
+    if not _is_int(r) or not 0 < r <= MAX_RANK:
+        raise _bad(where, data, "r", f"a positive integer up to {MAX_RANK}")
     alpha = data.get("lora_alpha", 8)
     if not _is_num(alpha):
         raise _bad(where, data, "lora_alpha", "a finite number")
@@ -254,7 +308,8 @@ def _check_targets(data: dict, where: str) -> None:
 def _parse_patterns(data: dict, where: str) -> dict[str, dict]:
     """rank_pattern (positive integers) and alpha_pattern (finite numbers), keys valid regexes."""
     patterns = {}
-    for key, ok, want in (("rank_pattern", lambda v: _is_int(v) and v > 0, "positive integers"),
+    for key, ok, want in (("rank_pattern", lambda v: _is_int(v) and 0 < v <= MAX_RANK,
+                           f"positive integers up to {MAX_RANK}"),
                           ("alpha_pattern", _is_num, "finite numbers")):
         p = data.get(key) or {}
         if not isinstance(p, dict):
@@ -349,12 +404,7 @@ def read_adapter_config(path: str | Path) -> LoraAdapterConfig:
     if not p.is_file():
         raise AdapterError(f"{p}: not found; an adapter directory needs adapter_config.json "
                            f"(PEFT save_pretrained writes it)")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise AdapterError(f"{p}: cannot read ({e.strerror or e})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{p}: not valid JSON ({e}); fix or re-download it") from None
+    data = load_json(p, error=AdapterError)  # one line for unreadable / invalid / oversized JSON
     return parse_adapter_config(data, str(p))
 
 
