@@ -58,14 +58,23 @@ from typing import Any
 
 import torch
 
+try:  # Python 3.11+: the regex parser the guard reads (re._parser / re._constants)
+    from re import _constants as _sre  # type: ignore[attr-defined]
+    from re import _parser as _re_parser  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - older Pythons
+    import sre_constants as _sre  # type: ignore[no-redef]
+    import sre_parse as _re_parser  # type: ignore[no-redef]
+
 from surgery.errors import AdapterError
-from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, open_checkpoint
+from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, load_json, open_checkpoint
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's order of preference
 PREFIX = "base_model.model."
 # PEFT's EMBEDDING_LAYER_NAMES: saved whole when the vocabulary was resized.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+# Output heads transformers ties to the input embedding (get_output_embeddings of the zoo's models).
+TIED_HEAD_NAMES = ("lm_head", "embed_out", "output", "cls")
 
 # Config options that change what the saved tensors mean, so a plain
 # "scale * B @ A" reading would be wrong. Truthy value -> refused.
@@ -146,6 +155,12 @@ class LoraAdapterConfig:
         r, alpha = self.rank_for(module), self.alpha_for(module)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
+    def tied_head(self, module: str) -> bool:
+        """With ensure_weight_tying, PEFT also puts a LoRA on the output head tied to a targeted input
+        embedding (saved as `lm_head.lora_A/B`), though target_modules does not name it. Whether the
+        base really ties it is checked when merging."""
+        return self.raw.get("ensure_weight_tying") is True and module.rsplit(".", 1)[-1] in TIED_HEAD_NAMES
+
     def targets(self, module: str) -> bool | None:
         """Would PEFT put a LoRA layer on `module`? None when the config cannot tell
         without the model (target_modules null or "all-linear")."""
@@ -189,15 +204,62 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool)):
+        return False
+    try:
+        return math.isfinite(float(v))  # a 400-digit integer overflows float: not a usable number
+    except OverflowError:
+        return False
+
+
+MAX_RANK = 1 << 24  # far above any real LoRA rank; bigger values are typos or crafted configs
+MAX_REGEX_CHARS = 1000
+
+
+def _unbounded(items) -> bool:
+    """Does this parsed regex (re._parser items) contain an unbounded repeat (*, +, {n,})?"""
+    for op, av in items:
+        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
+            if av[1] == _sre.MAXREPEAT or _unbounded(av[2]):
+                return True
+        elif op in (_sre.SUBPATTERN, _sre.ATOMIC_GROUP):
+            if _unbounded(av[-1]):
+                return True
+        elif op == _sre.BRANCH and any(_unbounded(b) for b in av[1]):
+            return True
+    return False
+
+
+def _nested_repeat(items) -> bool:
+    """A repeat whose body holds an unbounded repeat, e.g. `(a*)*` or `([a-z.]*)+X`: catastrophic
+    backtracking on a long module name."""
+    for op, av in items:
+        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
+            if (av[1] > 1 and _unbounded(av[2])) or _nested_repeat(av[2]):
+                return True
+        elif op in (_sre.SUBPATTERN, _sre.ATOMIC_GROUP):
+            if _nested_repeat(av[-1]):
+                return True
+        elif op == _sre.BRANCH and any(_nested_repeat(b) for b in av[1]):
+            return True
+    return False
 
 
 def _check_regex(text: str, where: str, what: str, wrap: Callable[[str], str]) -> None:
+    """A valid pattern that cannot backtrack catastrophically (local guard: refuses nested
+    unbounded repeats and patterns over MAX_REGEX_CHARS before anything is matched)."""
+    if len(text) > MAX_REGEX_CHARS:
+        raise AdapterError(f"{where}: {what} is {len(text)} characters long (limit {MAX_REGEX_CHARS}); "
+                           f"shorten the pattern")
     try:
         re.compile(wrap(text))
-    except re.error as e:
+        parsed = _re_parser.parse(text)
+    except (re.error, RecursionError, OverflowError) as e:
         raise AdapterError(f"{where}: {what} {text!r} is not a valid regular expression ({e}); "
                            f"fix the pattern") from None
+    if _nested_repeat(list(parsed)):
+        raise AdapterError(f"{where}: {what} {text!r} nests an unbounded repeat inside a repeat (catastrophic "
+                           f"backtracking); rewrite it without nested * / +")
 
 
 def _bad(where: str, data: dict, key: str, want: str) -> AdapterError:
@@ -220,8 +282,8 @@ def _check_peft_type(data: Any, where: str) -> None:
 def _parse_scalars(data: dict, where: str) -> dict[str, Any]:
     """r, lora_alpha (LoraConfig's defaults: 8, 8) and the boolean flags."""
     r = data.get("r", 8)
-    if not _is_int(r) or r <= 0:
-        raise _bad(where, data, "r", "a positive integer")
+    if not _is_int(r) or not 0 < r <= MAX_RANK:
+        raise _bad(where, data, "r", f"a positive integer up to {MAX_RANK}")
     alpha = data.get("lora_alpha", 8)
     if not _is_num(alpha):
         raise _bad(where, data, "lora_alpha", "a finite number")
@@ -246,7 +308,8 @@ def _check_targets(data: dict, where: str) -> None:
 def _parse_patterns(data: dict, where: str) -> dict[str, dict]:
     """rank_pattern (positive integers) and alpha_pattern (finite numbers), keys valid regexes."""
     patterns = {}
-    for key, ok, want in (("rank_pattern", lambda v: _is_int(v) and v > 0, "positive integers"),
+    for key, ok, want in (("rank_pattern", lambda v: _is_int(v) and 0 < v <= MAX_RANK,
+                           f"positive integers up to {MAX_RANK}"),
                           ("alpha_pattern", _is_num, "finite numbers")):
         p = data.get(key) or {}
         if not isinstance(p, dict):
@@ -341,12 +404,7 @@ def read_adapter_config(path: str | Path) -> LoraAdapterConfig:
     if not p.is_file():
         raise AdapterError(f"{p}: not found; an adapter directory needs adapter_config.json "
                            f"(PEFT save_pretrained writes it)")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise AdapterError(f"{p}: cannot read ({e.strerror or e})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{p}: not valid JSON ({e}); fix or re-download it") from None
+    data = load_json(p, error=AdapterError)  # one line for unreadable / invalid / oversized JSON
     return parse_adapter_config(data, str(p))
 
 
@@ -544,14 +602,16 @@ def _check_factors(cfg: LoraAdapterConfig, module: str, shapes: dict, dtypes: di
     if bad_dtype:
         return bad_dtype[0]
     a, b = shapes["A"], shapes["B"]
-    if len(a) != 2 or len(b) != 2:
-        return f"A {tuple(a)} / B {tuple(b)} are not matrices; only Linear, Conv1D and Embedding LoRA is supported"
+    conv = len(a) == len(b) and 3 <= len(a) <= 5 and all(k == 1 for k in b[2:])  # Conv1d/2d/3d LoRA
+    if not conv and (len(a) != 2 or len(b) != 2):
+        return (f"A {tuple(a)} / B {tuple(b)} are neither matrices nor conv kernels (B of kernel size 1); "
+                f"only Linear, Conv1D, Embedding and Conv1d/2d/3d LoRA is supported")
     if a[0] != b[1]:
         return f"rank mismatch: A is {tuple(a)} (r={a[0]}) but B is {tuple(b)} (r={b[1]})"
     want = cfg.rank_for(module)
     if a[0] != want:
         return f"rank {a[0]} in the weights but adapter_config.json gives r={want} (r / rank_pattern); fix the config"
-    if cfg.targets(module) is False:
+    if cfg.targets(module) is False and not cfg.tied_head(module):
         return f"not matched by target_modules {cfg.target_modules!r} (or excluded); PEFT would ignore its weights"
     return None
 
