@@ -59,7 +59,7 @@ from typing import Any
 import torch
 
 try:  # Python 3.11+: the regex parser the guard reads (re._parser / re._constants)
-    from re import _constants as _sre  # type: ignore[attr-defined]
+    from re import _constants as _sre  # type: ignore[attr-defined,unused-ignore]
     from re import _parser as _re_parser  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - older Pythons
     import sre_constants as _sre  # type: ignore[no-redef]
@@ -429,6 +429,33 @@ class LoraModule:
         return int(self.A.shape[0])
 
 
+@dataclass
+class ParamLora:
+    """A LoRA on a raw parameter (PEFT ``target_parameters``, lora.ParamWrapper), e.g. a stack of
+    MoE experts (E, d1, d2). Factors in PEFT's layout: A (r * E, in), B (out, r * E), row
+    ``e * r + j`` of A and column ``j * E + e`` of B being expert e's j-th factor; each expert's
+    delta (d1, d2) is ``scaling * B_e @ A_e`` (transposed for ``is_transposed`` modules).
+
+    `depth` is how many ParamWrappers PEFT nests outside this one on the same module: PEFT wraps
+    a module's targeted parameters in registration order, the first innermost, and saves the
+    inner ones under ``<module>.base_layer...``."""
+
+    param: str                 # "model.layers.0.mlp.experts.gate_up_proj"
+    A: torch.Tensor            # (r * E, in)
+    B: torch.Tensor            # (out, r * E)
+    experts: int = 1
+    depth: int = 0
+    scaling: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0]) // self.experts
+
+    def keys(self) -> dict[str, torch.Tensor]:
+        p = module_key_prefix(self.param.rsplit(".", 1)[0]) + ".base_layer" * self.depth
+        return {f"{p}.lora_A.weight": self.A, f"{p}.lora_B.weight": self.B}
+
+
 def module_key_prefix(module: str) -> str:
     return PREFIX + module
 
@@ -727,86 +754,6 @@ def _validate_modules(modules: Mapping[str, LoraModule], full_tensors: Mapping[s
             raise AdapterError(f"full tensor {name!r}: not a tensor")
 
 
-def _adapter_flags(modules: Mapping[str, LoraModule], mts: list[str] | None) -> tuple[bool, bool]:
-    """(use_dora, lora_bias) of the modules, after checking PEFT can express them together."""
-    for name in modules:
-        if _in_modules_to_save(name, mts):
-            raise AdapterError(
-                f"LoRA module {name!r} is inside a modules_to_save module ({mts}); PEFT would ignore its LoRA weights"
-            )
-    use_dora = [m.magnitude is not None for m in modules.values()]
-    if any(use_dora) and not all(use_dora):
-        raise AdapterError("some modules have a DoRA magnitude and some do not; PEFT needs all or none")
-    lora_bias = any(m.bias is not None for m in modules.values())
-    if lora_bias and any(use_dora):
-        raise AdapterError("PEFT does not support lora_bias together with DoRA; drop the biases or the magnitudes")
-    return any(use_dora), lora_bias
-
-
-def _adapter_config(modules: Mapping[str, LoraModule], mts: list[str] | None, *, use_dora: bool, lora_bias: bool,
-                    fan_in_fan_out: bool, task_type: str | None, base_model_name_or_path: str | None,
-                    extra_config: Mapping | None) -> dict:
-    """adapter_config.json's content (key order is part of the written bytes)."""
-    cfg = {
-        "peft_type": "LORA",
-        **config_for_ranks({n: m.rank for n, m in modules.items()}, {n: m.scaling for n, m in modules.items()}),
-        "target_modules": sorted(modules),
-        "fan_in_fan_out": bool(fan_in_fan_out),
-        "use_rslora": False,
-        "use_dora": bool(use_dora),
-        "lora_bias": lora_bias,
-        "modules_to_save": mts,
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "bias": "none",
-        "lora_dropout": 0.0,
-        "init_lora_weights": True,  # zero-init for anything not in the file (e.g. absent biases)
-        "inference_mode": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "exclude_modules": None,
-        "revision": None,
-    }
-    for k, v in (extra_config or {}).items():
-        if k in _COMPUTED:
-            raise AdapterError(f"extra_config may not set {k!r}; it is derived from the modules")
-        cfg[k] = v
-    try:
-        json.dumps(cfg)
-    except (TypeError, ValueError) as e:
-        raise AdapterError(f"adapter config is not JSON-serialisable ({e}); "
-                           f"pass plain values in extra_config") from None
-    return cfg
-
-
-def _parse_resolving(cfg: dict, modules: Mapping[str, LoraModule]) -> LoraAdapterConfig:
-    """The parsed config, once PEFT's pattern lookup gives every module its rank and alpha;
-    anchors and escapes the pattern keys in `cfg` when full names alone would be ambiguous."""
-    alphas = {n: _alpha_for_scaling(float(m.scaling), m.rank) for n, m in modules.items()}
-    parsed = parse_adapter_config(cfg, "adapter config being written")
-    if _resolves(parsed, modules, alphas):
-        return parsed
-    # A full name that is also a dotted suffix of another module's name would
-    # match both; anchored, escaped keys match exactly one module.
-    for key in ("rank_pattern", "alpha_pattern"):
-        cfg[key] = {"^" + re.escape(m): v for m, v in cfg[key].items()}
-    parsed = parse_adapter_config(cfg, "adapter config being written")
-    if not _resolves(parsed, modules, alphas):
-        raise AdapterError("cannot express the per-module ranks/scales in rank_pattern/alpha_pattern")
-    return parsed
-
-
-def _saved_tensors(modules: Mapping[str, LoraModule], full_tensors: Mapping[str, torch.Tensor],
-                   lora_bias: bool) -> dict[str, torch.Tensor]:
-    sd = adapter_state_dict(modules, full_tensors)
-    if lora_bias:  # every linear LoRA layer gets a bias in PEFT; store explicit zeros
-        for m in modules.values():
-            key = module_key_prefix(m.module) + ".lora_B.bias"
-            if m.kind == "linear" and key not in sd:
-                sd[key] = torch.zeros(m.B.shape[0], dtype=m.B.dtype)  # (out,)
-    return sd
-
-
 def write_adapter(
     out_dir: str | Path,
     modules: Mapping[str, LoraModule],
@@ -818,44 +765,152 @@ def write_adapter(
     extra_config: Mapping | None = None,
     overwrite: bool = False,
     inputs: Iterable[Path] = (),
+    target_parameters: Mapping[str, ParamLora] | None = None,
+    bias_tensors: Mapping[str, torch.Tensor] | None = None,
+    copy_files: tuple[Path, Iterable[str]] | None = None,
 ) -> LoraAdapterConfig:
-    """Write a PEFT LoRA adapter directory atomically; everything is validated before the first
-    byte is written.
+    """Write a PEFT LoRA adapter directory atomically; returns its parsed config.
 
-    Args:
-        out_dir: the adapter directory to create.
-        modules: {module name: LoraModule}.
-        full_tensors: {base tensor name: tensor} saved whole; their modules go into modules_to_save.
-        base_model_name_or_path, task_type, fan_in_fan_out: copied into adapter_config.json.
-        extra_config: adds/overrides non-computed config fields.
-        overwrite: replace an existing out_dir. inputs: paths out_dir must not be or contain.
-
-    Returns:
-        The written config, parsed (LoraAdapterConfig).
-
-    Raises:
-        AdapterError for modules PEFT could not load as written; OutputError for the location.
-
-    Example:
-        >>> m = LoraModule("layers.0.q", "linear", torch.zeros(2, 8), torch.zeros(8, 2))
-        >>> write_adapter("out/lora", {m.module: m}).r  # doctest: +SKIP
-        2
+    `full_tensors` ({base tensor name: tensor}) are saved whole; their modules go into
+    modules_to_save. `extra_config` adds/overrides non-computed config fields. `target_parameters`
+    ({parameter name: ParamLora}): LoRAs on raw parameters. `bias_tensors` ({"<module>.bias":
+    tensor}): PEFT ``bias: "all"`` values. `copy_files`: (directory, file names) to copy beside.
+    Everything is validated before the first byte is written.
     """
     full_tensors = dict(full_tensors or {})
-    _validate_modules(modules, full_tensors)
-    mts = sorted({n.rsplit(".", 1)[0] for n in full_tensors}) or None
-    use_dora, lora_bias = _adapter_flags(modules, mts)
-    cfg = _adapter_config(modules, mts, use_dora=use_dora, lora_bias=lora_bias, fan_in_fan_out=fan_in_fan_out,
-                          task_type=task_type, base_model_name_or_path=base_model_name_or_path,
-                          extra_config=extra_config)
-    parsed = _parse_resolving(cfg, modules)
-    sd = _saved_tensors(modules, full_tensors, lora_bias)
+    params = dict(target_parameters or {})
+    bias_tensors = dict(bias_tensors or {})
+    mts, use_dora, lora_bias = _check_written(modules, full_tensors, params, bias_tensors)
+    cfg = {
+        "peft_type": "LORA",
+        **_ranks_config(modules, params),
+        "target_modules": sorted(modules),
+        "fan_in_fan_out": bool(fan_in_fan_out),
+        "use_rslora": False,
+        "use_dora": bool(any(use_dora)),
+        "lora_bias": lora_bias,
+        "modules_to_save": mts,
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "bias": "all" if bias_tensors else "none",
+        "lora_dropout": 0.0,
+        "init_lora_weights": True,  # zero-init for anything not in the file (e.g. absent biases)
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+        "revision": None,
+    }
+    _add_extra_config(cfg, extra_config, params)
+    parsed = _settle_patterns(cfg, modules)
+    sd = _written_tensors(modules, full_tensors, params, bias_tensors)
     with ShardedWriter(out_dir, shard_size=None, overwrite=overwrite, basename="adapter_model",
                        metadata={"format": "pt"}, inputs=inputs) as w:
         for key in sorted(sd):
             w.add(key, sd[key].detach().contiguous())
         w.write_json(CONFIG_NAME, cfg)
+        if copy_files is not None:
+            w.copy_files(Path(copy_files[0]), list(copy_files[1]))
     return parsed
+
+
+def _check_written(modules: Mapping[str, LoraModule], full_tensors: Mapping[str, torch.Tensor],
+                   params: Mapping[str, ParamLora], bias_tensors: Mapping[str, torch.Tensor],
+                   ) -> tuple[list[str] | None, list[bool], bool]:
+    """Validate what write_adapter is given; (modules_to_save, DoRA flags, lora_bias)."""
+    _validate_modules(modules, full_tensors)
+    _validate_extras(modules, params, bias_tensors)
+    mts = sorted({n.rsplit(".", 1)[0] for n in full_tensors}) or None
+    for name in modules:
+        if _in_modules_to_save(name, mts):
+            raise AdapterError(
+                f"LoRA module {name!r} is inside a modules_to_save module ({mts}); PEFT would ignore its LoRA weights"
+            )
+    use_dora = [m.magnitude is not None for m in modules.values()]
+    if any(use_dora) and not all(use_dora):
+        raise AdapterError("some modules have a DoRA magnitude and some do not; PEFT needs all or none")
+    lora_bias = any(m.bias is not None for m in modules.values())
+    if lora_bias and any(use_dora):
+        raise AdapterError("PEFT does not support lora_bias together with DoRA; drop the biases or the magnitudes")
+    return mts, use_dora, lora_bias
+
+
+def _ranks_config(modules: Mapping[str, LoraModule], params: Mapping[str, ParamLora]) -> dict:
+    """config_for_ranks over LoRA modules and target parameters together."""
+    ranks = {**{n: m.rank for n, m in modules.items()}, **{n: p.rank for n, p in params.items()}}
+    scalings = {**{n: m.scaling for n, m in modules.items()}, **{n: p.scaling for n, p in params.items()}}
+    return config_for_ranks(ranks, scalings)
+
+
+def _add_extra_config(cfg: dict, extra_config: Mapping | None, params: Mapping[str, ParamLora]) -> None:
+    for k, v in (extra_config or {}).items():
+        if k in _COMPUTED:
+            raise AdapterError(f"extra_config may not set {k!r}; it is derived from the modules")
+        cfg[k] = v
+    try:
+        json.dumps(cfg)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"adapter config is not JSON-serialisable ({e}); pass plain values in "
+                           "extra_config") from None
+    if params:
+        cfg["target_parameters"] = sorted(params)
+
+
+def _settle_patterns(cfg: dict, modules: Mapping[str, LoraModule]) -> LoraAdapterConfig:
+    """Parse the config being written, anchoring its pattern keys when a plain full name would
+    also match another module (a dotted suffix of its name): every module gets exactly its rank."""
+    alphas = {n: _alpha_for_scaling(float(m.scaling), m.rank) for n, m in modules.items()}
+    parsed = _parse_written(cfg)
+    if not _resolves(parsed, modules, alphas):
+        # A full name that is also a dotted suffix of another module's name would
+        # match both; anchored, escaped keys match exactly one module.
+        for key in ("rank_pattern", "alpha_pattern"):
+            cfg[key] = {"^" + re.escape(m): v for m, v in cfg[key].items()}
+        parsed = _parse_written(cfg)
+        if not _resolves(parsed, modules, alphas):
+            raise AdapterError("cannot express the per-module ranks/scales in rank_pattern/alpha_pattern")
+    return parsed
+
+
+def _written_tensors(modules: Mapping[str, LoraModule], full_tensors: Mapping[str, torch.Tensor],
+                     params: Mapping[str, ParamLora], bias_tensors: Mapping[str, torch.Tensor]) -> dict:
+    """Every tensor of the adapter file under its saved key."""
+    sd = adapter_state_dict(modules, full_tensors)
+    for p in params.values():
+        sd.update(p.keys())
+    for name, t in bias_tensors.items():  # PEFT keys a wrapped module's own bias under base_layer
+        owner = name.rsplit(".", 1)[0]
+        sd[PREFIX + (f"{owner}.base_layer.bias" if owner in modules else name)] = t
+    if any(m.bias is not None for m in modules.values()):  # PEFT gives every linear LoRA a bias: explicit zeros
+        for m in modules.values():
+            key = module_key_prefix(m.module) + ".lora_B.bias"
+            if m.kind == "linear" and key not in sd:
+                sd[key] = torch.zeros(m.B.shape[0], dtype=m.B.dtype)  # (out,)
+    return sd
+
+
+def _parse_written(cfg: dict) -> LoraAdapterConfig:
+    """parse_adapter_config of a config being written (target_parameters, which the reader
+    refuses, checked by write_adapter itself)."""
+    return parse_adapter_config({k: v for k, v in cfg.items() if k != "target_parameters"},
+                                "adapter config being written")
+
+
+def _validate_extras(modules: Mapping[str, LoraModule], params: Mapping[str, ParamLora],
+                     bias_tensors: Mapping[str, torch.Tensor]) -> None:
+    for name, p in params.items():
+        if name != p.param or not _NAME.fullmatch(name) or "." not in name:
+            raise AdapterError(f"target parameter {name!r}: expected a dotted parameter name equal to its param")
+        if p.A.dim() != 2 or p.B.dim() != 2 or p.A.shape[0] != p.B.shape[1] or p.A.shape[0] % max(p.experts, 1):
+            raise AdapterError(f"target parameter {name!r}: A {tuple(p.A.shape)} / B {tuple(p.B.shape)} are not "
+                               f"(r * {p.experts}, in) / (out, r * {p.experts})")
+    if params and any(m.bias is not None for m in modules.values()):
+        raise AdapterError("PEFT's target_parameters LoRA does not support lora_bias; drop the biases")
+    if bias_tensors and any(m.bias is not None for m in modules.values()):
+        raise AdapterError("bias tensors (bias='all') and lora_B.bias cannot be combined; keep one")
+    for name in bias_tensors:
+        if not name.endswith(".bias") or not _NAME.fullmatch(name):
+            raise AdapterError(f"bias tensor {name!r}: expected a name like 'encoder.dense.bias'")
 
 
 def _resolves(cfg: LoraAdapterConfig, modules: Mapping[str, LoraModule], alphas: Mapping[str, float]) -> bool:

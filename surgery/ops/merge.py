@@ -344,7 +344,7 @@ def _untie_heads(ad: _Adapter, name: str, base: _Base, rep: _Replacements) -> No
         rep.extra.setdefault(head, [])  # [] = a copy of the base's (unreplaced) source tensor
         rep.config_updates["tie_word_embeddings"] = False
         rep.notes.append(f"{head} was tied to {name}; {ad.path} replaces {name} only (modules_to_save), so "
-                         f"{head} keeps the base values and is written untied (tie_word_embeddings=false), as PEFT does")
+                         f"{head} keeps the base values and is written untied (tie_word_embeddings=false), like PEFT")
 
 
 def _restore_originals(i: int, ad: _Adapter, base: _Base, rep: _Replacements) -> None:
