@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from fixtures.make_fixtures import BERT_TARGETS, LLAMA_TARGETS, _load_hf_model, make_peft_adapter
+from fixtures.make_fixtures import BERT_TARGETS, _load_hf_model, make_peft_adapter
 from surgery.errors import AdapterError, OptionError, OutputError, ValidationError
 from surgery.io import LazyReader, open_checkpoint
 from surgery.ops.merge import apply_adapters_to_model, merge, merged_state_dict_iter
@@ -450,15 +450,16 @@ def test_device_cuda_without_gpu_is_an_option_error(tiny_bert, tiny_bert_lora, t
         merge(tiny_bert, [tiny_bert_lora], tmp_path / "m", device="cuda")
 
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 
 @settings(max_examples=30, deadline=None)
 @given(out=st.integers(1, 12), inp=st.integers(1, 12), r=st.integers(1, 4), fifo=st.booleans(),
        w=st.floats(-3, 3), seed=st.integers(0, 2**16))
 def test_property_unmerge_inverts_merge(out, inp, r, fifo, w, seed):
-    from surgery.ops.merge import _apply_ops, _Op
     from surgery.core.peft_format import LoraModule
+    from surgery.ops.merge import _apply_ops, _Op
 
     g = torch.Generator().manual_seed(seed)
     W = torch.randn((inp, out) if fifo else (out, inp), generator=g)

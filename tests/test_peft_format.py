@@ -18,7 +18,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from surgery.errors import AdapterError, CheckpointError, OutputError
 from surgery.core.peft_format import (
     LoraModule,
     adapter_state_dict,
@@ -30,6 +29,7 @@ from surgery.core.peft_format import (
     read_adapter_config,
     write_adapter,
 )
+from surgery.errors import AdapterError, CheckpointError, OutputError
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -588,7 +588,7 @@ def test_huge_numbers_are_one_line_adapter_errors(tmp_path, key):
     from surgery.core.peft_format import read_adapter_config
 
     (tmp_path / "adapter_config.json").write_text(
-        '{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "%s": %s}' % (key, "9" * 400))
+        '{{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "{}": {}}}'.format(key, "9" * 400))
     with pytest.raises(AdapterError, match=r"adapter_config\.json") as e:
         read_adapter_config(tmp_path)
     assert "\n" not in str(e.value)

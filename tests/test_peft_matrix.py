@@ -143,7 +143,7 @@ def _perturb(pm: torch.nn.Module, seed: int) -> None:
     """PEFT initialises lora_B (and embedding A) to zero: draw every trainable tensor so merging matters."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in pm.named_parameters():
+        for _name, p in pm.named_parameters():
             if p.requires_grad:
                 p.copy_((p.float() + torch.randn(p.shape, generator=g) * 0.05).to(p.dtype))
 
@@ -160,9 +160,9 @@ def _peft_adapter(model: torch.nn.Module, lora: dict, out: Path, seed: int) -> P
 
 
 def _load(path: Path, dtype: torch.dtype):
-    import transformers
-
     import json
+
+    import transformers
     arch = json.loads((path / "config.json").read_text())["architectures"][0]
     model, info = getattr(transformers, arch).from_pretrained(str(path), dtype=dtype, output_loading_info=True)
     return model.eval(), info

@@ -62,8 +62,8 @@ try:  # Python 3.11+: the regex parser the guard reads (re._parser / re._constan
     from re import _constants as _sre  # type: ignore[attr-defined,unused-ignore]
     from re import _parser as _re_parser  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - older Pythons
-    import sre_constants as _sre  # type: ignore[no-redef]
-    import sre_parse as _re_parser  # type: ignore[no-redef]
+    import sre_constants as _sre  # type: ignore[no-redef,unused-ignore]
+    import sre_parse as _re_parser  # type: ignore[no-redef,unused-ignore]
 
 from surgery.errors import AdapterError
 from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, load_json, open_checkpoint

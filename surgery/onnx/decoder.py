@@ -250,7 +250,7 @@ def dummy_inputs(layout: DecoderLayout, dtype: torch.dtype, device: torch.device
 
 
 def _first_line(e: BaseException) -> str:
-    from surgery.onnx.export import _first_line as first
+    from surgery.onnx.files import first_line as first
 
     return first(e)
 
@@ -320,7 +320,7 @@ def save_decoder(proto: Any, path: Path) -> Path | None:
     Returns the data file's path, or None."""
     import onnx
 
-    from surgery.onnx.export import clamp_ir_version
+    from surgery.onnx.files import clamp_ir_version
 
     clamp_ir_version(proto)
     size = sum(len(t.raw_data) for t in proto.graph.initializer) + 64 * 2**20  # graph + small tensors margin
@@ -496,7 +496,7 @@ def _load(model: Any) -> tuple[torch.nn.Module, Path | None]:
 def _check_options(dtype: str, opset: int) -> None:
     import onnx
 
-    from surgery.onnx.export import MIN_OPSET
+    from surgery.options.export import MIN_OPSET
 
     if dtype not in DTYPES:
         raise OptionError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}", field="dtype")
@@ -543,7 +543,7 @@ def export_decoder_with_past(model: Any, out_dir: str | Path, *, dtype: str = "f
         >>> r.status, r.layout.num_layers, r.validation.passed
         ('ok', 2, True)
     """
-    from surgery.onnx.export import DEFAULT_OPSET
+    from surgery.options.export import DEFAULT_OPSET
 
     opset = DEFAULT_OPSET if opset is None else opset
     _check_options(dtype, opset)
@@ -615,10 +615,10 @@ def _json_safe(obj: Any) -> Any:
 def _manifest(layout: DecoderLayout, dtype: str, opset: int, exporter: str, note: str, path: Path,
               data: Path | None, files: Sequence[str], export_s: float) -> dict[str, Any]:
     import onnx
-    import onnxruntime  # type: ignore[import-untyped]
+    import onnxruntime
     import transformers
 
-    from surgery.onnx.export import max_ir_version_supported
+    from surgery.onnx.files import max_ir_version_supported
 
     proto = onnx.load(str(path), load_external_data=False)
     return {
