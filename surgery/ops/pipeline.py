@@ -67,7 +67,9 @@ def run_pipeline(base: str | Path, ft: str | Path, workdir: str | Path, *, rank:
     base, ft, workdir = Path(base), Path(ft), Path(workdir)
     t0 = time.perf_counter()
     lora, merged, onnx_dir = workdir / "lora", workdir / "merged", workdir / "onnx"
-    ex = extract_lora(base, ft, lora, rank=rank, overwrite=True, progress=progress)
+    # bias="lora" (the default before bias="auto"): embeddings saved whole, so the demo's merged
+    # model matches the fine-tune to the LoRA modules' reported error
+    ex = extract_lora(base, ft, lora, rank=rank, bias="lora", overwrite=True, progress=progress)
     t1 = time.perf_counter()
     mg = merge(base, [lora], merged, overwrite=True, progress=progress)
     t2 = time.perf_counter()

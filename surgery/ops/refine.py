@@ -697,9 +697,14 @@ def _save(out: Path, cfg: LoraAdapterConfig, modules: Mapping[str, LoraModule], 
         refined[name] = LoraModule(name, m.kind, a.cpu().to(m.A.dtype).contiguous(), b.cpu().to(m.B.dtype).contiguous(),
                                    m.bias, None, m.scaling)
     extra = {k: v for k, v in cfg.raw.items() if k not in _CONFIG_COMPUTED}
-    write_adapter(out, refined, full_tensors=full, base_model_name_or_path=cfg.base_model_name_or_path,
-                  task_type=cfg.task_type, fan_in_fan_out=bool(cfg.fan_in_fan_out), extra_config=extra,
-                  overwrite=overwrite, inputs=inputs)
+    # PEFT bias="all" values (outside modules_to_save) are written back as such, not as modules_to_save
+    saved = tuple(cfg.modules_to_save or ())
+    biases = {n: t for n, t in full.items() if cfg.raw.get("bias") == "all" and n.endswith(".bias")
+              and not n.rsplit(".", 1)[0].endswith(saved or ("\0",))}
+    write_adapter(out, refined, full_tensors={n: t for n, t in full.items() if n not in biases},
+                  base_model_name_or_path=cfg.base_model_name_or_path, task_type=cfg.task_type,
+                  fan_in_fan_out=bool(cfg.fan_in_fan_out), extra_config=extra, overwrite=overwrite, inputs=inputs,
+                  bias_tensors=biases or None)
 
 
 # ----------------------------------------------------------------------------- refine
