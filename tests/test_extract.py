@@ -838,3 +838,64 @@ def test_minilm_default_adapter_is_small(minilm_dir, minilm_ft, tmp_path):
     old = extract_lora(minilm_dir, minilm_ft, tmp_path / "old", bias="lora")
     assert (tmp_path / "old" / "adapter_model.safetensors").stat().st_size > 0.4 * model
     assert old.warnings and "embeddings.word_embeddings.weight" in old.warnings[0]
+
+
+def test_pack_experts_matches_peft_param_wrapper_layout():
+    """PEFT's ParamWrapper reads A (r·E, in) as (E, r, in) and B (out, r·E) as (out, r, E)."""
+    from surgery.ops.extract import pack_experts
+
+    gen = torch.Generator().manual_seed(0)
+    E, r, n_out, n_in = 3, 2, 5, 4
+    factors = [(torch.randn(r, n_in, generator=gen), torch.randn(n_out, r, generator=gen)) for _ in range(E)]
+    A, B = pack_experts(factors, rank=r + 1)  # one zero-padded rank too
+    wA, wB = A.reshape(E, -1, n_in), B.reshape(n_out, -1, E)
+    delta = torch.einsum("o r e, e r i -> e o i", wB, wA)  # PEFT, (experts, out, in) parameters
+    for e, (a, b) in enumerate(factors):
+        torch.testing.assert_close(delta[e], b @ a)
+    # Negative control: B laid out expert-major (the natural reshape) is not PEFT's layout.
+    wrong = torch.cat([torch.nn.functional.pad(b, (0, 1)) for _, b in factors], 1).reshape(n_out, -1, E)
+    assert not torch.allclose(torch.einsum("o r e, e r i -> e o i", wrong, wA), delta)
+
+
+def test_mixtral_experts_under_budget_and_energy(tmp_path):
+    """Fused MoE experts (target_parameters) under the budget and energy policies: one rank per
+    expert stack, PEFT loads without a warning and reproduces the rank-2-per-expert fine-tune."""
+    from peft import PeftModel
+
+    from fixtures.zoo import make_model
+
+    base_m = make_model("mixtral")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base_m.save_pretrained(tmp_path / "b")
+    ft_m = make_model("mixtral")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in ft_m.named_parameters():
+            if "experts" in name:  # (E, d1, d2): a rank-2 delta on every expert
+                p += 0.05 * torch.einsum("eir,erj->eij", torch.randn(p.shape[0], p.shape[1], 2, generator=gen),
+                                         torch.randn(p.shape[0], 2, p.shape[2], generator=gen)) / p.shape[2] ** 0.5
+        ids = torch.randint(3, 90, (2, 9), generator=gen)
+        want = ft_m(input_ids=ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ft_m.save_pretrained(tmp_path / "f")
+    for kw in ({"energy": 0.999}, {"budget": "6000"}):
+        res = extract_lora(tmp_path / "b", tmp_path / "f", tmp_path / "ad", overwrite=True, **kw)
+        assert {m.kind for m in res.modules} == {"experts"} and all(m.rank >= 2 for m in res.modules), kw
+        if "budget" in kw:
+            assert res.adapter_params <= 6000
+        cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+        assert cfg["target_modules"] == [] and len(cfg["target_parameters"]) == 4
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pm = PeftModel.from_pretrained(make_model("mixtral"), str(tmp_path / "ad")).eval()
+        assert not [w for w in caught if "peft" in (w.filename or "")], kw
+        with torch.no_grad():
+            got = pm(input_ids=ids).logits
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-4, kw
+    # Negative control: rank 1 cannot hold a rank-2 expert delta.
+    extract_lora(tmp_path / "b", tmp_path / "f", tmp_path / "r1", rank=1)
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(make_model("mixtral"), str(tmp_path / "r1")).eval()(input_ids=ids).logits
+    assert float((got - want).abs().max() / want.abs().max()) > 1e-3

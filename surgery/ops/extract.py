@@ -756,15 +756,17 @@ def _other_row(p: TensorPlan, pair: _Pair, bias_form: str) -> Row:
                delta_sq=dsq)
 
 
-def _spectra(p: TensorPlan, d: torch.Tensor, cap: int | None, svd: _SVDSettings) -> dict[str, tuple]:
-    if p.action == "experts":
-        out = {}
-        for e in range(d.shape[0]):
-            res = truncated_svd(d[e], cap, name=f"{p.name}[{e}]", **svd.kw())
-            out[f"{p.name}#{e}"] = (res.S, *res.shape)
-        return out
-    res = truncated_svd(_orient(d, p.kind), cap, name=p.name, **svd.kw())
-    return {p.name: (res.S, *res.shape)}
+def _spectra(p: TensorPlan, d: torch.Tensor, cap: int | None, svd: _SVDSettings) -> tuple:
+    """(S, m, n) for the budget allocator. An expert stack shares one rank (PEFT's layout): its
+    rank-k step costs E·(m + n) and gains Σ_e σ_{e,k}², so it enters as one module of that spectrum."""
+    if p.action != "experts":
+        res = truncated_svd(_orient(d, p.kind), cap, name=p.name, **svd.kw())
+        return (res.S, *res.shape)
+    spectra = [truncated_svd(d[e], cap, name=f"{p.name}[{e}]", **svd.kw()).S for e in range(d.shape[0])]
+    k = min(len(s) for s in spectra)
+    S = torch.stack([s[:k].double() ** 2 for s in spectra]).sum(0).sqrt()  # (k,)
+    E, m, n = d.shape
+    return (S, E * m, E * n)
 
 
 def _budget_ranks(plan: ExtractPlan, budget: int, pair: _Pair, svd: _SVDSettings,
@@ -775,7 +777,7 @@ def _budget_ranks(plan: ExtractPlan, budget: int, pair: _Pair, svd: _SVDSettings
     spectra: dict[str, tuple] = {}
     for i, p in enumerate(lora):
         d = pair.delta(p)[0]
-        spectra.update(_spectra(p, d, plan.cap, svd))
+        spectra[p.name] = _spectra(p, d, plan.cap, svd)
         del d
         if progress:
             progress("spectra", i + 1, len(lora))
@@ -787,8 +789,8 @@ def _lora_row(p: TensorPlan, plan: ExtractPlan, pair: _Pair, opts: ExtractOption
     d, total, wsq = pair.delta(p)
     dtype = parse_dtype(opts.dtype) or (pair.base_idx.tensors[p.sources[0] if p.sources else p.name].dtype)
     if p.action == "experts":
-        br = None if ranks is None else [ranks[f"{p.name}#{e}"] for e in range(d.shape[0])]
-        k = plan.cap if br is None else max(br) or None
+        br = None if ranks is None else [ranks[p.name]] * d.shape[0]
+        k = plan.cap if ranks is None else max(ranks[p.name], 1)
         return decompose_experts(p, d, total, wsq, k, opts, dtype, svd, plan.experts[p.target], br)
     rank = None if ranks is None else ranks[p.name]
     k = plan.cap if rank is None else rank
@@ -862,6 +864,31 @@ def _collect(rows: list[Row], plan: ExtractPlan, pair: _Pair, out_dtype: torch.d
         modules[module] = dataclasses.replace(modules[module], bias=r.bias.to(modules[module].B.dtype))
     whole = {r.target or r.name: r.whole for r in rows if r.whole is not None}
     return _Adapter(modules, whole, skipped, notes, params, biases)
+
+
+def _common_rank(ad: _Adapter) -> int:
+    """The adapter's `r` as write_adapter picks it: the most common rank (ties: the smaller)."""
+    ranks = [m.rank for m in ad.modules.values()] + [p.rank for p in ad.params.values()]
+    return min(set(ranks), key=lambda r: (-ranks.count(r), r))
+
+
+def _pad_params(ad: _Adapter) -> list[str]:
+    """Expert LoRAs below the adapter's common rank are zero-padded to it: PEFT warns about any
+    rank_pattern key for a target parameter (it checks them against module names only)."""
+    if not ad.params:
+        return []
+    r = _common_rank(ad)
+    for name, p in list(ad.params.items()):
+        if p.rank < r:
+            E = p.experts
+            A = p.A.reshape(E, p.rank, -1)  # (E, r_p, in)
+            B = p.B.reshape(p.B.shape[0], p.rank, E)  # (out, r_p, E)
+            A = torch.cat([A, A.new_zeros(E, r - p.rank, A.shape[2])], 1).reshape(E * r, -1)
+            B = torch.cat([B, B.new_zeros(B.shape[0], r - p.rank, E)], 1).reshape(B.shape[0], r * E)
+            ad.params[name] = dataclasses.replace(p, A=A.contiguous(), B=B.contiguous())
+    high = sorted(n for n, p in ad.params.items() if p.rank > r)
+    return [f"{n}: rank {ad.params[n].rank} > r={r}; PEFT 0.21 applies it but warns that its rank_pattern key "
+            "matched no module" for n in high[:3]]
 
 
 def _tied_heads(ad: _Adapter, tied: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -978,7 +1005,7 @@ def assemble(plan: ExtractPlan, rows: list[Row], opts: ExtractOptions, inputs: _
     heads, tied_notes = _tied_heads(ad, plan.tied)
     whole = {**ad.whole, **heads}
     ad.modules, carrier_notes = _carrier(ad, plan, pair)
-    notes = list(plan.notes) + ad.notes + tied_notes + carrier_notes
+    notes = list(plan.notes) + ad.notes + tied_notes + carrier_notes + _pad_params(ad)
     if opts.serving_safe and whole:
         notes.append(f"serving_safe: {len(whole)} tensor(s) saved whole in modules_to_save anyway "
                      "(a grown vocabulary cannot be a LoRA)")
