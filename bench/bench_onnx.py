@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from surgery.onnx.export import benchmark_onnx, export_onnx, load_hf_model  # noqa: E402
+from surgery.onnx.check import benchmark_onnx  # noqa: E402
+from surgery.onnx.export import export_onnx  # noqa: E402
+from surgery.onnx.model import load_hf_model  # noqa: E402
 
 
 def main() -> None:

@@ -45,3 +45,8 @@ class ValidationError(SurgeryError):
     def __init__(self, message: str = "", report: object = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class ResourceError(SurgeryError):
+    """The work needs more of the machine than it has (memory for a tensor or an SVD);
+    refused before the allocation, so nothing was written."""

@@ -1,30 +1,21 @@
-"""Shared pytest setup: offline hub, repo root importable, paths to the fixture checkpoints."""
+"""Shared pytest fixtures: offline hub, paths to the fixture checkpoints.
+
+Plain helper functions live in helpers.py (`from helpers import ...`); the repository root
+and tests/ are on pytest's pythonpath (pyproject.toml), so `surgery` and
+`fixtures.make_fixtures` import from this checkout."""
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import FIXTURES_DIR, fixture_path
+
 # Set before transformers / huggingface_hub are imported anywhere: no test touches the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # makes `surgery`, `cli` and `fixtures.make_fixtures` importable
-
-FIXTURES_DIR = ROOT / "fixtures"
-
-
-def fixture_path(name: str) -> Path:
-    """Path of a committed fixture directory; fails with the regeneration command if missing."""
-    path = FIXTURES_DIR / name
-    if not path.is_dir():
-        pytest.fail(f"fixture {path} is missing; regenerate with `python fixtures/make_fixtures.py`")
-    return path
 
 
 def _path_fixture(name: str):
@@ -65,17 +56,3 @@ def minilm_ft(minilm_dir, tmp_path_factory) -> Path:
     from fixtures.make_fixtures import make_ft_twin
 
     return make_ft_twin(minilm_dir, tmp_path_factory.mktemp("minilm") / "minilm-ft", seed=100)
-
-
-def load_fp32_model(path: Path):
-    """The model class named in config.json's architectures, loaded in fp32, eval mode, quietly."""
-    import json
-    import warnings
-
-    import torch
-    import transformers
-
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return getattr(transformers, cfg["architectures"][0]).from_pretrained(path, dtype=torch.float32).eval()

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from surgery.cli.main import cli
-from surgery.ops.analyze import analyze, effective_rank, layer_type, spectrum, spectrum_stats
-from surgery.errors import CheckpointError, OptionError
 from surgery.core.lowrank import allocate_budget
+from surgery.errors import CheckpointError, OptionError
+from surgery.ops.analyze import analyze, effective_rank, layer_type, spectrum, spectrum_stats
 
 
 def _with_spectrum(S, m, n, seed=0):
@@ -140,7 +140,7 @@ def test_analyze_bf16_sharded_and_conv1d(tiny_llama, tiny_llama_ft, tiny_gpt2):
 
 
 def test_analyze_errors(tiny_bert, tiny_gpt2, tiny_bert_lora):
-    with pytest.raises(OptionError, match="give --base"):
+    with pytest.raises(OptionError, match="give a base model"):
         analyze(tiny_bert, budget="1%")
     with pytest.raises(OptionError, match="matches no"):
         analyze(tiny_bert, include=["nosuch"])

@@ -9,7 +9,11 @@ line means an exception escaped the library's SurgeryError net: a bug.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -265,6 +269,14 @@ def test_version_and_unknown_command():
 # ----------------------------------------------------------------------------- the boundary itself
 
 
+def patch_inspect(monkeypatch, fn) -> None:
+    """Replace inspect_checkpoint for `surgery inspect`, imported at its module's top or inside the command."""
+    import surgery.cli.commands.inspect_cmd as cmd_module
+
+    monkeypatch.setattr("surgery.ops.inspect.inspect_checkpoint", fn)
+    monkeypatch.setattr(cmd_module, "inspect_checkpoint", fn, raising=False)
+
+
 def test_debug_shows_traceback_and_internal_errors_are_one_line(monkeypatch, tmp_path):
     """--debug re-raises (traceback); an unexpected exception is one line asking for --debug, exit 1."""
     import surgery.ops.inspect as sins
@@ -275,7 +287,7 @@ def test_debug_shows_traceback_and_internal_errors_are_one_line(monkeypatch, tmp
     def boom(path):
         raise KeyError("unexpected")
 
-    monkeypatch.setattr("surgery.cli.commands.inspect_cmd.inspect_checkpoint", boom)
+    monkeypatch.setattr("surgery.ops.inspect.inspect_checkpoint", boom)  # looked up when the command runs
     r = run(["inspect", FIX / "tiny-bert"])
     assert r.exit_code == 1 and "Traceback" not in r.output
     lines = r.stderr.strip().splitlines()
@@ -289,7 +301,7 @@ def test_error_message_is_one_line_even_for_multiline_exceptions(monkeypatch):
     def boom(path):
         raise CheckpointError("first line\nsecond line\n\tthird")
 
-    monkeypatch.setattr("surgery.cli.commands.inspect_cmd.inspect_checkpoint", boom)
+    monkeypatch.setattr("surgery.ops.inspect.inspect_checkpoint", boom)  # looked up when the command runs
     line = check_exit_1(run(["inspect", FIX / "tiny-bert"]))
     assert line == "error: first line second line third"
 
@@ -301,3 +313,159 @@ def test_json_flag_errors_are_not_json_on_stdout(bad):
     assert r.stdout.strip() == ""
     ok = run(["inspect", FIX / "tiny-bert", "--json"])
     assert ok.exit_code == 0 and json.loads(ok.stdout)["tensor_count"] > 0
+
+
+# ----------------------------------------------------------------------------- options objects (exit 2)
+
+
+def _toy_group():
+    """A group with one command whose options object refuses rank < 1 (built the CLI's way)."""
+    import dataclasses
+
+    import click
+
+    from surgery.cli.main import SurgeryGroup
+    from surgery.cli.util import build_options
+    from surgery.errors import OptionError
+    from surgery.options.base import Options, positive_int
+
+    @dataclasses.dataclass(frozen=True)
+    class ToyOptions(Options):
+        max_rank: int = 1
+
+        def validate(self) -> None:
+            positive_int(self.max_rank, "max_rank")
+
+    @click.command("toy")
+    @click.option("--max-rank", type=int, default=1)
+    @click.option("--late", is_flag=True, help="Raise an OptionError after the options were built.")
+    @click.pass_context
+    def toy(ctx, max_rank, late):
+        build_options(ToyOptions, ctx, max_rank=max_rank)
+        if late:
+            raise OptionError("max_rank: 4 exceeds min(out=2, in=3) for w; use a rank <= 2", field="max_rank")
+        click.echo("ok")
+
+    return SurgeryGroup("surgery", commands=[toy])
+
+
+def test_option_error_while_options_are_built_is_exit_2_naming_the_flag():
+    r = CliRunner().invoke(_toy_group(), ["toy", "--max-rank", "0"])
+    check_exit_2(r, "--max-rank: must be a positive integer, got 0")
+    assert CliRunner().invoke(_toy_group(), ["toy", "--max-rank", "3"]).output == "ok\n"  # control
+
+
+def test_option_error_raised_by_the_operation_is_exit_1():
+    """A rule that needs the data (checked after the options were built) is bad input, not bad usage."""
+    check_exit_1(CliRunner().invoke(_toy_group(), ["toy", "--late"]), "use a rank <= 2")
+
+
+# ----------------------------------------------------------------------------- signals and pipes (subprocesses)
+
+
+def run_python(code: str, *args, cwd: Path | None = None, **popen) -> subprocess.Popen:
+    """Start `python -c code args` with this checkout's surgery importable."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(cwd or ROOT)])}
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=cwd or ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def check_interrupted(p: subprocess.Popen, stderr: str) -> None:
+    assert p.returncode == 130, (p.returncode, stderr)
+    assert stderr.strip().splitlines() == ["interrupted; no output was written"], stderr
+
+
+@pytest.mark.parametrize("args", [["inspect", FIX / "tiny-llama", "--json"], ["--help"], ["merge", "--help"]],
+                         ids=["inspect", "group-help", "command-help"])
+def test_closed_stdout_exits_quietly(args):
+    """`surgery inspect X --json | head -1`: no traceback, no message; exit 141 like `cat` (128 + SIGPIPE)."""
+    p = run_python("from surgery.cli.main import main; main()", *args)
+    p.stdout.close()  # the reader goes away before anything is written
+    stderr = p.stderr.read()
+    p.wait(timeout=120)
+    assert (p.returncode, stderr) == (141, "")
+
+
+def test_open_stdout_is_the_control():
+    p = run_python("from surgery.cli.main import main; main()", "inspect", FIX / "tiny-llama", "--json")
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0 and stderr == "" and json.loads(stdout)["tensor_count"] > 0
+
+
+SLEEPY = """
+import signal, sys, time
+import click
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when pytest runs in the background
+from surgery.cli.main import cli, main
+from surgery.io import atomic_output_dir
+
+@cli.command("sleepy")
+@click.argument("out")
+def sleepy(out):
+    with atomic_output_dir(out) as tmp:
+        (tmp / "partial.bin").write_bytes(b"x" * 1000)
+        print("ready", file=sys.stderr, flush=True)
+        time.sleep(30)
+
+main(["sleepy", sys.argv[1]])
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_mid_write_exits_130_and_leaves_no_output(sig, tmp_path):
+    out = tmp_path / "out"
+    p = run_python(SLEEPY, out)
+    assert p.stderr.readline().strip() == "ready"
+    assert list(tmp_path.glob(".out.surgery-tmp-*")), "the control: a temporary directory exists mid-write"
+    p.send_signal(sig)
+    stderr = p.stderr.read()
+    p.wait(timeout=60)
+    check_interrupted(p, stderr)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+STARTUP_INTERRUPTS = {
+    # Ctrl-C while a command module (and so torch) is being imported
+    "command-import": """
+from surgery.cli.commands import CommandEntry
+from surgery.cli.main import cli, main
+cli.commands.table["slow"] = CommandEntry("interrupted_module:cmd", "Interrupted while importing.")
+main(["slow"])
+""",
+    # Ctrl-C while click parses the group's own options
+    "group-parsing": """
+import click
+from surgery.cli.main import main
+def parse_args(self, ctx, args):
+    raise KeyboardInterrupt
+click.Group.parse_args = parse_args
+main(["inspect", "x"])
+""",
+    # Ctrl-C before click runs at all
+    "before-click": """
+from surgery.cli import main as m
+def interrupted(*a, **k):
+    raise KeyboardInterrupt
+m.cli.main = interrupted
+m.main(["inspect", "x"])
+""",
+    # Ctrl-C while `python -m surgery` is still importing the CLI
+    "python-m-import": """
+import runpy, sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "surgery.cli.main":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, Interrupt())
+runpy.run_module("surgery", run_name="__main__")
+""",
+}
+
+
+@pytest.mark.parametrize("where", sorted(STARTUP_INTERRUPTS))
+def test_interrupt_during_start_up_is_one_line(where, tmp_path):
+    (tmp_path / "interrupted_module.py").write_text("raise KeyboardInterrupt\n")
+    p = run_python(STARTUP_INTERRUPTS[where], cwd=tmp_path)
+    stdout, stderr = p.communicate(timeout=60)
+    check_interrupted(p, stderr)
+    assert stdout == ""

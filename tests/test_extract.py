@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from surgery.errors import CheckpointError, OptionError, OutputError, SurgeryError
-from surgery.ops.extract import extract_lora
 from surgery.io import LazyReader, open_checkpoint
+from surgery.ops.extract import extract_lora
 
 warnings.filterwarnings("ignore", module="peft")
 
@@ -282,7 +282,7 @@ def test_randomized_close_to_exact(tiny_bert, tiny_bert_ft, tmp_path):
     from surgery.core.lowrank import truncated_svd
 
     worst = 0.0
-    for name, t in true_deltas(tiny_bert, tiny_bert_ft).items():
+    for _name, t in true_deltas(tiny_bert, tiny_bert_ft).items():
         if t.dim() == 2 and min(t.shape) > 8:
             res = truncated_svd(t, 2, method="randomized", niter=0, oversample=0, seed=0)
             worst = max(worst, res.rel_error(2) / tail_bound(t, 2))

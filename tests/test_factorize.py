@@ -15,8 +15,7 @@ from surgery.errors import CheckpointError, OptionError, OutputError
 from surgery.ops.factorize import factorize, last_hidden, load_factorized, sample_inputs, savings
 
 transformers = pytest.importorskip("transformers")
-from conftest import load_fp32_model  # noqa: E402
-
+from helpers import load_fp32_model  # noqa: E402
 
 _load = load_fp32_model
 
@@ -78,7 +77,7 @@ def test_min_savings_keeps_layers_dense(tiny_bert, tmp_path):
     # rank 12: 32x32 saves 25%, 64x32 / 32x64 save 43.75%
     res = factorize(tiny_bert, tmp_path / "f", rank=12, min_savings=0.3, evaluate=False)
     assert {m.shape for m in res.modules} == {(64, 32), (32, 64)} and len(res.modules) == 4
-    assert len(res.skipped) == 9 and all("min-savings" in s["why"] for s in res.skipped)
+    assert len(res.skipped) == 9 and all("min_savings" in s["why"] for s in res.skipped)
     with pytest.raises(OptionError, match="would be factorised"):
         factorize(tiny_bert, tmp_path / "g", rank=20)  # 32x32 grows, 64x32 saves 6% < 20%
     assert not (tmp_path / "g").exists()

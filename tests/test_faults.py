@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib
 import json
 import os
+import pkgutil
 import random
 import re
 import shutil
@@ -25,6 +27,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import surgery
 from surgery.cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -410,7 +413,13 @@ def readonly_dir():
     # Modules imported lazily must be loaded while still root: the interpreter's stdlib may
     # live where nobody cannot read (here /root/.pyenv).
     import encodings.raw_unicode_escape  # noqa: F401
+
     import onnx  # noqa: F401
+
+    # Commands load lazily (the table in surgery.cli.commands) and import the library inside
+    # the command: import every surgery module now, while still root.
+    for m in pkgutil.walk_packages(surgery.__path__, "surgery."):
+        importlib.import_module(m.name)
     ro = base / "readonly"
     ro.mkdir()
     ro.chmod(0o555)

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = set(cli.commands)
 
 
-def run(args) -> "CliRunner.Result":
+def run(args) -> CliRunner.Result:
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 

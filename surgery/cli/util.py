@@ -14,13 +14,17 @@ def echo_json(obj) -> None:
 
 
 def table(rows: list[list], headers: list[str], align: str | None = None) -> str:
-    """A plain-text table; align is a string of 'l'/'r' per column."""
-    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    """A plain-text table; align is a string of 'l'/'r' per column. Cells are escaped
+    (surgery.io.escape_name): a tensor name from a checkpoint never breaks a line or the terminal."""
+    from surgery.io.guards import escape_name  # imported when a table is drawn, not when the CLI starts
+
+    cells = [[str(c) for c in headers]] + [[escape_name(c, 200) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     align = align or "l" * len(headers)
     out = []
     for j, r in enumerate(cells):
-        out.append("  ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(r, widths, align)).rstrip())
+        padded = (c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(r, widths, align, strict=False))
+        out.append("  ".join(padded).rstrip())
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
@@ -110,8 +114,8 @@ class BudgetType(click.ParamType):
     name = "budget"
 
     def convert(self, value, param, ctx):
-        from surgery.errors import OptionError
         from surgery.core.lowrank import parse_budget
+        from surgery.errors import OptionError
 
         try:
             parse_budget(str(value).strip(), 10**15)

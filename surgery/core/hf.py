@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from surgery.errors import CheckpointError, OptionError
+from surgery.io.guards import escape_name
 
 #: the dtypes surgery reads and writes, by their short names (also the CLI's --dtype choices)
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -36,10 +37,10 @@ def parse_dtype(dtype: str | torch.dtype | None, what: str = "dtype") -> torch.d
         return None
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPE_NAMES:
-            raise OptionError(f"{what} must be one of {', '.join(DTYPES)}, got {dtype}")
+            raise OptionError(f"{what} must be one of {', '.join(DTYPES)}, got {dtype}", field=what)
         return dtype
     if dtype not in DTYPES:
-        raise OptionError(f"{what} must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise OptionError(f"{what} must be one of {', '.join(DTYPES)}, got {dtype!r}", field=what)
     return DTYPES[dtype]
 
 
@@ -68,9 +69,11 @@ def quiet(capture_stdio: bool = False) -> Iterator[io.StringIO]:
     stdout/stderr (torch.export prints refused graphs) is captured in the yielded buffer."""
     import transformers.utils.logging as tlog
 
+    # get_verbosity first: transformers sets its logger's level when it first configures it,
+    # so the levels to restore are read after that
+    verbosity = tlog.get_verbosity()
     loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
     levels = [lg.level for lg in loggers]
-    verbosity = tlog.get_verbosity()
     bars = tlog.is_progress_bar_enabled()
     sink = io.StringIO()
     try:
@@ -85,7 +88,7 @@ def quiet(capture_stdio: bool = False) -> Iterator[io.StringIO]:
                 stack.enter_context(contextlib.redirect_stdout(sink))
             yield sink
     finally:
-        for lg, lv in zip(loggers, levels):
+        for lg, lv in zip(loggers, levels, strict=True):
             lg.setLevel(lv)
         tlog.set_verbosity(verbosity)
         if bars:
@@ -94,27 +97,103 @@ def quiet(capture_stdio: bool = False) -> Iterator[io.StringIO]:
 
 def config_dict(path: str | Path, cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """config.json of a model directory, checked for what transformers needs offline: present,
-    no custom code. Raises CheckpointError."""
+    no custom code, not quantized (transformers would need bitsandbytes/optimum... and would not
+    give the weights surgery works on). Raises CheckpointError."""
     path = Path(path)
     if cfg is None:
         from surgery.io import open_checkpoint
 
         cfg = open_checkpoint(path).config
     if not cfg or not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json; this needs a Hugging Face model directory")
+        raise CheckpointError(f"{escape_name(path)}: no config.json; this needs a Hugging Face model directory")
     if cfg.get("auto_map"):
-        raise CheckpointError(f"{path}: the model needs custom code (auto_map); surgery never runs remote code")
+        raise CheckpointError(f"{escape_name(path)}: the model needs custom code (auto_map); surgery never runs "
+                              "remote code")
+    quant = cfg.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, Mapping) else "unknown"
+        raise CheckpointError(f"{escape_name(path)}: a quantized model (quantization_config, quant_method "
+                              f"'{escape_name(method, 40)}'); surgery works on unquantized weights: use the original "
+                              "model, or dequantize it first")
     return dict(cfg)
 
 
 def architecture_class(architectures: Any, default: str = "AutoModel") -> type:
-    """The transformers class named first in config.json's `architectures`, else `default`
-    (an Auto class name). The architecture class keeps the checkpoint's tensor names."""
+    """The transformers model class named first in config.json's `architectures`.
+
+    Only a class transformers ships that is a `PreTrainedModel` counts (never any other
+    attribute of the package, such as `pipeline`); otherwise `default`, an Auto class name.
+    The architecture class keeps the checkpoint's tensor names.
+
+    Args:
+        architectures: config.json's `architectures` value (a list of names, or anything).
+        default: the transformers attribute returned when no usable class is named.
+
+    Returns:
+        A class: the architecture, or the default Auto class.
+
+    Example:
+        >>> architecture_class(["BertModel"]).__name__
+        'BertModel'
+        >>> architecture_class(["pipeline"]).__name__
+        'AutoModel'
+    """
     import transformers
 
-    archs = list(architectures or [])
+    archs = list(architectures or []) if isinstance(architectures, (list, tuple)) else []
     cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
-    return cls or getattr(transformers, default)
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls
+    return getattr(transformers, default)
+
+
+def model_from_config(config: Any, cls: type | None = None) -> torch.nn.Module:
+    """A transformers model built from a config object (randomly initialised), quietly.
+
+    Build it under `torch.device("meta")` for the architecture alone (no memory, no data).
+
+    Args:
+        config: a transformers `PretrainedConfig`.
+        cls: the model class; default: `architecture_class(config.architectures)`. An Auto
+            class is built with `from_config`.
+
+    Returns:
+        The model (in training mode, as transformers builds it).
+
+    Raises:
+        Whatever transformers raises for a config it cannot build (callers decide).
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     model = model_from_config(AutoConfig.for_model("bert", hidden_size=8, ...))
+    """
+    cls_: Any = cls or architecture_class(getattr(config, "architectures", None))
+    with quiet(capture_stdio=True):
+        if cls_.__name__.startswith("Auto"):
+            return cls_.from_config(config)
+        return cls_(config)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with torch.set_num_threads(n), then restore; None changes nothing.
+
+    The thread count is process-global (not thread-safe). LAPACK calls inside still run at
+    `surgery.core.lowrank.LAPACK_THREADS` (see `lapack_threads`).
+
+    Example:
+        >>> with torch_threads(2):
+        ...     y = a @ b
+    """
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_pretrained(path: str | Path, cls: type | None = None, dtype: torch.dtype = torch.float32,
@@ -126,21 +205,24 @@ def load_pretrained(path: str | Path, cls: type | None = None, dtype: torch.dtyp
     naming them; so is any load failure. The model is returned in eval mode."""
     path = Path(path)
     cfg = config_dict(path)
-    cls = cls or architecture_class(cfg.get("architectures"))
-    name = getattr(cls, "__name__", str(cls))
+    cls_: Any = cls or architecture_class(cfg.get("architectures"))
+    name = getattr(cls_, "__name__", str(cls_))
     try:
         with quiet(capture_stdio=True):
-            model, info = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True,
-                                              trust_remote_code=False, output_loading_info=True, **kwargs)
+            # ignore_mismatched_sizes: mis-shaped weights are listed in info (refused below), not a ValueError
+            model, info = cls_.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                              trust_remote_code=False, output_loading_info=True,
+                                              ignore_mismatched_sizes=True, **kwargs)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load {path} as {name} with transformers ({first})") from None
-    missing = [str(k) for k in info.get("missing_keys") or []]
-    mismatched = [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or []]
+        raise CheckpointError(f"cannot load {escape_name(path)} as {name} with transformers "
+                              f"({escape_name(first, 200)})") from None
+    missing = [escape_name(k, 200) for k in info.get("missing_keys") or []]
+    mismatched = [escape_name(k[0] if isinstance(k, tuple) else k, 200) for k in info.get("mismatched_keys") or []]
     bad = missing + mismatched
     if bad:
-        raise CheckpointError(f"{path}: {len(bad)} weight(s) of {name} are missing or mis-shaped in the checkpoint "
-                              f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); transformers would "
-                              "initialise them randomly")
+        raise CheckpointError(f"{escape_name(path)}: {len(bad)} weight(s) of {name} are missing or mis-shaped in "
+                              f"the checkpoint ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
+                              "transformers would initialise them randomly")
     model.eval()
     return model

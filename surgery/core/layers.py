@@ -1,26 +1,29 @@
-"""What kind of layer each tensor of a checkpoint belongs to.
+"""What kind of layer each tensor of a checkpoint belongs to, and the helpers every
+operation on layers shares.
 
 The answer decides how a delta becomes LoRA factors: a Linear weight is (out, in),
 a GPT-2 Conv1D weight is stored (in, out), an Embedding is (vocab, dim). We build
 the architecture from config.json on the meta device (no memory, no data, no
 remote code) and read the module types; without a usable config we fall back to
 name heuristics.
+
+Shared by the operations (extract, merge, analyze, init-lora, init-adapter, factorize):
+`open_model`, `matrix_tensors`, `module_filter`, `check_includes_match`, `oriented`,
+`tied_head`, `module_of`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from surgery.errors import OptionError
-from surgery.io import CheckpointIndex
+from surgery.errors import CheckpointError, OptionError
+from surgery.io import CheckpointIndex, open_checkpoint
+from surgery.io.guards import check_regex
 
 # kinds: "linear" (out, in) | "conv1d" (in, out) | "embedding" (vocab, dim)
 #        "bias" (of a linear/conv1d) | "norm" (1-D params of a module with no 2-D weight)
@@ -28,26 +31,27 @@ from surgery.io import CheckpointIndex
 _EMB_NAME = re.compile(r"(embed|wte|wpe|embeddings)", re.I)
 _NORM_NAME = re.compile(r"(norm|ln_|ln\d|layernorm)", re.I)
 
+#: the kinds whose weight is a matrix SVD tools work on
+MATRIX_KINDS = ("linear", "conv1d", "embedding")
+#: the kinds whose weight is a projection (x -> W x): LoRA / factorisation targets
+PROJECTION_KINDS = ("linear", "conv1d")
+
 
 def _meta_model(config: dict) -> nn.Module | None:
-    try:
-        import transformers
-        from transformers import AutoConfig
-    except ImportError:  # pragma: no cover
-        return None
+    """The architecture of config.json built on the meta device, or None (custom code, unknown
+    model type, any failure: the caller uses name heuristics)."""
     if config.get("auto_map"):
         return None  # custom code: we never run it; use heuristics
-    archs = config.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        cls = None  # only model classes transformers ships, never an arbitrary attribute (pipeline, ...)
     try:
-        cfg = AutoConfig.for_model(**config)
-        logging.getLogger("transformers").setLevel(logging.ERROR)
-        with torch.device("meta"), contextlib.redirect_stderr(io.StringIO()):
-            if cls is not None:
-                return cls(cfg)
-            return transformers.AutoModel.from_config(cfg)
+        from transformers import AutoConfig
+
+        from surgery.core.hf import model_from_config, quiet
+
+        with quiet(capture_stdio=True):
+            cfg = AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            # architecture_class: only model classes transformers ships, never another attribute
+            return model_from_config(cfg)
     except Exception:  # noqa: BLE001 - any failure means "use the heuristics"
         return None
 
@@ -167,12 +171,26 @@ def tensor_kinds(index: CheckpointIndex, fast: bool = True, names: Mapping[str, 
 
 
 def module_filter(include: Sequence[str] = (), exclude: Sequence[str] = ()) -> Callable[[str], bool]:
-    """keep(module) for --include / --exclude regexes (re.search on the module name)."""
-    try:
-        inc = [re.compile(p) for p in include]
-        exc = [re.compile(p) for p in exclude]
-    except re.error as e:
-        raise OptionError(f"invalid --include/--exclude regex {e.pattern!r}: {e}") from None
+    """keep(module) for include / exclude regexes (re.search on the module name).
+
+    Args:
+        include: keep only modules matching one of these (none: keep all).
+        exclude: then drop modules matching one of these.
+
+    Returns:
+        A predicate on module names; its `include` attribute holds the compiled include
+        patterns (for `check_includes_match`).
+
+    Raises:
+        OptionError (field "include" / "exclude"): a pattern is not a valid regular expression,
+        or one that could backtrack for ever (see surgery.options.patterns.check_regex).
+
+    Example:
+        >>> keep = module_filter(include=["attn"], exclude=["c_proj"])
+        >>> keep("h.0.attn.c_attn"), keep("h.0.attn.c_proj"), keep("h.0.mlp.c_fc")
+        (True, False, False)
+    """
+    inc, exc = _compiled(include, "include"), _compiled(exclude, "exclude")
 
     def keep(module: str) -> bool:
         if inc and not any(p.search(module) for p in inc):
@@ -181,3 +199,95 @@ def module_filter(include: Sequence[str] = (), exclude: Sequence[str] = ()) -> C
 
     keep.include = inc  # type: ignore[attr-defined]
     return keep
+
+
+def _compiled(patterns: Sequence[str], field: str) -> list[re.Pattern[str]]:
+    """The patterns compiled, each refused (OptionError naming FIELD) if invalid or catastrophic."""
+    try:
+        return [check_regex(p, field) for p in patterns]
+    except OptionError as e:
+        raise OptionError(str(e), field=field) from None
+
+
+def check_includes_match(keep: Callable[[str], bool], modules: Sequence[str], where: str | Path) -> None:
+    """Each include pattern of `keep` must match at least one candidate module (else a typo).
+
+    Raises:
+        OptionError (field "include"): a pattern matches none of `modules`.
+
+    Example:
+        >>> check_includes_match(module_filter(["q_proj"]), ["l.0.q_proj", "l.0.k_proj"], "model/")
+    """
+    for p in getattr(keep, "include", []):
+        if not any(p.search(m) for m in modules):
+            raise OptionError(f"include pattern {p.pattern!r} matches no matrix module of {where}; check the "
+                              "pattern", field="include")
+
+
+def module_of(tensor: str) -> str:
+    """The module a parameter belongs to: 'a.b.weight' -> 'a.b'."""
+    return tensor.rsplit(".", 1)[0]
+
+
+def open_model(path: str | Path, what: str) -> CheckpointIndex:
+    """The index of a model checkpoint (headers only); an adapter directory is refused.
+
+    Args:
+        path: a checkpoint file or directory.
+        what: how the message names this input ("MODEL", "BASE", ...).
+
+    Raises:
+        CheckpointError: unreadable, or an adapter directory where a model is expected.
+
+    Example:
+        >>> open_model("fixtures/tiny-bert", "MODEL").kind
+        'model'
+    """
+    idx = open_checkpoint(path)
+    if idx.kind != "model":
+        raise CheckpointError(f"{idx.source or path}: {what} is an adapter directory; give a model checkpoint")
+    return idx
+
+
+def matrix_tensors(index: CheckpointIndex, kinds: dict[str, str] | None = None,
+                   allowed: Sequence[str] = MATRIX_KINDS) -> dict[str, str]:
+    """name -> kind for the 2-D floating `.weight` tensors of the allowed layer kinds, in file order.
+
+    Args:
+        index: the checkpoint's index.
+        kinds: `tensor_kinds(index)` when the caller has it already.
+        allowed: which kinds count (default Linear, Conv1D, Embedding).
+
+    Example:
+        >>> matrix_tensors(open_model("fixtures/tiny-gpt2", "MODEL"), allowed=PROJECTION_KINDS)
+        {'transformer.h.0.attn.c_attn.weight': 'conv1d', ...}
+    """
+    kinds = tensor_kinds(index) if kinds is None else kinds
+    return {
+        n: k for n, k in kinds.items()
+        if k in allowed and n.endswith(".weight") and len(index.tensors[n].shape) == 2
+        and index.tensors[n].dtype.is_floating_point
+    }
+
+
+def oriented(t: Tensor, kind: str) -> Tensor:
+    """The (out, in) fp32 matrix of a weight in storage layout (Conv1D stores (in, out)).
+
+    Example:
+        >>> oriented(torch.zeros(32, 96), "conv1d").shape
+        torch.Size([96, 32])
+    """
+    t = t.float()
+    return t.T if kind == "conv1d" else t
+
+
+def tied_head(name: str, config: dict | None) -> bool:
+    """An output head tied to the input embedding (loading re-ties it: its own changes are lost).
+
+    transformers' default for `tie_word_embeddings` is true, so a config without it ties.
+
+    Example:
+        >>> tied_head("lm_head.weight", {"tie_word_embeddings": True})
+        True
+    """
+    return name.endswith("lm_head.weight") and bool((config or {}).get("tie_word_embeddings", True))

@@ -54,14 +54,16 @@ import heapq
 import math
 import operator
 import os
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterator, Mapping
 
 import torch
 from torch import Tensor
 
+from surgery.core.hf import resolve_device
+from surgery.core.tensors import count_non_finite
 from surgery.errors import OptionError, ValidationError
 from surgery.options.extract import parse_budget  # torch-free, beside the options that use it; re-exported
 
@@ -218,13 +220,13 @@ def frob_sq(M: Tensor, Q: Tensor | None = None, B: Tensor | None = None) -> floa
     """
     if M.dim() == 2 and not M.is_contiguous() and M.T.is_contiguous():
         M = M.T
-        if Q is not None:
+        if Q is not None and B is not None:
             Q, B = B.T, Q.T  # ‖M − QB‖ = ‖Mᵀ − BᵀQᵀ‖
     rows = max(1, (1 << 18) // max(1, M.shape[1]))
     total = 0.0
     for i in range(0, M.shape[0], rows):
         block = M[i : i + rows]  # (rows, n)
-        if Q is not None:
+        if Q is not None and B is not None:
             block = block - Q[i : i + rows] @ B  # (rows, n) residual outside span(Q)
         flat = block.reshape(-1).double()  # (rows·n,) fp64: exact squares, bounded block
         total += float(torch.dot(flat, flat))
@@ -266,14 +268,14 @@ def _qr_q(X: Tensor) -> Tensor:
 
 
 def _randomized(
-    M: Tensor, l: int, niter: int, seed: int, name: str | None
+    M: Tensor, width: int, niter: int, seed: int, name: str | None
 ) -> tuple[Tensor, Tensor, Tensor, float]:
     """Halko–Martinsson–Tropp range finder + power iterations; exact SVD of Qᵀ M.
 
     Also returns ‖M − Q Qᵀ M‖²_F, the energy outside the found subspace."""
     m, n = M.shape
     gen = torch.Generator(device=M.device).manual_seed(seed)
-    omega = torch.randn(n, l, generator=gen, device=M.device, dtype=M.dtype)  # (n, l)
+    omega = torch.randn(n, width, generator=gen, device=M.device, dtype=M.dtype)  # (n, l), l = width
     Q = _qr_q(M @ omega)  # (m, l)
     for _ in range(niter):
         # Re-orthonormalise between the two half-steps: without it the columns
@@ -306,18 +308,6 @@ def _pick_method(method: str, rank: int, oversample: int, mn: int) -> str:
     return "exact"
 
 
-def _device(device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise OptionError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
-    if dev.type not in ("cpu", "cuda"):
-        raise OptionError(f"unsupported device {device!r}; use 'cpu' or 'cuda'")
-    return dev
-
-
 def truncated_svd(
     M: Tensor,
     rank: int | None = None,
@@ -337,59 +327,35 @@ def truncated_svd(
             seeded: same inputs and seed give byte-identical factors on the same
             machine and thread setting),
             or "auto" (randomized when (rank + oversample) * AUTO_RATIO <= min(m, n)).
-    device: where to compute ("cpu" / "cuda"); results are always CPU fp32.
+    device: where to compute ("cpu", "cuda", "cuda:N" or "auto": cuda when available);
+            results are always CPU fp32. Checked by surgery.core.hf.resolve_device.
     name:   tensor name used in error messages.
     total_energy: ‖M‖²_F if the caller already has it (fp64-accurate), else computed here.
     Raises OptionError (bad shape/rank/method/device) or ValidationError (NaN/Inf,
     SVD not converging even in fp64).
     """
     M = _check_matrix(M, name)
-    m, n = (int(d) for d in M.shape)
-    mn = min(m, n)
-    k = mn if rank is None else _as_int(rank, "rank")
-    if k < 0:
-        raise OptionError(f"rank must be >= 0{_where(name)}, got {k}")
-    k = min(k, mn)
-    niter = _as_int(niter, "niter")
-    oversample = default_oversample(k) if oversample is None else _as_int(oversample, "oversample")
-    if niter < 0 or oversample < 0:
-        raise OptionError(f"niter and oversample must be >= 0, got {niter} and {oversample}")
-    seed = _as_int(seed, "seed")
-    chosen = _pick_method(method, k, oversample, mn)
-    dev = _device(device)
-
+    k, niter, oversample, seed = _check_args(M, rank, niter, oversample, seed, name)
+    chosen = _pick_method(method, k, oversample, min(M.shape))
+    dev = resolve_device(device)
     M32 = M.detach().to(device=dev, dtype=torch.float32)
     # LAPACK (gesdd, geqrf) runs at LAPACK_THREADS; the randomized method's matrix
     # products keep the process's thread count (GEMM scales: 1.46x at 2 threads on a
     # 2048x5632 rank-16 SVD, measured on an idle 2-core machine).
-    cpu = dev.type == "cpu"
-    with lapack_threads() if cpu and chosen == "exact" else _nullcontext():
+    with lapack_threads() if dev.type == "cpu" and chosen == "exact" else _nullcontext():
         # the caller may pass ‖M‖²_F it already computed (one pass less over M)
         total = frob_sq(M32) if total_energy is None else float(total_energy)
         if not math.isfinite(total):
-            bad = int((~torch.isfinite(M32)).sum().item())
             raise ValidationError(
-                f"matrix{_where(name)} has {bad} non-finite value(s) (NaN/Inf); "
+                f"matrix{_where(name)} has {count_non_finite(M32)} non-finite value(s) (NaN/Inf); "
                 "fix or exclude this tensor before the SVD"
             )
         if total == 0.0 or k == 0:
             # Zero matrix (callers skip it) or rank 0: no factors, error = ‖M‖_F.
-            return SVDResult(
-                U=torch.zeros(m, 0),
-                S=torch.zeros(0),
-                Vh=torch.zeros(0, n),
-                total_energy=total,
-                method=chosen,
-                beyond_energy=total,
-            )
-        if chosen == "exact":
-            U, S, Vh = _svd(M32, name)  # (m, mn), (mn,), (mn, n)
-            beyond = S[k:].double().pow(2).sum().item()
-        else:
-            l = min(k + oversample, mn)
-            U, S, Vh, outside = _randomized(M32, l, niter, seed, name)  # (m, l), (l,), (l, n)
-            beyond = S[k:].double().pow(2).sum().item() + outside
-        U, S, Vh = U[:, :k], S[:k], Vh[:k]  # (m, k), (k,), (k, n)
+            m, n = M.shape
+            return SVDResult(U=torch.zeros(m, 0), S=torch.zeros(0), Vh=torch.zeros(0, n), total_energy=total,
+                             method=chosen, beyond_energy=total)
+        U, S, Vh, beyond = _top_k(M32, k, chosen, niter, oversample, seed, name)
     return SVDResult(
         U=U.to("cpu", torch.float32).contiguous(),
         S=S.to("cpu", torch.float32).contiguous(),
@@ -398,6 +364,33 @@ def truncated_svd(
         method=chosen,
         beyond_energy=beyond,
     )
+
+
+def _check_args(M: Tensor, rank, niter, oversample, seed, name: str | None) -> tuple[int, int, int, int]:
+    """(k, niter, oversample, seed) checked: k = rank clamped to min(m, n), None = min(m, n)."""
+    mn = min(int(d) for d in M.shape)
+    k = mn if rank is None else _as_int(rank, "rank")
+    if k < 0:
+        raise OptionError(f"rank must be >= 0{_where(name)}, got {k}")
+    k = min(k, mn)
+    niter = _as_int(niter, "niter")
+    oversample = default_oversample(k) if oversample is None else _as_int(oversample, "oversample")
+    if niter < 0 or oversample < 0:
+        raise OptionError(f"niter and oversample must be >= 0, got {niter} and {oversample}")
+    return k, niter, oversample, _as_int(seed, "seed")
+
+
+def _top_k(M32: Tensor, k: int, method: str, niter: int, oversample: int, seed: int,
+           name: str | None) -> tuple[Tensor, Tensor, Tensor, float]:
+    """U (m, k), S (k,), Vh (k, n) on M32's device, and the squared error the k factors cannot reach."""
+    if method == "exact":
+        U, S, Vh = _svd(M32, name)  # (m, mn), (mn,), (mn, n)
+        beyond = S[k:].double().pow(2).sum().item()
+    else:
+        width = min(k + oversample, min(M32.shape))
+        U, S, Vh, outside = _randomized(M32, width, niter, seed, name)  # (m, l), (l,), (l, n)
+        beyond = S[k:].double().pow(2).sum().item() + outside
+    return U[:, :k], S[:k], Vh[:k], beyond  # (m, k), (k,), (k, n)
 
 
 @contextmanager
@@ -478,5 +471,3 @@ def allocate_budget(modules: Mapping[str, tuple[Tensor, int, int]], budget: int)
         if i + 1 < len(s2) and s2[i + 1] > 0.0:
             heapq.heappush(heap, (-s2[i + 1] / cost, order, i + 1))
     return ranks
-
-

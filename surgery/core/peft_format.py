@@ -51,20 +51,30 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+try:  # Python 3.11+: the regex parser the guard reads (re._parser / re._constants)
+    from re import _constants as _sre  # type: ignore[attr-defined,unused-ignore]
+    from re import _parser as _re_parser  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - older Pythons
+    import sre_constants as _sre  # type: ignore[no-redef,unused-ignore]
+    import sre_parse as _re_parser  # type: ignore[no-redef,unused-ignore]
+
 from surgery.errors import AdapterError
-from surgery.io import LazyReader, ShardedWriter, open_checkpoint
+from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, load_json, open_checkpoint
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's order of preference
 PREFIX = "base_model.model."
 # PEFT's EMBEDDING_LAYER_NAMES: saved whole when the vocabulary was resized.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+# Output heads transformers ties to the input embedding (get_output_embeddings of the zoo's models).
+TIED_HEAD_NAMES = ("lm_head", "embed_out", "output", "cls")
 
 # Config options that change what the saved tensors mean, so a plain
 # "scale * B @ A" reading would be wrong. Truthy value -> refused.
@@ -136,7 +146,7 @@ class LoraAdapterConfig:
     raw: dict = field(default_factory=dict)
 
     def rank_for(self, module: str) -> int:
-        return pattern_value(self.rank_pattern, module, self.r)
+        return int(pattern_value(self.rank_pattern, module, self.r))
 
     def alpha_for(self, module: str) -> float:
         return pattern_value(self.alpha_pattern, module, self.lora_alpha)
@@ -144,6 +154,12 @@ class LoraAdapterConfig:
     def scaling_for(self, module: str) -> float:
         r, alpha = self.rank_for(module), self.alpha_for(module)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def tied_head(self, module: str) -> bool:
+        """With ensure_weight_tying, PEFT also puts a LoRA on the output head tied to a targeted input
+        embedding (saved as `lm_head.lora_A/B`), though target_modules does not name it. Whether the
+        base really ties it is checked when merging."""
+        return self.raw.get("ensure_weight_tying") is True and module.rsplit(".", 1)[-1] in TIED_HEAD_NAMES
 
     def targets(self, module: str) -> bool | None:
         """Would PEFT put a LoRA layer on `module`? None when the config cannot tell
@@ -188,18 +204,69 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool)):
+        return False
+    try:
+        return math.isfinite(float(v))  # a 400-digit integer overflows float: not a usable number
+    except OverflowError:
+        return False
 
 
-def _check_regex(text: str, where: str, what: str, wrap) -> None:
+MAX_RANK = 1 << 24  # far above any real LoRA rank; bigger values are typos or crafted configs
+MAX_REGEX_CHARS = 1000
+
+
+def _unbounded(items) -> bool:
+    """Does this parsed regex (re._parser items) contain an unbounded repeat (*, +, {n,})?"""
+    for op, av in items:
+        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
+            if av[1] == _sre.MAXREPEAT or _unbounded(av[2]):
+                return True
+        elif op in (_sre.SUBPATTERN, _sre.ATOMIC_GROUP):
+            if _unbounded(av[-1]):
+                return True
+        elif op == _sre.BRANCH and any(_unbounded(b) for b in av[1]):
+            return True
+    return False
+
+
+def _nested_repeat(items) -> bool:
+    """A repeat whose body holds an unbounded repeat, e.g. `(a*)*` or `([a-z.]*)+X`: catastrophic
+    backtracking on a long module name."""
+    for op, av in items:
+        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
+            if (av[1] > 1 and _unbounded(av[2])) or _nested_repeat(av[2]):
+                return True
+        elif op in (_sre.SUBPATTERN, _sre.ATOMIC_GROUP):
+            if _nested_repeat(av[-1]):
+                return True
+        elif op == _sre.BRANCH and any(_nested_repeat(b) for b in av[1]):
+            return True
+    return False
+
+
+def _check_regex(text: str, where: str, what: str, wrap: Callable[[str], str]) -> None:
+    """A valid pattern that cannot backtrack catastrophically (local guard: refuses nested
+    unbounded repeats and patterns over MAX_REGEX_CHARS before anything is matched)."""
+    if len(text) > MAX_REGEX_CHARS:
+        raise AdapterError(f"{where}: {what} is {len(text)} characters long (limit {MAX_REGEX_CHARS}); "
+                           f"shorten the pattern")
     try:
         re.compile(wrap(text))
-    except re.error as e:
-        raise AdapterError(f"{where}: {what} {text!r} is not a valid regular expression ({e}); fix the pattern") from None
+        parsed = _re_parser.parse(text)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise AdapterError(f"{where}: {what} {text!r} is not a valid regular expression ({e}); "
+                           f"fix the pattern") from None
+    if _nested_repeat(list(parsed)):
+        raise AdapterError(f"{where}: {what} {text!r} nests an unbounded repeat inside a repeat (catastrophic "
+                           f"backtracking); rewrite it without nested * / +")
 
 
-def parse_adapter_config(data: dict, where: str = CONFIG_NAME) -> LoraAdapterConfig:
-    """Validate an adapter_config.json dict; `where` names it in error messages."""
+def _bad(where: str, data: dict, key: str, want: str) -> AdapterError:
+    return AdapterError(f"{where}: {key} must be {want}, got {data.get(key)!r}; fix adapter_config.json")
+
+
+def _check_peft_type(data: Any, where: str) -> None:
     if not isinstance(data, dict):
         raise AdapterError(f"{where}: expected a JSON object")
     ptype = data.get("peft_type")
@@ -207,64 +274,82 @@ def parse_adapter_config(data: dict, where: str = CONFIG_NAME) -> LoraAdapterCon
         raise AdapterError(f"{where}: no peft_type; is this a PEFT adapter_config.json? add \"peft_type\": \"LORA\"")
     if ptype != "LORA":
         raise AdapterError(
-            f"{where}: unsupported adapter type {ptype} (peft_type); only LoRA adapters (peft_type \"LORA\") are supported"
+            f"{where}: unsupported adapter type {ptype} (peft_type); "
+            f"only LoRA adapters (peft_type \"LORA\") are supported"
         )
 
-    def bad(key, want):
-        return AdapterError(f"{where}: {key} must be {want}, got {data.get(key)!r}; fix adapter_config.json")
 
-    r = data.get("r", 8)  # LoraConfig defaults
-    if not _is_int(r) or r <= 0:
-        raise bad("r", "a positive integer")
+def _parse_scalars(data: dict, where: str) -> dict[str, Any]:
+    """r, lora_alpha (LoraConfig's defaults: 8, 8) and the boolean flags."""
+    r = data.get("r", 8)
+    if not _is_int(r) or not 0 < r <= MAX_RANK:
+        raise _bad(where, data, "r", f"a positive integer up to {MAX_RANK}")
     alpha = data.get("lora_alpha", 8)
     if not _is_num(alpha):
-        raise bad("lora_alpha", "a finite number")
-
-    flags = {}
+        raise _bad(where, data, "lora_alpha", "a finite number")
+    out: dict[str, Any] = {"r": r, "lora_alpha": alpha}
     for key in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias"):
-        flags[key] = data.get(key, False)
-        if not isinstance(flags[key], bool):
-            raise bad(key, "true or false")
+        out[key] = data.get(key, False)
+        if not isinstance(out[key], bool):
+            raise _bad(where, data, key, "true or false")
+    return out
 
-    for key, wrap in (("target_modules", lambda s: s), ("exclude_modules", lambda s: s)):
+
+def _check_targets(data: dict, where: str) -> None:
+    """target_modules / exclude_modules: a list of names, a regex string or null."""
+    for key in ("target_modules", "exclude_modules"):
         v = data.get(key)
         if isinstance(v, str):
-            _check_regex(v, where, key, wrap)
+            _check_regex(v, where, key, lambda s: s)
         elif v is not None and not (isinstance(v, list) and all(isinstance(t, str) for t in v)):
-            raise bad(key, "a list of module names, a regex string or null")
+            raise _bad(where, data, key, "a list of module names, a regex string or null")
 
+
+def _parse_patterns(data: dict, where: str) -> dict[str, dict]:
+    """rank_pattern (positive integers) and alpha_pattern (finite numbers), keys valid regexes."""
     patterns = {}
-    for key, ok, want in (("rank_pattern", lambda v: _is_int(v) and v > 0, "positive integers"),
+    for key, ok, want in (("rank_pattern", lambda v: _is_int(v) and 0 < v <= MAX_RANK,
+                           f"positive integers up to {MAX_RANK}"),
                           ("alpha_pattern", _is_num, "finite numbers")):
         p = data.get(key) or {}
         if not isinstance(p, dict):
-            raise bad(key, "an object mapping module patterns to values")
+            raise _bad(where, data, key, "an object mapping module patterns to values")
         for k, v in p.items():
             _check_regex(k, where, f"{key} key", lambda s: rf"(.*\.)?({s})$")
             if not ok(v):
                 raise AdapterError(f"{where}: {key}[{k!r}] = {v!r}; values must be {want}")
         patterns[key] = dict(p)
+    return patterns
 
+
+def _check_module_options(data: dict, where: str) -> None:
+    """modules_to_save, task_type, base_model_name_or_path, bias."""
     mts = data.get("modules_to_save")
     if mts is not None and not (isinstance(mts, list) and all(isinstance(m, str) and m for m in mts)):
-        raise bad("modules_to_save", "a list of module names or null")
+        raise _bad(where, data, "modules_to_save", "a list of module names or null")
     for m in mts or ():
         _check_regex(m, where, "modules_to_save entry", lambda s: rf"(^|.*\.){s}($|\..*)")
     for key in ("task_type", "base_model_name_or_path"):
         if data.get(key) is not None and not isinstance(data[key], str):
-            raise bad(key, "a string or null")
-    bias = data.get("bias", "none")
-    if bias not in ("none", "all", "lora_only"):
-        raise bad("bias", '"none", "all" or "lora_only"')
+            raise _bad(where, data, key, "a string or null")
+    if data.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise _bad(where, data, "bias", '"none", "all" or "lora_only"')
+
+
+def _check_layers(data: dict, where: str) -> None:
+    """layers_pattern (string(s), valid regexes) and layers_to_transform (integer(s))."""
     lp = data.get("layers_pattern")
     if lp is not None and not (isinstance(lp, str) or (isinstance(lp, list) and all(isinstance(p, str) for p in lp))):
-        raise bad("layers_pattern", "a string, a list of strings or null")
+        raise _bad(where, data, "layers_pattern", "a string, a list of strings or null")
     for p in [lp] if isinstance(lp, str) else lp or ():
         _check_regex(p, where, "layers_pattern", lambda s: rf"(?:^|.*?\.){s}\.(?P<idx>\d+)\.")
     lt = data.get("layers_to_transform")
     if lt is not None and not (_is_int(lt) or (isinstance(lt, list) and all(_is_int(i) for i in lt))):
-        raise bad("layers_to_transform", "an integer, a list of integers or null")
+        raise _bad(where, data, "layers_to_transform", "an integer, a list of integers or null")
 
+
+def _check_supported(data: dict, where: str) -> None:
+    """Options whose saved tensors are not plain LoRA factors against the unmodified base."""
     for key, why in _UNSUPPORTED_OPTIONS.items():
         if data.get(key):
             raise AdapterError(f"{where}: {key} is set ({why}); only plain LoRA / rsLoRA / DoRA adapters are supported")
@@ -275,12 +360,39 @@ def parse_adapter_config(data: dict, where: str = CONFIG_NAME) -> LoraAdapterCon
             f"convert it first with PEFT's save_pretrained(path_initial_model_for_weight_conversion=...)"
         )
 
+
+def parse_adapter_config(data: dict, where: str = CONFIG_NAME) -> LoraAdapterConfig:
+    """Validate an adapter_config.json dict.
+
+    Args:
+        data: the parsed JSON.
+        where: names the config in error messages (a path, usually).
+
+    Returns:
+        LoraAdapterConfig (`raw` keeps every key of `data`).
+
+    Raises:
+        AdapterError naming the first key at fault and how to fix it: not LoRA, bad values,
+        invalid regexes, options whose tensors are not plain LoRA factors.
+
+    Example:
+        >>> parse_adapter_config({"peft_type": "LORA", "r": 4, "lora_alpha": 8}).scaling_for("q_proj")
+        2.0
+    """
+    _check_peft_type(data, where)
+    scalars = _parse_scalars(data, where)
+    _check_targets(data, where)
+    patterns = _parse_patterns(data, where)
+    _check_module_options(data, where)
+    _check_layers(data, where)
+    _check_supported(data, where)
+    mts = data.get("modules_to_save")
     return LoraAdapterConfig(
-        r=r, lora_alpha=alpha, target_modules=data.get("target_modules"),
+        **scalars, target_modules=data.get("target_modules"),
         rank_pattern=patterns["rank_pattern"], alpha_pattern=patterns["alpha_pattern"],
         modules_to_save=list(mts) if mts is not None else None,
         task_type=data.get("task_type"), base_model_name_or_path=data.get("base_model_name_or_path"),
-        raw=dict(data), **flags,
+        raw=dict(data),
     )
 
 
@@ -290,13 +402,9 @@ def read_adapter_config(path: str | Path) -> LoraAdapterConfig:
     if p.is_dir():
         p = p / CONFIG_NAME
     if not p.is_file():
-        raise AdapterError(f"{p}: not found; an adapter directory needs adapter_config.json (PEFT save_pretrained writes it)")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise AdapterError(f"{p}: cannot read ({e.strerror or e})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{p}: not valid JSON ({e}); fix or re-download it") from None
+        raise AdapterError(f"{p}: not found; an adapter directory needs adapter_config.json "
+                           f"(PEFT save_pretrained writes it)")
+    data = load_json(p, error=AdapterError)  # one line for unreadable / invalid / oversized JSON
     return parse_adapter_config(data, str(p))
 
 
@@ -411,25 +519,20 @@ def _full_tensor_name(key: str, cfg: LoraAdapterConfig, lora_modules: set[str]) 
     return None
 
 
-def read_adapter(
-    path: str | Path,
-) -> tuple[LoraAdapterConfig, dict[str, LoraModule], dict[str, torch.Tensor]]:
-    """Read a PEFT LoRA adapter directory.
+@dataclass
+class _SavedKeys:
+    """An adapter file's keys sorted out: LoRA slots per module, and the full tensors."""
 
-    Returns (config, {module name: LoraModule}, {base tensor name: full tensor}).
-    Keys and shapes are checked from the file header before any tensor is read.
-    """
-    root = Path(path)
-    cfg = read_adapter_config(root)
-    if not any((root / n).is_file() for n in WEIGHT_NAMES):
-        raise AdapterError(f"{root}: no adapter_model.safetensors or adapter_model.bin beside adapter_config.json")
-    idx = open_checkpoint(root)  # CheckpointError for corrupt files and pickles that carry code
-    where = idx.shards[0]
+    modules: dict[str, tuple[str, dict[str, str]]]  # module -> (kind, slot -> saved key)
+    full: dict[str, str]                            # base tensor name -> saved key
 
-    slots: dict[str, dict[str, str]] = {}  # module -> slot -> saved key
+
+def _lora_slots(keys: Iterable[str], where: Path) -> tuple[dict[str, dict[str, str]], dict[str, set[str]], list[str]]:
+    """(module -> slot -> saved key, module -> kinds seen, keys that are not LoRA weights)."""
+    slots: dict[str, dict[str, str]] = {}
     kinds: dict[str, set[str]] = {}
     others: list[str] = []
-    for key in idx.tensors:
+    for key in keys:
         if not key.startswith(PREFIX):
             raise AdapterError(f"{where}: key {key!r} does not start with {PREFIX!r}; PEFT would ignore it")
         c = _classify(key[len(PREFIX):])
@@ -440,10 +543,14 @@ def read_adapter(
         slots.setdefault(module, {})[slot] = key
         if kind:
             kinds.setdefault(module, set()).add(kind)
+    return slots, kinds, others
 
-    full: dict[str, str] = {}  # base tensor name -> saved key
+
+def _full_keys(others: list[str], cfg: LoraAdapterConfig, lora_modules: set[str], where: Path) -> dict[str, str]:
+    """Base tensor name -> saved key, for every key that is not a LoRA weight (else AdapterError)."""
+    full: dict[str, str] = {}
     for key in others:
-        name = _full_tensor_name(key[len(PREFIX):], cfg, set(slots))
+        name = _full_tensor_name(key[len(PREFIX):], cfg, lora_modules)
         if name is None:
             raise AdapterError(
                 f"{where}: unknown key {key!r}: not a LoRA weight of a module, nor in modules_to_save "
@@ -452,7 +559,13 @@ def read_adapter(
         if name in full:
             raise AdapterError(f"{where}: keys {full[name]!r} and {key!r} both hold tensor {name!r}; keep one")
         full[name] = key
+    return full
 
+
+def _sort_keys(idx: CheckpointIndex, cfg: LoraAdapterConfig, where: Path) -> _SavedKeys:
+    """Every saved key placed (a LoRA slot of one module or a full tensor), from the header only."""
+    slots, kinds, others = _lora_slots(idx.tensors, where)
+    full = _full_keys(others, cfg, set(slots), where)
     modules: dict[str, tuple[str, dict[str, str]]] = {}
     for module, s in slots.items():
         kind = kinds.get(module, set())
@@ -463,56 +576,100 @@ def read_adapter(
                 f"(or lora_embedding_A/lora_embedding_B) pair"
             )
         modules[module] = (kind.pop(), s)
+    return _SavedKeys(modules, full)
 
-    for module, (kind, s) in modules.items():
+
+def read_adapter(
+    path: str | Path,
+) -> tuple[LoraAdapterConfig, dict[str, LoraModule], dict[str, torch.Tensor]]:
+    """Read a PEFT LoRA adapter directory.
+
+    Keys and shapes are checked from the file header before any tensor is read.
+
+    Args:
+        path: the adapter directory (adapter_config.json + adapter_model.safetensors or .bin).
+
+    Returns:
+        (config, {module name: LoraModule}, {base tensor name: full tensor}).
+
+    Raises:
+        AdapterError for a config or key PEFT would ignore or misplace, ranks or shapes that do
+        not fit; CheckpointError for corrupt files and pickles that carry code.
+
+    Example:
+        >>> cfg, modules, full = read_adapter("fixtures/tiny-llama-lora")  # doctest: +SKIP
+    """
+    root = Path(path)
+    cfg = read_adapter_config(root)
+    if not any((root / n).is_file() for n in WEIGHT_NAMES):
+        raise AdapterError(f"{root}: no adapter_model.safetensors or adapter_model.bin beside adapter_config.json")
+    idx = open_checkpoint(root)  # CheckpointError for corrupt files and pickles that carry code
+    where = idx.shards[0]
+    keys = _sort_keys(idx, cfg, where)
+    for module, (kind, s) in keys.modules.items():
         _check_module(cfg, where, module, kind, {slot: idx.tensors[k].shape for slot, k in s.items()},
                       {slot: idx.tensors[k].dtype for slot, k in s.items()})
 
     out: dict[str, LoraModule] = {}
     tensors: dict[str, torch.Tensor] = {}
     with LazyReader(idx) as reader:
-        for module, (kind, s) in modules.items():
+        for module, (kind, s) in keys.modules.items():
             t = {slot: reader.get(k) for slot, k in s.items()}
             out[module] = LoraModule(module, kind, t["A"], t["B"], t.get("bias"), t.get("magnitude"),
                                      cfg.scaling_for(module))
-        for name, key in full.items():
+        for name, key in keys.full.items():
             tensors[name] = reader.get(key)
     return cfg, out, tensors
 
 
-def _check_module(cfg: LoraAdapterConfig, where, module: str, kind: str, shapes: dict, dtypes: dict) -> None:
-    def fail(msg):
-        raise AdapterError(f"{where}: {module}: {msg}")
-
-    for slot, dt in dtypes.items():
-        if not dt.is_floating_point:
-            fail(f"{slot} has dtype {dt}; LoRA weights must be floating point")
+def _check_factors(cfg: LoraAdapterConfig, module: str, shapes: dict, dtypes: dict) -> str | None:
+    """What is wrong with a module's A / B (dtype, shapes, rank, targeting), or None."""
+    bad_dtype = [f"{slot} has dtype {dt}; LoRA weights must be floating point"
+                 for slot, dt in dtypes.items() if not dt.is_floating_point]
+    if bad_dtype:
+        return bad_dtype[0]
     a, b = shapes["A"], shapes["B"]
-    if len(a) != 2 or len(b) != 2:
-        fail(f"A {tuple(a)} / B {tuple(b)} are not matrices; only Linear, Conv1D and Embedding LoRA is supported")
+    conv = len(a) == len(b) and 3 <= len(a) <= 5 and all(k == 1 for k in b[2:])  # Conv1d/2d/3d LoRA
+    if not conv and (len(a) != 2 or len(b) != 2):
+        return (f"A {tuple(a)} / B {tuple(b)} are neither matrices nor conv kernels (B of kernel size 1); "
+                f"only Linear, Conv1D, Embedding and Conv1d/2d/3d LoRA is supported")
     if a[0] != b[1]:
-        fail(f"rank mismatch: A is {tuple(a)} (r={a[0]}) but B is {tuple(b)} (r={b[1]})")
+        return f"rank mismatch: A is {tuple(a)} (r={a[0]}) but B is {tuple(b)} (r={b[1]})"
     want = cfg.rank_for(module)
     if a[0] != want:
-        fail(f"rank {a[0]} in the weights but adapter_config.json gives r={want} (r / rank_pattern); fix the config")
-    if cfg.targets(module) is False:
-        fail(f"not matched by target_modules {cfg.target_modules!r} (or excluded); PEFT would ignore its weights")
+        return f"rank {a[0]} in the weights but adapter_config.json gives r={want} (r / rank_pattern); fix the config"
+    if cfg.targets(module) is False and not cfg.tied_head(module):
+        return f"not matched by target_modules {cfg.target_modules!r} (or excluded); PEFT would ignore its weights"
+    return None
+
+
+def _check_bias_magnitude(cfg: LoraAdapterConfig, kind: str, shapes: dict) -> str | None:
+    """What is wrong with a module's lora_B.bias / DoRA magnitude against the config, or None."""
+    out = shapes["B"][0]
     if "bias" in shapes:
         if not cfg.lora_bias:
-            fail("has lora_B.bias but lora_bias is false; PEFT would ignore it; set \"lora_bias\": true")
-        if tuple(shapes["bias"]) != (b[0],):
-            fail(f"lora_B.bias has shape {tuple(shapes['bias'])}, expected ({b[0]},)")
+            return "has lora_B.bias but lora_bias is false; PEFT would ignore it; set \"lora_bias\": true"
+        if tuple(shapes["bias"]) != (out,):
+            return f"lora_B.bias has shape {tuple(shapes['bias'])}, expected ({out},)"
     elif cfg.lora_bias and kind == "linear" and cfg.raw.get("init_lora_weights", True) is not True:
-        fail("lora_bias is true but lora_B.bias is missing, and PEFT would initialise it non-zero")
+        return "lora_bias is true but lora_B.bias is missing, and PEFT would initialise it non-zero"
     if kind == "embedding" and cfg.lora_bias:
-        fail("lora_bias is not supported for embeddings by PEFT; set \"lora_bias\": false")
+        return "lora_bias is not supported for embeddings by PEFT; set \"lora_bias\": false"
     if "magnitude" in shapes:
         if not cfg.use_dora:
-            fail("has lora_magnitude_vector but use_dora is false; set \"use_dora\": true")
-        if tuple(shapes["magnitude"]) != (b[0],):
-            fail(f"lora_magnitude_vector has shape {tuple(shapes['magnitude'])}, expected ({b[0]},)")
+            return "has lora_magnitude_vector but use_dora is false; set \"use_dora\": true"
+        if tuple(shapes["magnitude"]) != (out,):
+            return f"lora_magnitude_vector has shape {tuple(shapes['magnitude'])}, expected ({out},)"
     elif cfg.use_dora:
-        fail("use_dora is true but lora_magnitude_vector is missing")
+        return "use_dora is true but lora_magnitude_vector is missing"
+    return None
+
+
+def _check_module(cfg: LoraAdapterConfig, where: Path, module: str, kind: str, shapes: dict, dtypes: dict) -> None:
+    """One module's saved tensors (shapes and dtypes from the header) against the config."""
+    problem = _check_factors(cfg, module, shapes, dtypes) or _check_bias_magnitude(cfg, kind, shapes)
+    if problem:
+        raise AdapterError(f"{where}: {module}: {problem}")
 
 
 # ----------------------------------------------------------------------------- write
@@ -561,30 +718,35 @@ _COMPUTED = ("peft_type", "bias", "r", "lora_alpha", "rank_pattern", "alpha_patt
 _NAME = re.compile(r"[^.\s]+(\.[^.\s]+)*")
 
 
+def _module_problem(name: str, m: LoraModule) -> str | None:
+    """What makes LoRA module `name` unwritable as a PEFT adapter module, or None."""
+    if name != m.module:
+        return f"dict key differs from module.module {m.module!r}"
+    parts = name.split(".") if _NAME.fullmatch(name) else [""]
+    if any(p.startswith("lora_") or p in ("", "base_layer") for p in parts):
+        return "not a valid module name (dotted, no empty parts, no lora_* or base_layer parts)"
+    if m.kind not in ("linear", "embedding"):
+        return f"kind {m.kind!r}; use 'linear' or 'embedding'"
+    if m.A.dim() != 2 or m.B.dim() != 2 or m.A.shape[0] != m.B.shape[1] or m.A.shape[0] < 1:
+        return f"A {tuple(m.A.shape)} and B {tuple(m.B.shape)} must be (r, in) and (out, r) with r >= 1"
+    for slot, t in (("A", m.A), ("B", m.B), ("bias", m.bias), ("magnitude", m.magnitude)):
+        if t is not None and not t.is_floating_point():
+            return f"{slot} has dtype {t.dtype}; use a floating-point dtype"
+    for slot, t in (("bias", m.bias), ("magnitude", m.magnitude)):
+        if t is not None and tuple(t.shape) != (m.B.shape[0],):
+            return f"{slot} has shape {tuple(t.shape)}, expected ({m.B.shape[0]},)"
+    if m.kind == "embedding" and m.bias is not None:
+        return "PEFT does not support lora_bias on embeddings; drop the bias"
+    if not math.isfinite(m.scaling):
+        return f"scaling {m.scaling} is not finite"
+    return None
+
+
 def _validate_modules(modules: Mapping[str, LoraModule], full_tensors: Mapping[str, torch.Tensor]) -> None:
     for name, m in modules.items():
-        def fail(msg):
-            raise AdapterError(f"LoRA module {name!r}: {msg}")
-
-        if name != m.module:
-            fail(f"dict key differs from module.module {m.module!r}")
-        parts = name.split(".") if _NAME.fullmatch(name) else [""]
-        if any(p.startswith("lora_") or p in ("", "base_layer") for p in parts):
-            fail("not a valid module name (dotted, no empty parts, no lora_* or base_layer parts)")
-        if m.kind not in ("linear", "embedding"):
-            fail(f"kind {m.kind!r}; use 'linear' or 'embedding'")
-        if m.A.dim() != 2 or m.B.dim() != 2 or m.A.shape[0] != m.B.shape[1] or m.A.shape[0] < 1:
-            fail(f"A {tuple(m.A.shape)} and B {tuple(m.B.shape)} must be (r, in) and (out, r) with r >= 1")
-        for slot, t in (("A", m.A), ("B", m.B), ("bias", m.bias), ("magnitude", m.magnitude)):
-            if t is not None and not t.is_floating_point():
-                fail(f"{slot} has dtype {t.dtype}; use a floating-point dtype")
-        for slot, t in (("bias", m.bias), ("magnitude", m.magnitude)):
-            if t is not None and tuple(t.shape) != (m.B.shape[0],):
-                fail(f"{slot} has shape {tuple(t.shape)}, expected ({m.B.shape[0]},)")
-        if m.kind == "embedding" and m.bias is not None:
-            fail("PEFT does not support lora_bias on embeddings; drop the bias")
-        if not math.isfinite(m.scaling):
-            fail(f"scaling {m.scaling} is not finite")
+        problem = _module_problem(name, m)
+        if problem:
+            raise AdapterError(f"LoRA module {name!r}: {problem}")
     for name, t in full_tensors.items():
         if not _NAME.fullmatch(name) or "." not in name:
             raise AdapterError(f"full tensor {name!r}: expected a dotted tensor name like 'classifier.weight'")

@@ -6,12 +6,16 @@ sharded), a bare .bin/.pt file, and a PEFT adapter directory. It reads no
 tensor data for safetensors; .bin/.pt files are opened with
 torch.load(weights_only=True, mmap=True), which maps the data without reading it
 and refuses pickles that would run code.
+
+Every file read from a directory must be a regular file that resolves inside it (a
+symlink out of the directory is refused), except in a Hugging Face hub cache snapshot,
+whose files are links into the cache repo's blobs/ (see guards.source_root).
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -20,9 +24,15 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .guards import check_regular, escape_name, load_json, open_regular, resolves_inside, source_root
 from .safetensors_header import read_header
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+# A legacy (pre-1.6, non-zip) PyTorch file cannot be memory-mapped: torch.load reads it
+# whole into memory. Old BERT/GPT-2-era checkpoints (up to ~1.3 GB) still load; bigger
+# ones are refused with the fix (re-save or convert) instead of costing their size in RAM.
+LEGACY_TORCH_MAX_BYTES = 2 * 2**30
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 @dataclass(frozen=True)
@@ -68,44 +78,77 @@ class CheckpointIndex:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); fix or re-download the file") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object; fix or re-download the file")
-    return data
+    return load_json(path)  # one line on anything odd: size, depth, duplicate keys, numbers
+
+
+# What torch's weights-only unpickler blocked, from its message (which opens with a
+# paragraph of advice to retry unsafely): (pattern, what the pickle does).
+_BLOCKED = [
+    (r"GLOBAL (\S+) was not an allowed global", "calls {0}"),
+    (r"unsupported GLOBAL (\S+) whose module \S+ is blocked", "calls {0}"),
+    (r"call reduce for unrecognized function (.+?)(?: which belongs to|$)", "calls {0}"),
+    (r"Can only (?:create new object|build) .*? but got (.+)", "builds an object of {0}"),
+    (r"(\S+) must be imported to load", "needs {0} (tensor subclasses are not loaded)"),
+    (r"Unsupported operand (\d+)", "uses pickle opcode {0}, which plain weights never need"),
+    (r"persistent_load id|persistent id|persistent_load of", "loads a persistent object other than a tensor storage"),
+]
+
+
+def _blocked(e: BaseException) -> str:
+    """'calls posix.system', 'builds an object of <class ...>', ...: what was blocked, in a few words."""
+    text = str(e)
+    for pattern, what in _BLOCKED:
+        m = re.search(pattern, text, re.M)
+        if m:
+            return "the pickle " + what.format(*(escape_name(g.strip(), 120) for g in m.groups()))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "documentation" not in ln]
+    last = lines[-1] if lines else type(e).__name__
+    return "the pickle holds something other than tensors: " + escape_name(last, 160)
+
+
+def _is_zip(path: Path) -> tuple[bool, int]:
+    with open_regular(path) as f:  # a FIFO or device is refused here, before torch opens it
+        return f.read(4) == _ZIP_MAGIC, os.fstat(f.fileno()).st_size
 
 
 def safe_torch_load(path: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only=True: a pickle that carries code is refused, unrun."""
+    """torch.load with weights_only=True: a pickle that carries code is refused, unrun.
+
+    Zip files (torch >= 1.6) are memory-mapped when mmap is True; a legacy non-zip file
+    is read whole, so one over LEGACY_TORCH_MAX_BYTES is refused."""
+    path = Path(path)
+    zipped, size = _is_zip(path)
+    if not zipped and size > LEGACY_TORCH_MAX_BYTES:
+        raise CheckpointError(
+            f"{escape_name(path)}: a legacy (non-zip) PyTorch file of {size} bytes would be read whole into memory "
+            f"(limit {LEGACY_TORCH_MAX_BYTES}); re-save it with torch.save or convert it to safetensors"
+        )
     try:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipped)
         except RuntimeError as e:
-            if mmap and "mmap" in str(e):  # legacy (non-zip) format cannot be mapped
+            if mmap and zipped and "mmap" in str(e):  # an old zip layout that cannot be mapped
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
             else:
                 raise
     except pickle.UnpicklingError as e:
-        # torch's message opens with advice to retry with weights_only=False: show the cause instead
-        m = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \d+|WeightsUnpickler error:[^.]*)", str(e))
-        first = " ".join((m.group(1) if m else str(e)).split())[:160] or "unsupported global"
         raise CheckpointError(
-            f"{path}: refused to load: the pickle asks to run code or build objects other than tensors "
-            f"({first}); only plain weight files are accepted, convert it to safetensors in a trusted environment"
+            f"{escape_name(path)}: refused: {_blocked(e)} (blocked by weights_only); only plain weight files "
+            f"are loaded, convert it to safetensors in a trusted environment"
         ) from None
     except Exception as e:  # noqa: BLE001 - a corrupt zip/pickle raises anything (KeyError, struct.error, ...)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot load PyTorch file ({msg[:200]}); is it corrupt or truncated?") from None
+        raise CheckpointError(
+            f"{escape_name(path)}: cannot load PyTorch file ({escape_name(msg, 200)}); is it corrupt or truncated?"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
-        raise CheckpointError(f"{path}: not a state dict of named tensors; save model.state_dict() instead")
+        raise CheckpointError(
+            f"{escape_name(path)}: not a state dict of named tensors; save model.state_dict() instead"
+        )
     return obj
 
 
@@ -125,36 +168,57 @@ def _torch_infos(shard: Path) -> list[TensorInfo]:
     ]
 
 
-def _shard_path(root: Path, index_file: Path, name: object) -> Path:
+def _q(name: object) -> str:
+    return f"'{escape_name(name, 200)}'"
+
+
+def _checked(p: Path, allowed: Path, where: str) -> Path:
+    """p, refused unless it exists, resolves inside `allowed` and is a regular file."""
+    if not p.exists():
+        if p.is_symlink():
+            raise CheckpointError(
+                f"{escape_name(p)}: a broken symbolic link (its target is missing); re-download the checkpoint"
+            )
+        raise CheckpointError(
+            f"{where}: {_q(p.name)} is missing from {escape_name(p.parent)}; re-download the checkpoint"
+        )
+    if not resolves_inside(p, allowed):
+        raise CheckpointError(
+            f"{where}: {_q(p.name)} resolves outside the checkpoint directory (symlink?); refusing to read it, "
+            f"copy the file into the directory if you trust it"
+        )
+    check_regular(p)
+    return p
+
+
+def _shard_path(root: Path, allowed: Path, index_file: Path, name: object) -> Path:
+    where = escape_name(index_file)
     if not isinstance(name, str) or not name or "\x00" in name:
-        raise CheckpointError(f"{index_file}: invalid shard name {name!r} in weight_map")
+        shown = _q(name) if isinstance(name, str) else repr(name)[:80]
+        raise CheckpointError(f"{where}: invalid shard name {shown} in weight_map")
+    try:
+        os.fsencode(name)
+    except UnicodeError:
+        raise CheckpointError(
+            f"{where}: invalid shard name {_q(name)} in weight_map (not encodable as a file name)"
+        ) from None
     p = Path(name)
     if p.is_absolute() or ".." in p.parts:
         raise CheckpointError(
-            f"{index_file}: shard {name!r} points outside the checkpoint directory; refusing to read it"
+            f"{where}: shard {_q(name)} points outside the checkpoint directory; refusing to read it"
         )
-    full = root / p
-    try:
-        inside = full.resolve().is_relative_to(root.resolve())
-    except OSError:
-        inside = False
-    if not inside:
-        raise CheckpointError(
-            f"{index_file}: shard {name!r} resolves outside the checkpoint directory (symlink?); refusing to read it"
-        )
-    if not full.is_file():
-        raise CheckpointError(f"{index_file}: shard {name!r} is missing from {root}; re-download the checkpoint")
-    return full
+    return _checked(root / p, allowed, where)
 
 
-def _sharded(root: Path, index_file: Path, reader) -> tuple[list[Path], dict[str, TensorInfo]]:
-    data = _read_json(index_file)
+def _sharded(root: Path, allowed: Path, index_file: Path, reader) -> tuple[list[Path], dict[str, TensorInfo]]:
+    where = escape_name(index_file)
+    data = _read_json(_checked(index_file, allowed, escape_name(root)))
     wm = data.get("weight_map")
     if not isinstance(wm, dict) or not wm:
-        raise CheckpointError(f"{index_file}: missing or empty 'weight_map'; re-download the checkpoint")
+        raise CheckpointError(f"{where}: missing or empty 'weight_map'; re-download the checkpoint")
     shards: list[Path] = []
     for name in wm.values():
-        p = _shard_path(root, index_file, name)
+        p = _shard_path(root, allowed, index_file, name)
         if p not in shards:
             shards.append(p)
     shards.sort(key=lambda p: p.name)
@@ -163,14 +227,16 @@ def _sharded(root: Path, index_file: Path, reader) -> tuple[list[Path], dict[str
         for info in reader(shard):
             if info.name in tensors:
                 raise CheckpointError(
-                    f"{index_file}: tensor {info.name!r} appears in both {tensors[info.name].shard.name} and {shard.name}"
+                    f"{where}: tensor {_q(info.name)} appears in both {_q(tensors[info.name].shard.name)} "
+                    f"and {_q(shard.name)}"
                 )
             tensors[info.name] = info
     for tname, sname in wm.items():
         info = tensors.get(tname)
         if info is None or info.shard.name != Path(sname).name:
             raise CheckpointError(
-                f"{index_file}: tensor {tname!r} is listed in {sname} but not stored there; the index does not match its shards"
+                f"{where}: tensor {_q(tname)} is listed in {_q(sname)} but not stored there; "
+                f"the index does not match its shards"
             )
     return shards, tensors
 
@@ -207,53 +273,87 @@ def _find_tied(tensors: dict[str, TensorInfo], config: dict | None) -> dict[str,
 
 
 def _has_head(config: dict, head: str) -> bool:
-    archs = " ".join(config.get("architectures") or [])
+    archs = config.get("architectures")
+    archs = " ".join(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else ""
     if head == "lm_head.weight":
         return "CausalLM" in archs or "LMHead" in archs or "ForConditionalGeneration" in archs
     return "MaskedLM" in archs or "ForPreTraining" in archs
 
 
 def open_checkpoint(path: str | Path) -> CheckpointIndex:
-    """Index a checkpoint from its headers. Raises CheckpointError with a fix."""
+    """Index a checkpoint from its headers. Raises CheckpointError with a fix.
+
+    Args:
+        path: a .safetensors/.bin/.pt file, a model directory (single or sharded,
+            safetensors or .bin) or a PEFT adapter directory; a Hugging Face hub cache
+            snapshot directory works as is.
+
+    Returns:
+        The CheckpointIndex (names, shapes, dtypes, shards, config, tied heads).
+
+    Raises:
+        CheckpointError: missing, unknown, corrupt, unsafe (a pickle that runs code, a
+        symlink out of the directory, a FIFO or device), or inconsistent.
+
+    Example:
+        >>> idx = open_checkpoint("fixtures/tiny-llama")                       # doctest: +SKIP
+        >>> idx.format, len(idx.shards)
+        ('safetensors', 3)
+    """
     src = Path(path)
     if not src.exists():
-        raise CheckpointError(f"{src}: no such file or directory")
-    if src.is_file():
+        if src.is_symlink():
+            raise CheckpointError(f"{escape_name(src)}: a broken symbolic link (its target is missing)")
+        raise CheckpointError(f"{escape_name(src)}: no such file or directory")
+    if not src.is_dir():
         if src.suffix not in (".safetensors", *TORCH_SUFFIXES):
             raise CheckpointError(
-                f"{src}: unknown checkpoint format; expected .safetensors, .bin, .pt or a model directory"
+                f"{escape_name(src)}: unknown checkpoint format; expected .safetensors, .bin, .pt or a model directory"
             )
         fmt, shards, tensors = _single(src)
         return CheckpointIndex(src.parent, "model", fmt, tensors, shards, None, {}, src)
+    allowed = source_root(src)
+    if os.path.lexists(src / "adapter_config.json"):
+        return _open_adapter(src, allowed)
+    return _open_model(src, allowed)
 
-    root = src
-    if (root / "adapter_config.json").is_file():
-        cfg = _read_json(root / "adapter_config.json")
-        for fname in ("adapter_model.safetensors", "adapter_model.bin"):
-            if (root / fname).is_file():
-                fmt, shards, tensors = _single(root / fname)
-                return CheckpointIndex(root, "adapter", fmt, tensors, shards, cfg, {}, src)
-        raise CheckpointError(
-            f"{root}: adapter_config.json found but no adapter_model.safetensors or adapter_model.bin"
-        )
 
-    config = _read_json(root / "config.json") if (root / "config.json").is_file() else None
-    if (root / "model.safetensors.index.json").is_file():
+def _present(root: Path, name: str) -> bool:
+    """Anything by that name, even a FIFO or a broken link (which are then refused, not skipped)."""
+    return os.path.lexists(root / name)
+
+
+def _open_adapter(root: Path, allowed: Path) -> CheckpointIndex:
+    where = escape_name(root)
+    cfg = _read_json(_checked(root / "adapter_config.json", allowed, where))
+    for fname in ("adapter_model.safetensors", "adapter_model.bin"):
+        if _present(root, fname):
+            fmt, shards, tensors = _single(_checked(root / fname, allowed, where))
+            return CheckpointIndex(root, "adapter", fmt, tensors, shards, cfg, {}, root)
+    raise CheckpointError(
+        f"{where}: adapter_config.json found but no adapter_model.safetensors or adapter_model.bin"
+    )
+
+
+def _open_model(root: Path, allowed: Path) -> CheckpointIndex:
+    where = escape_name(root)
+    config = _read_json(_checked(root / "config.json", allowed, where)) if _present(root, "config.json") else None
+    if _present(root, "model.safetensors.index.json"):
         fmt = "safetensors"
-        shards, tensors = _sharded(root, root / "model.safetensors.index.json", _safetensors_infos)
-    elif (root / "model.safetensors").is_file():
-        fmt, shards, tensors = _single(root / "model.safetensors")
-    elif (root / "pytorch_model.bin.index.json").is_file():
+        shards, tensors = _sharded(root, allowed, root / "model.safetensors.index.json", _safetensors_infos)
+    elif _present(root, "model.safetensors"):
+        fmt, shards, tensors = _single(_checked(root / "model.safetensors", allowed, where))
+    elif _present(root, "pytorch_model.bin.index.json"):
         fmt = "torch"
-        shards, tensors = _sharded(root, root / "pytorch_model.bin.index.json", _torch_infos)
-    elif (root / "pytorch_model.bin").is_file():
-        fmt, shards, tensors = _single(root / "pytorch_model.bin")
+        shards, tensors = _sharded(root, allowed, root / "pytorch_model.bin.index.json", _torch_infos)
+    elif _present(root, "pytorch_model.bin"):
+        fmt, shards, tensors = _single(_checked(root / "pytorch_model.bin", allowed, where))
     else:
         found = sorted(root.glob("*.safetensors"))
         if len(found) != 1:
             raise CheckpointError(
-                f"{root}: no checkpoint found (expected model.safetensors, a sharded index.json, "
+                f"{where}: no checkpoint found (expected model.safetensors, a sharded index.json, "
                 f"pytorch_model.bin or adapter_config.json)"
             )
-        fmt, shards, tensors = _single(found[0])
-    return CheckpointIndex(root, "model", fmt, tensors, shards, config, _find_tied(tensors, config), src)
+        fmt, shards, tensors = _single(_checked(found[0], allowed, where))
+    return CheckpointIndex(root, "model", fmt, tensors, shards, config, _find_tied(tensors, config), root)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from io import BufferedReader
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError
+from .guards import escape_name, open_regular
 from .index import CheckpointIndex, TensorInfo, safe_torch_load
 
 
@@ -22,10 +24,10 @@ class LazyReader:
     def __init__(self, index: CheckpointIndex):
         self.index = index
         self._shard: Path | None = None
-        self._fh = None
+        self._fh: BufferedReader | None = None
         self._sd: dict[str, torch.Tensor] | None = None
 
-    def __enter__(self) -> "LazyReader":
+    def __enter__(self) -> LazyReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -41,10 +43,7 @@ class LazyReader:
             return
         self.close()
         if self.index.format == "safetensors":
-            try:
-                self._fh = open(shard, "rb")
-            except OSError as e:
-                raise CheckpointError(f"{shard}: cannot open ({e.strerror or e})") from None
+            self._fh = open_regular(shard)  # never blocks on a FIFO swapped in since indexing
         else:
             self._sd = safe_torch_load(shard, mmap=True)
         self._shard = shard
@@ -53,7 +52,9 @@ class LazyReader:
         try:
             return self.index.tensors[name]
         except KeyError:
-            raise CheckpointError(f"{self.index.root}: no tensor named {name!r}") from None
+            raise CheckpointError(
+                f"{escape_name(self.index.root)}: no tensor named '{escape_name(name, 200)}'"
+            ) from None
 
     def get(self, name: str) -> torch.Tensor:
         info = self.info(name)
@@ -61,11 +62,13 @@ class LazyReader:
         if self._sd is not None:
             return self._sd[name]
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        assert self._fh is not None  # a safetensors shard: _open opened it
         self._fh.seek(info.offset)
-        got = self._fh.readinto(buf.numpy()) if info.nbytes else 0
+        got = self._fh.readinto(buf.numpy().data) if info.nbytes else 0
         if got != info.nbytes:
             raise CheckpointError(
-                f"{info.shard}: tensor {name!r} is truncated ({got} of {info.nbytes} bytes); re-download the checkpoint"
+                f"{escape_name(info.shard)}: tensor '{escape_name(name, 200)}' is truncated "
+                f"({got} of {info.nbytes} bytes); re-download the checkpoint"
             )
         return buf.view(info.dtype).reshape(info.shape)
 
@@ -73,7 +76,7 @@ class LazyReader:
         """Rows [start, stop) along the first dimension, reading only their bytes."""
         info = self.info(name)
         if not info.shape:
-            raise CheckpointError(f"{name} is a scalar; it has no rows")
+            raise CheckpointError(f"'{escape_name(name, 200)}' is a scalar; it has no rows")
         start, stop = max(0, start), min(stop, info.shape[0])
         self._open(info.shard)
         if self._sd is not None:
@@ -81,11 +84,12 @@ class LazyReader:
         row = info.nbytes // info.shape[0] if info.shape[0] else 0
         n = max(0, stop - start) * row
         buf = torch.empty(n, dtype=torch.uint8)
+        assert self._fh is not None  # a safetensors shard: _open opened it
         self._fh.seek(info.offset + start * row)
-        got = self._fh.readinto(buf.numpy()) if n else 0
+        got = self._fh.readinto(buf.numpy().data) if n else 0
         if got != n:
             raise CheckpointError(
-                f"{info.shard}: tensor {name!r} is truncated; re-download the checkpoint"
+                f"{escape_name(info.shard)}: tensor '{escape_name(name, 200)}' is truncated; re-download the checkpoint"
             )
         return buf.view(info.dtype).reshape((max(0, stop - start), *info.shape[1:]))
 

@@ -35,63 +35,26 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from surgery.errors import CheckpointError, OptionError, OutputError, SurgeryError
-from surgery.io import LazyReader, open_checkpoint
+from surgery.core.hf import resolve_device, torch_threads
+from surgery.core.layers import check_includes_match, matrix_tensors, module_filter, module_of, open_model, oriented
 from surgery.core.lowrank import SVDResult, allocate_budget, parse_budget, truncated_svd
-from surgery.core.layers import module_filter  # noqa: F401 (re-exported for init/factorize/bottleneck)
-from surgery.core.layers import tensor_kinds
+from surgery.core.tensors import check_finite, check_fits, matrix_bytes
+from surgery.errors import CheckpointError, OptionError, OutputError, SurgeryError
+from surgery.io import CheckpointIndex, LazyReader, escape_name
+from surgery.io.guards import check_output_file
+from surgery.options.analyze import DEFAULT_RANKS, EXACT_MAX, RANDOMIZED_CAP, AnalyzeOptions
+
+__all__ = ["AnalyzeOptions", "AnalyzeResult", "ModuleAnalysis", "SpectrumStats", "analyze", "effective_rank",
+           "spectrum", "spectrum_stats", "layer_type", "check_plot_path", "plot_spectra", "DEFAULT_RANKS"]
 
 Progress = Callable[[str, int, int], None]
 
-MATRIX_KINDS = ("linear", "conv1d", "embedding")
-DEFAULT_RANKS = (8, 16, 32, 64)
 DELTA_ENERGIES = (0.90, 0.95, 0.99)
-EXACT_MAX = 1024
-RANDOMIZED_CAP = 256
-
-
-# ----------------------------------------------------------------------------- shared helpers
-
-
-
-
-def check_includes_match(keep, modules: Sequence[str], where) -> None:
-    """Each --include pattern must match at least one candidate module (else a typo)."""
-    for p in getattr(keep, "include", []):
-        if not any(p.search(m) for m in modules):
-            raise OptionError(f"--include {p.pattern!r} matches no matrix module of {where}; check the pattern")
-
-
-def oriented(t: Tensor, kind: str) -> Tensor:
-    """The (out, in) matrix of a weight in storage layout (Conv1D stores (in, out)), fp32."""
-    t = t.float()
-    return t.T if kind == "conv1d" else t
-
-
-def matrix_tensors(index, kinds: dict[str, str] | None = None) -> dict[str, str]:
-    """name -> kind for the 2-D floating weights of Linear / Conv1D / Embedding modules."""
-    kinds = tensor_kinds(index) if kinds is None else kinds
-    return {
-        n: k for n, k in kinds.items()
-        if k in MATRIX_KINDS and n.endswith(".weight") and len(index.tensors[n].shape) == 2
-        and index.tensors[n].dtype.is_floating_point
-    }
-
-
-def open_model(path, what: str):
-    idx = open_checkpoint(path)
-    if idx.kind != "model":
-        raise CheckpointError(f"{idx.source or path}: {what} is an adapter directory; give a model checkpoint")
-    return idx
-
-
-def check_finite(t: Tensor, name: str, where) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise CheckpointError(f"{name}: non-finite values (NaN/Inf) in {where}; fix or --exclude this tensor")
 
 
 # ----------------------------------------------------------------------------- spectra
@@ -123,12 +86,23 @@ def effective_rank(S: Tensor) -> float:
 
 
 def spectrum(M: Tensor, *, exact_max: int = EXACT_MAX, cap: int = RANDOMIZED_CAP, niter: int = 4,
-             seed: int = 0, name: str | None = None) -> SVDResult:
-    """The SVD analyze uses: exact for min(m, n) ≤ exact_max, else randomized top-cap."""
+             seed: int = 0, name: str | None = None, device: str | torch.device = "cpu") -> SVDResult:
+    """The SVD analyze uses: exact for min(m, n) ≤ exact_max, else randomized top-cap.
+
+    Args:
+        M: an (m, n) matrix (any real dtype; computed in fp32).
+        exact_max, cap, niter, seed: the policy (see the module docstring).
+        name: the tensor's name, for messages.
+        device: where the SVD runs (results are CPU fp32).
+
+    Example:
+        >>> spectrum(torch.randn(2048, 2048), cap=64).method
+        'randomized'
+    """
     mn = min(M.shape)
     if mn <= exact_max:
-        return truncated_svd(M, None, method="exact", name=name)
-    return truncated_svd(M, min(cap, mn), method="randomized", niter=niter, seed=seed, name=name)
+        return truncated_svd(M, None, method="exact", name=name, device=device)
+    return truncated_svd(M, min(cap, mn), method="randomized", niter=niter, seed=seed, name=name, device=device)
 
 
 def spectrum_stats(res: SVDResult, ranks: Sequence[int], energies: Sequence[float] = ()) -> SpectrumStats:
@@ -203,98 +177,153 @@ def method_note(exact_max: int, cap: int, niter: int) -> str:
     )
 
 
-def _check_ranks(ranks) -> list[int]:
-    out = []
-    for r in ranks:
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise OptionError(f"--ranks must be positive integers, got {r!r}; e.g. --ranks 8,16,32,64")
-        out.append(r)
-    if not out:
-        raise OptionError("--ranks is empty; e.g. --ranks 8,16,32,64")
-    return sorted(set(out))
+@dataclass
+class _Plan:
+    """What analyze settles from headers alone, before reading any tensor."""
+
+    idx: CheckpointIndex
+    bidx: CheckpointIndex | None
+    selected: dict[str, str]  # tensor -> kind, the matrices to analyse
+    budget: int | None  # parameters, resolved against the model's size
+    k_cap: int  # singular values the randomized SVD computes
+    device: torch.device
+    skipped: list[dict] = field(default_factory=list)  # selected but not analysable (an empty matrix), with why
 
 
 def analyze(
     model: str | Path,
     base: str | Path | None = None,
+    options: AnalyzeOptions | None = None,
     *,
-    ranks: Sequence[int] = DEFAULT_RANKS,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    budget: str | int | None = None,
-    exact_max: int = EXACT_MAX,
-    cap: int = RANDOMIZED_CAP,
-    niter: int = 4,
-    seed: int = 0,
     progress: Progress | None = None,
+    **fields,
 ) -> AnalyzeResult:
-    """Spectral statistics of MODEL's matrices (and of MODEL − BASE). See the module docstring."""
+    """Spectral statistics of MODEL's matrices (and of MODEL − BASE). See the module docstring.
+
+    Args:
+        model: the model checkpoint (file or directory).
+        base: a base checkpoint of the same architecture: also analyse the delta MODEL − BASE.
+        options: an AnalyzeOptions; None builds one from FIELDS (ranks=..., include=..., ...).
+        progress: called as progress("analyze", done, total) after each matrix.
+        **fields: AnalyzeOptions fields, replacing those of `options`.
+
+    Returns:
+        An AnalyzeResult: one ModuleAnalysis per matrix, in file order.
+
+    Raises:
+        OptionError: a bad option (naming its field), a budget without a base, a pattern
+            that matches nothing, nothing selected.
+        CheckpointError: unreadable input, an adapter directory, MODEL and BASE differing,
+            NaN/Inf in a matrix.
+
+    Example:
+        >>> res = analyze("ft/", "base/", ranks=[4, 8], budget="1%")
+        >>> {m.module: m.recommended_rank for m in res.modules}
+    """
     t0 = time.perf_counter()
-    ranks = _check_ranks(ranks)
-    for v, what in ((exact_max, "exact_max"), (cap, "cap")):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise OptionError(f"{what} must be a positive integer, got {v!r}")
-    if budget is not None and base is None:
-        raise OptionError("--budget recommends ranks for the delta FT - BASE; give --base too")
-    keep = module_filter(include, exclude)
+    opts = options.replace(**fields) if options is not None else AnalyzeOptions(**fields)
+    plan = _plan(model, base, opts)
+    with torch_threads(opts.threads):
+        rows, delta_spectra = _analyze_all(plan, opts, model, base, progress)
+    used = _recommend(rows, delta_spectra, plan.budget) if plan.budget is not None else None
+    return AnalyzeResult(
+        model=str(model), base=None if base is None else str(base), ranks=list(opts.ranks), modules=rows,
+        method_note=method_note(opts.exact_max, plan.k_cap, opts.niter), effective_rank_definition=EFFECTIVE_RANK_DEF,
+        budget=plan.budget, budget_used=used, model_params=plan.idx.total_params, skipped=plan.skipped,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _plan(model: str | Path, base: str | Path | None, opts: AnalyzeOptions) -> _Plan:
+    """Open the checkpoints, select the matrices, settle every conflict (headers only)."""
+    if opts.budget is not None and base is None:
+        raise OptionError("budget recommends ranks for the delta MODEL - BASE; give a base model too", field="budget")
+    device = resolve_device(opts.device)
+    keep = module_filter(opts.include, opts.exclude)
     idx = open_model(model, "MODEL")
     bidx = open_model(base, "BASE") if base is not None else None
     mats = matrix_tensors(idx)
-    check_includes_match(keep, [n.rsplit(".", 1)[0] for n in mats], model)
-    selected = {n: k for n, k in mats.items() if keep(n.rsplit(".", 1)[0])}
+    check_includes_match(keep, [module_of(n) for n in mats], model)
+    chosen = {n: k for n, k in mats.items() if keep(module_of(n))}
+    selected = {n: k for n, k in chosen.items() if idx.tensors[n].numel}
+    skipped = [{"tensor": n, "why": f"empty matrix {tuple(idx.tensors[n].shape)}: no spectrum"}
+               for n in chosen if n not in selected]
     if not selected:
-        raise OptionError(f"no matrix weight of {model} is selected; check --include/--exclude")
-    skipped: list[dict] = []
+        raise OptionError(f"no non-empty matrix weight of {escape_name(model)} is selected; check include/exclude",
+                          field="include")
     if bidx is not None:
-        for n in list(selected):
+        for n in selected:
             bi = bidx.tensors.get(n)
             if bi is None or bi.shape != idx.tensors[n].shape:
                 why = "missing from BASE" if bi is None else f"shape {bi.shape} in BASE vs {idx.tensors[n].shape}"
-                raise CheckpointError(f"{n}: {why}; MODEL and BASE must share an architecture")
-    budget_params = parse_budget(budget, idx.total_params) if budget is not None else None
-    k_cap = max(cap, max(ranks))
-    kw = dict(exact_max=exact_max, cap=k_cap, niter=niter, seed=seed)
+                raise CheckpointError(f"{escape_name(n, 200)}: {why}; MODEL and BASE must share an architecture")
+    budget = parse_budget(opts.budget, idx.total_params) if opts.budget is not None else None
+    plan = _Plan(idx, bidx, selected, budget, max(opts.cap, max(opts.ranks)), device, skipped)
+    _check_memory(plan, opts.exact_max)
+    return plan
 
-    out: list[ModuleAnalysis] = []
+
+def _check_memory(plan: _Plan, exact_max: int) -> None:
+    """Refuse, before reading any tensor, a matrix whose analysis cannot fit in memory: the tensor
+    as read, its fp32 copy, the SVD's factors (all of them when exact) and, with a BASE, the
+    base tensor and the delta."""
+    def need(name: str) -> int:
+        info = plan.idx.tensors[name]
+        mn = min(info.shape)
+        n = matrix_bytes(info.nbytes, info.shape, rank=mn if mn <= exact_max else plan.k_cap)
+        return n + (matrix_bytes(info.nbytes, info.shape) if plan.bidx is not None else 0)
+
+    name = max(plan.selected, key=need)
+    check_fits(need(name), f"analysing {escape_name(name, 200)} {tuple(plan.idx.tensors[name].shape)}",
+               "use a machine with more memory, or exclude it (exclude)")
+
+
+def _analyze_all(plan: _Plan, opts: AnalyzeOptions, model, base, progress: Progress | None):
+    """One ModuleAnalysis per selected matrix, in shard order; and the delta spectra by module."""
+    kw: dict[str, Any] = dict(exact_max=opts.exact_max, cap=plan.k_cap, niter=opts.niter, seed=opts.seed,
+                              device=plan.device)
+    rows: list[ModuleAnalysis] = []
     delta_spectra: dict[str, tuple[Tensor, int, int]] = {}
-    with LazyReader(idx) as rm, (LazyReader(bidx) if bidx is not None else _Null()) as rb:
-        order = rm.order(selected)
+    with LazyReader(plan.idx) as rm, (LazyReader(plan.bidx) if plan.bidx is not None else _Null()) as rb:
+        order = rm.order(plan.selected)
         for i, name in enumerate(order):
-            kind = selected[name]
-            module = name.rsplit(".", 1)[0]
+            kind = plan.selected[name]
             w = rm.get(name)
             check_finite(w, name, model)
             M = oriented(w, kind)  # (out, in)
-            res = spectrum(M, name=name, **kw)
-            entry = ModuleAnalysis(module, name, kind, spectrum_stats(res, ranks))
-            if bidx is not None:
+            stats = spectrum_stats(spectrum(M, name=name, **kw), opts.ranks)
+            entry = ModuleAnalysis(module_of(name), name, kind, stats)
+            if rb is not None:
                 wb = rb.get(name)
                 check_finite(wb, name, base)
-                D = M - oriented(wb, kind)  # (out, in)
-                dres = spectrum(D, name=name, **kw)
-                entry.delta = spectrum_stats(dres, ranks, DELTA_ENERGIES)
-                bnorm = float(wb.float().norm())
-                entry.rel_change = entry.delta.norm / bnorm if bnorm else (0.0 if entry.delta.norm == 0 else math.inf)
-                delta_spectra[module] = (dres.S, *dres.shape)
-                del D, dres
-            out.append(entry)
-            del w, M, res
+                delta_spectra[entry.module] = _delta(entry, M, wb, opts.ranks, kw)
+            rows.append(entry)
+            del w, M
             if progress:
                 progress("analyze", i + 1, len(order))
+    return rows, delta_spectra
 
-    used = None
-    if budget_params is not None:
-        alloc = allocate_budget(delta_spectra, budget_params)
-        used = 0
-        for e in out:
-            e.recommended_rank = alloc.get(e.module, 0)
-            used += e.recommended_rank * sum(e.delta.shape)
-    return AnalyzeResult(
-        model=str(model), base=None if base is None else str(base), ranks=ranks, modules=out,
-        method_note=method_note(exact_max, k_cap, niter), effective_rank_definition=EFFECTIVE_RANK_DEF,
-        budget=budget_params, budget_used=used, model_params=idx.total_params, skipped=skipped,
-        seconds=time.perf_counter() - t0,
-    )
+
+def _delta(entry: ModuleAnalysis, M: Tensor, wb: Tensor, ranks: Sequence[int],
+           kw: dict[str, Any]) -> tuple[Tensor, int, int]:
+    """Fill entry.delta and entry.rel_change from Δ = M − W_base; returns (Δ's singular values, m, n)."""
+    D = M - oriented(wb, entry.kind)  # (out, in)
+    dres = spectrum(D, name=entry.tensor, **kw)
+    stats = entry.delta = spectrum_stats(dres, ranks, DELTA_ENERGIES)
+    bnorm = float(wb.float().norm())
+    entry.rel_change = stats.norm / bnorm if bnorm else (0.0 if stats.norm == 0 else math.inf)
+    return dres.S, *dres.shape
+
+
+def _recommend(rows: list[ModuleAnalysis], delta_spectra: dict[str, tuple[Tensor, int, int]], budget: int) -> int:
+    """Set each row's recommended_rank (extract-lora's allocator); returns the parameters used."""
+    alloc = allocate_budget(delta_spectra, budget)
+    used = 0
+    for e in rows:
+        e.recommended_rank = alloc.get(e.module, 0)
+        _, m, n = delta_spectra[e.module]
+        used += e.recommended_rank * (m + n)
+    return used
 
 
 class _Null:
@@ -313,28 +342,52 @@ def layer_type(module: str) -> str:
     return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", module)
 
 
-def check_plot_path(path: str | Path, overwrite: bool = False) -> Path:
-    """Validate a --plot path before any work: known extension, not there unless overwrite."""
+def check_plot_path(path: str | Path, overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> Path:
+    """Validate a plot path before any work: known extension, matplotlib there, never an input
+    or inside an input directory (a model directory as the working directory), its directory
+    there, not there unless overwrite.
+
+    Args:
+        path: the plot file.
+        overwrite: whether an existing file may be replaced.
+        inputs: the checkpoints analysed (MODEL, BASE).
+
+    Raises:
+        OptionError: not .png / .svg / .pdf.
+        OutputError: equal to or inside an input, exists (and overwrite is false), a directory,
+            or its directory is missing.
+        SurgeryError: matplotlib is not installed.
+
+    Example:
+        >>> check_plot_path("spectra.png", inputs=["fixtures/tiny-bert"])
+        PosixPath('spectra.png')
+    """
+    import importlib.util
+
     path = Path(path)
     if path.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise OptionError(f"--plot {path}: use a .png, .svg or .pdf file name")
-    if path.exists() and (not overwrite or path.is_dir()):
-        raise OutputError(f"plot file {path} already exists; pass --overwrite to replace it")
-    return path
+        raise OptionError(f"plot {escape_name(path)}: use a .png, .svg or .pdf file name", field="plot")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise SurgeryError(_NO_MATPLOTLIB)
+    return check_output_file(path, inputs=inputs, overwrite=overwrite, what="plot")
+
+
+_NO_MATPLOTLIB = "plotting needs matplotlib, which is not installed; pip install 'surgery[plot]'"
 
 
 def plot_spectra(result: AnalyzeResult, path: str | Path, *, overwrite: bool = False) -> Path:
     """Per layer type: normalised singular values (log scale) and the cumulative energy curve
     of each layer — of the delta when the analysis has a BASE, else of the weights. PNG/SVG/PDF
-    by extension; written to a temporary sibling and renamed."""
+    by extension; written to a temporary sibling and renamed. The path is checked again
+    (check_plot_path), against the checkpoints the result names."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SurgeryError("--plot needs matplotlib, which is not installed; pip install 'surgery[plot]'") from None
-    path = check_plot_path(path, overwrite)
+        raise SurgeryError(_NO_MATPLOTLIB) from None
+    path = check_plot_path(path, overwrite, [p for p in (result.model, result.base) if p is not None])
     groups: dict[str, list[ModuleAnalysis]] = {}
     for m in result.modules:
         groups.setdefault(layer_type(m.module), []).append(m)
@@ -344,6 +397,8 @@ def plot_spectra(result: AnalyzeResult, path: str | Path, *, overwrite: bool = F
         ax_s, ax_e = axes[row]
         for m in mods:
             st = m.delta if which == "delta" else m.weight
+            if st is None:
+                continue
             S = torch.tensor(st.singular_values, dtype=torch.float64)
             if not len(S) or float(S[0]) == 0.0:
                 continue
@@ -360,16 +415,18 @@ def plot_spectra(result: AnalyzeResult, path: str | Path, *, overwrite: bool = F
         for ax in (ax_s, ax_e):
             ax.tick_params(labelsize=7)
             ax.set_xlabel("rank", fontsize=7)
-    fig.suptitle(f"{result.model}" + (f" - {result.base}" if result.base else ""), fontsize=9)
+    fig.suptitle(escape_name(result.model) + (f" - {escape_name(result.base)}" if result.base else ""), fontsize=9)
     fig.tight_layout()
     tmp = path.parent / f".{path.stem}.surgery-tmp-{os.getpid()}{path.suffix}"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # KeyboardInterrupt too: no temporary file left
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write the plot {path} ({e.strerror or e})") from None
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write the plot {escape_name(path)} ({e.strerror or e}); nothing was "
+                              "written") from None
+        raise
     finally:
         plt.close(fig)
     return path

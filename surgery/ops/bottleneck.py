@@ -56,30 +56,38 @@ both.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from surgery.ops.analyze import check_finite, module_filter, open_model, oriented
-from surgery.errors import AdapterError, CheckpointError, OptionError
-from surgery.io import LazyReader, ShardedWriter, check_output_path
+from surgery.core.hf import resolve_device, torch_threads
+from surgery.core.layers import PROJECTION_KINDS, matrix_tensors, module_filter, module_of, open_model, oriented
 from surgery.core.lowrank import lapack_threads, truncated_svd
-from surgery.core.layers import tensor_kinds
+from surgery.core.tensors import check_finite, check_fits, matrix_bytes
+from surgery.errors import AdapterError, CheckpointError, OptionError
+from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, check_output_path, escape_name, load_json
+from surgery.io.guards import check_regex, check_regular
+from surgery.options.init import ACTIVATION_NAMES, PLACEMENTS, InitAdapterOptions
+
+__all__ = ["InitAdapterOptions", "BottleneckAdapter", "BottleneckModule", "BottleneckResult", "BottleneckSet",
+           "BottleneckHandle", "init_adapter", "load_bottleneck", "attach_bottleneck", "save_bottleneck", "sites",
+           "delta_factors", "ACTIVATIONS", "PLACEMENTS"]
 
 Progress = Callable[[str, int, int], None]
 FORMAT = "surgery-bottleneck"
 FORMAT_VERSION = 1
 CONFIG_NAME = "bottleneck_config.json"
 WEIGHTS_NAME = "bottleneck_model.safetensors"
-PLACEMENTS = ("ffn", "attn", "both")
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU, "identity": nn.Identity}
+assert tuple(ACTIVATIONS) == ACTIVATION_NAMES  # the options object lists the same names, torch-free
 CHILD = "bottleneck"
 
 _SITES = {
@@ -99,7 +107,8 @@ class BottleneckAdapter(nn.Module):
     def __init__(self, dim: int, bottleneck: int, activation: str = "gelu"):
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise OptionError(f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}")
+            raise OptionError(f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}",
+                              field="activation")
         self.down = nn.Linear(dim, bottleneck)
         self.act = ACTIVATIONS[activation]()
         self.up = nn.Linear(bottleneck, dim)
@@ -110,14 +119,28 @@ class BottleneckAdapter(nn.Module):
 
 
 def sites(modules: Sequence[str], placement: str, pattern: str | None = None) -> dict[str, str]:
-    """module -> site ("attn" | "ffn" | "custom") for the chosen placement."""
+    """module -> site ("attn" | "ffn" | "custom") for the chosen placement.
+
+    Args:
+        modules: candidate module names (output projections are picked among them).
+        placement: "ffn", "attn" or "both" (see _SITES for the names recognised).
+        pattern: a regex naming the modules instead (site "custom").
+
+    Raises:
+        OptionError: unknown placement, or a pattern that is invalid or could backtrack for ever
+            (surgery.io.guards.check_regex).
+
+    Example:
+        >>> sites(["l.0.self_attn.o_proj", "l.0.mlp.down_proj"], "attn")
+        {'l.0.self_attn.o_proj': 'attn'}
+    """
     if placement not in PLACEMENTS:
-        raise OptionError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+        raise OptionError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}", field="placement")
     if pattern is not None:
         try:
-            rx = re.compile(pattern)
-        except re.error as e:
-            raise OptionError(f"invalid --modules regex {pattern!r}: {e}") from None
+            rx = check_regex(pattern, "modules")
+        except OptionError as e:
+            raise OptionError(str(e), field="modules") from None
         return {m: "custom" for m in modules if rx.search(m)}
     want = ("attn", "ffn") if placement == "both" else (placement,)
     out = {}
@@ -163,17 +186,34 @@ class BottleneckResult:
         return d
 
 
-def _out_dim(shape: tuple[int, ...], kind: str) -> int:
-    return shape[1] if kind == "conv1d" else shape[0]
+def delta_factors(W: Tensor, b: Tensor | None, dW: Tensor, db: Tensor | None, R: int, *, rcond: float = 1e-5,
+                  device: str | torch.device = "cpu") -> tuple[Tensor, Tensor, Tensor, float]:
+    """down (R, d), up (d, R), up_bias (d,), captured, from W (d, k) and its delta dW (d, k).
 
+    X = Δ W⁺ (d, d) is the least-squares solution of X W = Δ; its rank-R SVD gives
+    down = √S_R V_Rᵀ, up = U_R √S_R; up_bias = Δb − X_R b.
 
-def delta_factors(W: Tensor, b: Tensor | None, dW: Tensor, db: Tensor | None, R: int, *, rcond: float = 1e-5):
-    """down (R, d), up (d, R), up_bias (d,), captured, from W (d, k) and its delta dW (d, k)."""
+    Args:
+        W: the base projection's weight, oriented (out=d, in=k), fp32.
+        b: its bias (d,) or None.
+        dW: the fine-tune's delta of W (d, k); db: of the bias, or None.
+        R: bottleneck width.
+        rcond: singular values of W below rcond·σ₁ are cut in the pseudo-inverse.
+        device: where the pseudo-inverse and the SVD run; results are CPU fp32.
+
+    Returns:
+        (down, up, up_bias, captured) with captured = 1 − ‖Δ − X_R W‖²_F / ‖Δ‖²_F.
+
+    Example:
+        >>> down, up, up_b, captured = delta_factors(W, b, W_ft - W, b_ft - b, 8)
+    """
     d = W.shape[0]
-    with lapack_threads():
+    dev = resolve_device(device)
+    with lapack_threads() if dev.type == "cpu" else contextlib.nullcontext():
         # X = Δ W⁺: least-squares solution of X W = Δ; small singular values of W cut at rcond
-        X = dW @ torch.linalg.pinv(W, rtol=rcond)  # (d, d)
-    res = truncated_svd(X, R, method="exact" if min(X.shape) <= 1024 else "auto")
+        X = dW.to(dev) @ torch.linalg.pinv(W.to(dev), rtol=rcond)  # (d, d)
+    res = truncated_svd(X, R, method="exact" if min(X.shape) <= 1024 else "auto", device=dev)
+    del X
     root = res.S.sqrt()  # (k,)
     down = torch.zeros(R, d)
     up = torch.zeros(d, R)
@@ -189,114 +229,182 @@ def delta_factors(W: Tensor, b: Tensor | None, dW: Tensor, db: Tensor | None, R:
     return down, up, up_bias, captured
 
 
+@dataclass
+class _Plan:
+    """What init_adapter settles from headers alone, before reading any tensor."""
+
+    idx: CheckpointIndex
+    kinds: dict[str, str]  # projection module -> linear | conv1d
+    chosen: dict[str, str]  # module -> site
+    bidx: CheckpointIndex | None = None
+    fidx: CheckpointIndex | None = None
+    empty: list[str] = field(default_factory=list)  # selected projections with no elements: skipped
+
+
 def init_adapter(
     model: str | Path,
     out: str | Path,
+    options: InitAdapterOptions | None = None,
     *,
-    bottleneck: int,
-    placement: str = "ffn",
-    from_delta: tuple[str | Path, str | Path] | None = None,
-    activation: str = "gelu",
-    modules: str | None = None,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    overwrite: bool = False,
     progress: Progress | None = None,
+    **fields,
 ) -> BottleneckResult:
-    """Write bottleneck adapters for MODEL's chosen sub-layers to OUT (see the module docstring)."""
+    """Write bottleneck adapters for MODEL's chosen sub-layers to OUT (see the module docstring).
+
+    Args:
+        model: the model checkpoint (never modified).
+        out: the adapter directory to write (atomically).
+        options: an InitAdapterOptions; None builds one from FIELDS (bottleneck=..., ...).
+        progress: called as progress("init-adapter", done, total) after each adapter.
+        **fields: InitAdapterOptions fields, replacing those of `options`.
+
+    Returns:
+        A BottleneckResult: per adapter its site, size and (delta init) the share captured.
+
+    Raises:
+        OptionError: a bad option (naming its field), a bottleneck wider than a projection,
+            a placement / pattern that selects nothing.
+        CheckpointError: unreadable input, an adapter directory, MODEL / BASE / FT differing,
+            NaN/Inf in a projection.
+        OutputError: OUT exists (and overwrite is false) or lies inside an input.
+
+    Example:
+        >>> res = init_adapter("model/", "out/ad", bottleneck=16, placement="both")
+        >>> res.trainable_params
+    """
     t0 = time.perf_counter()
-    R = bottleneck
-    if isinstance(R, bool) or not isinstance(R, int) or R < 1:
-        raise OptionError(f"--bottleneck must be a positive integer, got {R!r}")
-    if activation not in ACTIVATIONS:
-        raise OptionError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    opts = options.replace(**fields) if options is not None else InitAdapterOptions(**fields)
     out = Path(out)
-    inputs = [Path(model)] + ([Path(p) for p in from_delta] if from_delta else [])
-    check_output_path(out, overwrite, inputs)
-    idx = open_model(model, "MODEL")
-    kinds = tensor_kinds(idx)
-    keep = module_filter(include, exclude)
-    projs = {n.rsplit(".", 1)[0]: k for n, k in kinds.items()
-             if k in ("linear", "conv1d") and n.endswith(".weight") and len(idx.tensors[n].shape) == 2}
-    chosen = {m: s for m, s in sites(list(projs), placement, modules).items() if keep(m)}
-    if not chosen:
-        how = f"--modules {modules!r}" if modules else f"--placement {placement}"
-        raise OptionError(f"{how} selects no output projection of {model}; name them with --modules REGEX")
-    for m in chosen:
-        shape = idx.tensors[m + ".weight"].shape
-        if R > min(shape):
-            raise OptionError(f"--bottleneck {R} exceeds min{tuple(shape)} = {min(shape)} for {m}; "
-                              f"use --bottleneck <= {min(shape)}")
-    bidx = fidx = None
-    if from_delta:
-        bidx, fidx = open_model(from_delta[0], "BASE"), open_model(from_delta[1], "FT")
-        for m in chosen:
-            for name in (m + ".weight", m + ".bias"):
-                shapes = [i.tensors[name].shape if name in i.tensors else None for i in (idx, bidx, fidx)]
-                if len(set(shapes)) != 1:
-                    raise CheckpointError(f"{name}: shapes {shapes} in MODEL/BASE/FT differ; "
-                                          "--from-delta needs the same architecture")
-    result = BottleneckResult(out=out, bottleneck=R, placement=placement if not modules else "custom",
-                              activation=activation, init="delta" if from_delta else "svd", modules=[],
-                              model_params=idx.total_params)
-    config_modules = {}
-    sq_err = sq_tot = 0.0
-    with ShardedWriter(out, shard_size=None, overwrite=overwrite, basename="bottleneck_model",
-                       inputs=inputs) as w, LazyReader(idx) as r:
-        rb = LazyReader(bidx) if bidx else None
-        rf = LazyReader(fidx) if fidx else None
-        try:
-            order = r.order([m + ".weight" for m in chosen])
-            for i, name in enumerate(order):
-                m = name.rsplit(".", 1)[0]
-                kind = projs[m]
-                wt = r.get(name)
-                check_finite(wt, name, model)
-                W = oriented(wt, kind)  # (d, k)
-                d = W.shape[0]
-                top = truncated_svd(W, R, method="exact" if min(W.shape) <= 1024 else "auto", name=name)
-                top_energy = top.energy_kept(top.k)
-                captured = None
-                if from_delta:
-                    Wb = oriented(rb.get(name), kind)  # (d, k)
-                    dW = oriented(rf.get(name), kind) - Wb  # (d, k)
-                    has_b = m + ".bias" in idx.tensors
-                    b = rb.get(m + ".bias").float() if has_b else None
-                    db = rf.get(m + ".bias").float() - b if has_b else None
-                    down_w, up_w, up_b, captured = delta_factors(Wb, b, dW, db, R)
-                    down_b = torch.zeros(R)
-                    tot = float(dW.double().pow(2).sum())
-                    sq_tot += tot
-                    sq_err += (1.0 - captured) * tot
-                else:
-                    down_w = torch.zeros(R, d)
-                    down_w[: top.k] = top.U.T  # (k, d) top left singular vectors of W
-                    down_b, up_w, up_b = torch.zeros(R), torch.zeros(d, R), torch.zeros(d)
-                for slot, t in (("down.weight", down_w), ("down.bias", down_b), ("up.weight", up_w),
-                                ("up.bias", up_b)):
-                    w.add(f"{m}.{slot}", t.float().contiguous())
-                params = 2 * d * R + R + d
-                result.modules.append(BottleneckModule(m, chosen[m], d, R, params, top_energy, captured))
-                result.trainable_params += params
-                config_modules[m] = {"dim": d, "bottleneck": R, "site": chosen[m]}
-                if progress:
-                    progress("init-adapter", i + 1, len(order))
-        finally:
-            for rr in (rb, rf):
-                if rr is not None:
-                    rr.close()
-        if from_delta:
-            result.captured = 1.0 - sq_err / sq_tot if sq_tot else 1.0
-            if activation != "identity":
-                result.notes.append(f"'captured' is for the linear bottleneck; with --activation {activation} the "
-                                    "same weights pass through the non-linearity (use identity for an exact start)")
+    inputs = [Path(model)] + [Path(p) for p in opts.from_delta or ()]
+    check_output_path(out, opts.overwrite, inputs)
+    device = resolve_device(opts.device)
+    plan = _plan(model, opts)
+    placement = "custom" if opts.modules else opts.placement
+    result = BottleneckResult(out=out, bottleneck=cast(int, opts.bottleneck), placement=placement,
+                              activation=opts.activation, init=opts.init, modules=[],
+                              model_params=plan.idx.total_params)
+    with torch_threads(opts.threads), ShardedWriter(out, shard_size=None, overwrite=opts.overwrite,
+                                                    basename="bottleneck_model", inputs=inputs) as w:
+        config_modules = _write_adapters(w, plan, opts, device, result, model, progress)
         w.write_json(CONFIG_NAME, {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "bottleneck": R, "activation": activation,
-            "placement": result.placement, "init": result.init, "base_model_name_or_path": str(model),
-            "modules": config_modules,
+            "format": FORMAT, "format_version": FORMAT_VERSION, "bottleneck": opts.bottleneck,
+            "activation": opts.activation, "placement": result.placement, "init": result.init,
+            "base_model_name_or_path": str(model), "modules": config_modules,
         })
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _plan(model: str | Path, opts: InitAdapterOptions) -> _Plan:
+    """Open the checkpoints and choose the projections (headers only); every conflict settled."""
+    R = cast(int, opts.bottleneck)  # required: validated by the options object
+    idx = open_model(model, "MODEL")
+    keep = module_filter(opts.include, opts.exclude)
+    projs = {module_of(n): k for n, k in matrix_tensors(idx, allowed=PROJECTION_KINDS).items()}
+    chosen = {m: s for m, s in sites(list(projs), opts.placement, opts.modules).items() if keep(m)}
+    empty = sorted(m for m in chosen if min(idx.tensors[m + ".weight"].shape) == 0)
+    chosen = {m: s for m, s in chosen.items() if m not in empty}
+    if not chosen:
+        how = f"modules {opts.modules!r}" if opts.modules else f"placement {opts.placement}"
+        raise OptionError(f"{how} selects no non-empty output projection of {escape_name(model)}; name them with a "
+                          "modules regex", field="modules" if opts.modules else "placement")
+    for m in chosen:
+        shape = idx.tensors[m + ".weight"].shape
+        if R > min(shape):
+            raise OptionError(f"bottleneck {R} exceeds min{tuple(shape)} = {min(shape)} for {escape_name(m, 200)}; "
+                              f"use bottleneck <= {min(shape)}", field="bottleneck")
+    plan = _Plan(idx, projs, chosen, empty=empty)
+    if opts.from_delta:
+        base, ft = (Path(p) for p in opts.from_delta)
+        plan.bidx, plan.fidx = open_model(base, "BASE"), open_model(ft, "FT")
+        for m in chosen:
+            for name in (m + ".weight", m + ".bias"):
+                shapes = [i.tensors[name].shape if name in i.tensors else None for i in (idx, plan.bidx, plan.fidx)]
+                if len(set(shapes)) != 1:
+                    raise CheckpointError(f"{escape_name(name, 200)}: shapes {shapes} in MODEL/BASE/FT differ; "
+                                          "from_delta needs the same architecture")
+    _check_memory(plan, R)
+    return plan
+
+
+def _check_memory(plan: _Plan, R: int) -> None:
+    """Refuse, before the output is started, a projection whose adapter cannot be initialised in
+    memory: the weight as read, its fp32 copy and top-R SVD factors; with from_delta, the base and
+    fine-tuned weights, the delta and the (d, d) map X = Δ W⁺ with its full SVD."""
+    def need(m: str) -> int:
+        info = plan.idx.tensors[m + ".weight"]
+        n = matrix_bytes(info.nbytes, info.shape, rank=R)
+        if plan.fidx is not None:
+            d = info.shape[1] if plan.kinds[m] == "conv1d" else info.shape[0]
+            n += 2 * info.nbytes + matrix_bytes(0, info.shape, rank=min(info.shape), copies=2) + 4 * 3 * d * d
+        return n
+
+    m = max(plan.chosen, key=need)
+    check_fits(need(m), f"initialising the adapter of {escape_name(m, 200)}",
+               "use a machine with more memory, or exclude it (exclude)")
+
+
+def _write_adapters(w: ShardedWriter, plan: _Plan, opts: InitAdapterOptions, device: torch.device,
+                    result: BottleneckResult, model, progress: Progress | None) -> dict[str, dict]:
+    """Initialise and write each adapter in shard order; returns the config's "modules"."""
+    R = cast(int, opts.bottleneck)
+    config_modules: dict[str, dict] = {}
+    sq_err = sq_tot = 0.0
+    with contextlib.ExitStack() as stack:
+        r = stack.enter_context(LazyReader(plan.idx))
+        rb = stack.enter_context(LazyReader(plan.bidx)) if plan.bidx else None
+        rf = stack.enter_context(LazyReader(plan.fidx)) if plan.fidx else None
+        order = r.order([m + ".weight" for m in plan.chosen])
+        for i, name in enumerate(order):
+            m = module_of(name)
+            wt = r.get(name)
+            check_finite(wt, name, model)
+            W = oriented(wt, plan.kinds[m])  # (d, k)
+            top = truncated_svd(W, R, method="exact" if min(W.shape) <= 1024 else "auto", name=name, device=device)
+            if rb is not None and rf is not None:
+                tensors, captured, tot = _from_delta(rb, rf, name, plan.kinds[m], plan.idx, R, device)
+                sq_tot += tot
+                sq_err += (1.0 - captured) * tot
+            else:
+                tensors, captured = _from_weight(top, W.shape[0], R), None
+            for slot, t in zip(("down.weight", "down.bias", "up.weight", "up.bias"), tensors, strict=True):
+                w.add(f"{m}.{slot}", t.float().contiguous())
+            d = W.shape[0]
+            params = 2 * d * R + R + d
+            result.modules.append(BottleneckModule(m, plan.chosen[m], d, R, params, top.energy_kept(top.k), captured))
+            result.trainable_params += params
+            config_modules[m] = {"dim": d, "bottleneck": R, "site": plan.chosen[m]}
+            if progress:
+                progress("init-adapter", i + 1, len(order))
+    result.notes += [f"skipped {escape_name(m, 200)}: empty projection {tuple(plan.idx.tensors[m + '.weight'].shape)}"
+                     for m in plan.empty]
+    if opts.from_delta:
+        result.captured = 1.0 - sq_err / sq_tot if sq_tot else 1.0
+        if opts.activation != "identity":
+            result.notes.append(f"'captured' is for the linear bottleneck; with activation {opts.activation} the "
+                                "same weights pass through the non-linearity (use identity for an exact start)")
+    return config_modules
+
+
+def _from_weight(top, d: int, R: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """svd init: down = the top-R left singular vectors of W (R, d), up and biases zero."""
+    down_w = torch.zeros(R, d)
+    down_w[: top.k] = top.U.T  # (k, d) top left singular vectors of W
+    return down_w, torch.zeros(R), torch.zeros(d, R), torch.zeros(d)
+
+
+def _from_delta(rb: LazyReader, rf: LazyReader, name: str, kind: str, idx: CheckpointIndex, R: int,
+                device: torch.device) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], float, float]:
+    """delta init of one projection: the four tensors, the share of ‖Δ‖² captured, and ‖Δ‖²."""
+    m = module_of(name)
+    Wb = oriented(rb.get(name), kind)  # (d, k)
+    dW = oriented(rf.get(name), kind) - Wb  # (d, k)
+    b = db = None
+    if m + ".bias" in idx.tensors:
+        b = rb.get(m + ".bias").float()  # (d,)
+        db = rf.get(m + ".bias").float() - b  # (d,)
+    down_w, up_w, up_b, captured = delta_factors(Wb, b, dW, db, R, device=device)
+    return (down_w, torch.zeros(R), up_w, up_b), captured, float(dW.double().pow(2).sum())
 
 
 # ----------------------------------------------------------------------------- load / attach
@@ -308,41 +416,68 @@ class BottleneckSet:
     adapters: dict[str, BottleneckAdapter]  # module name -> adapter
 
 
-def load_bottleneck(path: str | Path) -> BottleneckSet:
-    """Read and validate a bottleneck adapter directory."""
-    path = Path(path)
+def _read_config(path: Path) -> tuple[Path, dict, str, dict]:
+    """(config path, config, activation, modules) of a bottleneck adapter directory, checked."""
     cfg_path, w_path = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not cfg_path.is_file() or not w_path.is_file():
-        raise AdapterError(f"{path}: not a bottleneck adapter directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
-                           "create one with `surgery init-adapter`")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{cfg_path}: cannot read ({e}); re-create the adapter") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-        raise AdapterError(f"{cfg_path}: format is not {FORMAT!r}; this is not a surgery bottleneck adapter")
+        raise AdapterError(f"{escape_name(path)}: not a bottleneck adapter directory (needs {CONFIG_NAME} and "
+                           f"{WEIGHTS_NAME}); create one with `surgery init-adapter`")
+    cfg = load_json(cfg_path, error=AdapterError)  # a FIFO, a JSON bomb, duplicate keys: one line
+    where = escape_name(cfg_path)
+    if cfg.get("format") != FORMAT:
+        raise AdapterError(f"{where}: format is not {FORMAT!r}; this is not a surgery bottleneck adapter")
     if cfg.get("format_version") != FORMAT_VERSION:
-        raise AdapterError(f"{cfg_path}: format_version {cfg.get('format_version')!r} is not supported "
-                           f"(this surgery reads {FORMAT_VERSION}); upgrade surgery")
+        raise AdapterError(f"{where}: format_version {escape_name(repr(cfg.get('format_version')), 40)} is not "
+                           f"supported (this surgery reads {FORMAT_VERSION}); upgrade surgery")
     act = cfg.get("activation")
-    if act not in ACTIVATIONS:
-        raise AdapterError(f"{cfg_path}: unknown activation {act!r}; use one of {', '.join(ACTIVATIONS)}")
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        raise AdapterError(f"{where}: unknown activation {escape_name(repr(act), 40)}; use one of "
+                           f"{', '.join(ACTIVATIONS)}")
     mods = cfg.get("modules")
     if not isinstance(mods, dict) or not mods:
-        raise AdapterError(f"{cfg_path}: 'modules' must be a non-empty object")
+        raise AdapterError(f"{where}: 'modules' must be a non-empty object")
+    return cfg_path, cfg, act, mods
+
+
+def _module_sizes(m: str, spec: object, cfg_path: Path) -> tuple[int, int]:
+    """(dim, bottleneck) of one config entry: positive integers."""
+    d = spec.get("dim") if isinstance(spec, dict) else None
+    R = spec.get("bottleneck") if isinstance(spec, dict) else None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (d, R)):
+        raise AdapterError(f"{escape_name(cfg_path)}: module '{escape_name(m, 200)}' needs positive integer 'dim' "
+                           "and 'bottleneck'")
+    return cast(int, d), cast(int, R)
+
+
+def load_bottleneck(path: str | Path) -> BottleneckSet:
+    """Read and validate a bottleneck adapter directory.
+
+    Every tensor's shape is checked against its config entry before any module is built, so a
+    config naming absurd sizes is refused in one line, not an allocation failure.
+
+    Raises:
+        AdapterError: a missing, malformed or mismatched config or weights file.
+
+    Example:
+        >>> aset = load_bottleneck("out/adapters")
+        >>> sorted(aset.adapters)[:1]
+        ['encoder.layer.0.output.dense']
+    """
+    path = Path(path)
+    cfg_path, cfg, act, mods = _read_config(path)
+    w_path = path / WEIGHTS_NAME
+    check_regular(w_path, error=AdapterError)  # a FIFO would block safe_open
     try:
         with safe_open(str(w_path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for corrupt files
-        raise AdapterError(f"{w_path}: cannot read ({e}); re-create the adapter") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdapterError(f"{escape_name(w_path)}: cannot read ({escape_name(first, 200)}); re-create the "
+                           "adapter") from None
     adapters = {}
     expected = set()
     for m, spec in mods.items():
-        try:
-            d, R = int(spec["dim"]), int(spec["bottleneck"])
-        except (KeyError, TypeError, ValueError):
-            raise AdapterError(f"{cfg_path}: module {m!r} needs integer 'dim' and 'bottleneck'") from None
-        ad = BottleneckAdapter(d, R, act)
+        d, R = _module_sizes(m, spec, cfg_path)
         shapes = {"down.weight": (R, d), "down.bias": (R,), "up.weight": (d, R), "up.bias": (d,)}
         sd = {}
         for slot, shape in shapes.items():
@@ -351,13 +486,17 @@ def load_bottleneck(path: str | Path) -> BottleneckSet:
             t = tensors.get(key)
             if t is None or tuple(t.shape) != shape:
                 got = "missing" if t is None else f"shape {tuple(t.shape)}"
-                raise AdapterError(f"{w_path}: {key} is {got}, expected {shape}; the file does not match its config")
+                raise AdapterError(f"{escape_name(w_path)}: {escape_name(key, 200)} is {got}, expected {shape}; the "
+                                   "file does not match its config")
             sd[slot] = t.float()
+        ad = BottleneckAdapter(d, R, act)
         ad.load_state_dict(sd)
         adapters[m] = ad
     extra = sorted(set(tensors) - expected)
     if extra:
-        raise AdapterError(f"{w_path}: tensors not described by the config: {extra[:3]}; re-create the adapter")
+        shown = ", ".join(escape_name(k, 200) for k in extra[:3])
+        raise AdapterError(f"{escape_name(w_path)}: tensors not described by the config ({shown}); re-create the "
+                           "adapter")
     return BottleneckSet(cfg, adapters)
 
 
@@ -368,7 +507,7 @@ class BottleneckHandle:
         self.model = model
         self.adapters = adapters
         self.config = config
-        self._hooks = []
+        self._hooks: list = []
         self._frozen = frozen  # parameters we set requires_grad=False on (restored by remove)
 
     def parameters(self):
@@ -392,7 +531,7 @@ class BottleneckHandle:
 
 
 def _hook(module: nn.Module, args, output):
-    return module._modules[CHILD](output)
+    return cast(nn.Module, module._modules[CHILD])(output)
 
 
 def attach_bottleneck(model: nn.Module, adapters: str | Path | BottleneckSet, *,
@@ -409,18 +548,21 @@ def attach_bottleneck(model: nn.Module, adapters: str | Path | BottleneckSet, *,
         try:
             target = model.get_submodule(m)
         except AttributeError:
-            raise AdapterError(f"module {m!r} of the adapter is not in the model; it was made for another "
-                               "architecture (or the model has a different prefix)") from None
+            raise AdapterError(f"module '{escape_name(m, 200)}' of the adapter is not in the model; it was made "
+                               "for another architecture (or the model has a different prefix)") from None
         if isinstance(target, nn.Linear):
             d = target.out_features
         elif isinstance(target, Conv1D):
             d = target.nf
         else:
-            raise AdapterError(f"module {m!r} is a {type(target).__name__}, not a Linear/Conv1D projection")
+            raise AdapterError(f"module '{escape_name(m, 200)}' is a {type(target).__name__}, not a Linear/Conv1D "
+                               "projection")
         if d != ad.down.in_features:
-            raise AdapterError(f"module {m!r} outputs {d} features but its adapter expects {ad.down.in_features}")
+            raise AdapterError(f"module '{escape_name(m, 200)}' outputs {d} features but its adapter expects "
+                               f"{ad.down.in_features}")
         if CHILD in target._modules:
-            raise AdapterError(f"module {m!r} already has a bottleneck adapter; remove() the first handle")
+            raise AdapterError(f"module '{escape_name(m, 200)}' already has a bottleneck adapter; remove() the "
+                               "first handle")
         targets[m] = target
     frozen = []
     if freeze_base:

@@ -44,9 +44,9 @@ from surgery.core.layers import module_filter, tensor_kinds
 from surgery.core.lowrank import allocate_budget, frob_sq, lapack_threads, lora_factors, truncated_svd
 from surgery.core.names import NameMap, name_map
 from surgery.core.peft_format import LoraModule, ParamLora, write_adapter
-from surgery.core.tensors import all_finite
+from surgery.core.tensors import all_finite, check_fits, require_finite
 from surgery.errors import CheckpointError, OptionError, SurgeryError
-from surgery.io import CheckpointIndex, LazyReader, check_output_path, open_checkpoint
+from surgery.io import CheckpointIndex, LazyReader, check_output_path, escape_name, open_checkpoint
 from surgery.io.hub import is_hub_id, resolve_model
 from surgery.options.extract import ExtractOptions, parse_budget
 
@@ -593,6 +593,8 @@ class _SVDSettings:
 
 def _sq_norm(t: torch.Tensor) -> float:
     """‖t‖²_F accumulated in fp64, a block at a time."""
+    if t.numel() == 0:  # an empty tensor: no rows to reshape into
+        return 0.0
     return frob_sq(t.reshape(1, -1) if t.dim() < 2 else t.reshape(t.shape[0], -1))
 
 
@@ -1016,6 +1018,11 @@ def assemble(plan: ExtractPlan, rows: list[Row], opts: ExtractOptions, inputs: _
     if fan_in_fan_out and ad.params:
         raise SurgeryError("PEFT's expert LoRA (target_parameters) refuses fan_in_fan_out, which this model's "
                            "Conv1D layers need; exclude one of them with include/exclude")
+    stored = [(f"{n} {slot}", t) for n, m in ad.modules.items()  # as written: after the cast to the adapter dtype
+              for slot, t in (("lora_A", m.A), ("lora_B", m.B), ("lora_B.bias", m.bias)) if t is not None]
+    require_finite(stored + list(whole.items()) + list((ad.biases or {}).items()), "the adapter",
+                   "the delta is too large to store in that dtype; exclude this module, or use dtype fp32 "
+                   "for an fp16/bf16 adapter")
     extra = _config_extras(plan, ad, whole, inputs)
     write_adapter(out, ad.modules, full_tensors=whole, base_model_name_or_path=inputs.base_ref,
                   task_type=plan.task_type, fan_in_fan_out=fan_in_fan_out, overwrite=opts.overwrite,
@@ -1061,6 +1068,11 @@ def _inputs(base: str | Path, ft: str | Path, revision: str | None) -> _Inputs:
     b, f = resolve_model(base, revision), resolve_model(ft, revision)
     ref = str(base) if is_hub_id(base) else str(Path(base).resolve())
     return _Inputs(b, f, ref, revision)
+
+
+def _numel(p: TensorPlan, idx: CheckpointIndex) -> int:
+    """Elements of a planned tensor (a fused parameter: of all its checkpoint tensors)."""
+    return sum(idx.tensors[s].numel for s in p.sources) if p.sources else idx.tensors[p.name].numel
 
 
 @contextlib.contextmanager
@@ -1130,6 +1142,8 @@ def extract_lora(
     with _threads(opts.threads), LazyReader(base_idx) as rb, LazyReader(ft_idx) as rf:
         pair = _Pair(base_idx, ft_idx, rb, rf)
         plan = plan_extraction(pair, opts)
+        big = max(plan.tensors, key=lambda p: _numel(p, base_idx))  # each delta is held in fp32
+        check_fits(4 * _numel(big, base_idx), f"the fp32 delta of {escape_name(big.name, 200)}")
         rows = decompose(plan, pair, opts, svd, progress)
         return assemble(plan, rows, opts, inputs, out, pair, _options_report(opts, svd.device), t0)
 

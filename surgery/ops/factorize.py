@@ -33,21 +33,43 @@ and cosine similarity (per token, mean and min) of the last hidden state.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from surgery.ops.analyze import check_finite, check_includes_match, module_filter, open_model, oriented, spectrum
+from surgery.core.hf import (
+    architecture_class,
+    config_dict,
+    load_pretrained,
+    model_from_config,
+    quiet,
+    resolve_device,
+    torch_threads,
+)
+from surgery.core.layers import (
+    PROJECTION_KINDS,
+    check_includes_match,
+    matrix_tensors,
+    module_filter,
+    module_of,
+    open_model,
+    oriented,
+    tied_head,
+)
+from surgery.core.lowrank import SVDResult, lora_factors, truncated_svd
+from surgery.core.tensors import check_finite, check_fits, matrix_bytes, require_finite
 from surgery.errors import CheckpointError, OptionError, SurgeryError
-from surgery.ops.init_lora import _tied_head
-from surgery.io import LazyReader, ShardedWriter, open_checkpoint, parse_size
-from surgery.core.lowrank import lora_factors, truncated_svd
-from surgery.core.layers import tensor_kinds
+from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, escape_name, load_json, open_checkpoint, parse_size
+from surgery.ops.analyze import spectrum
+from surgery.options.factorize import FactorizeOptions
+
+__all__ = ["FactorizeOptions", "FactorizeResult", "FactorModule", "factorize", "load_factorized", "output_check",
+           "factored_linear", "sample_inputs", "last_hidden", "compare_hidden", "savings"]
 
 Progress = Callable[[str, int, int], None]
 FORMAT = "surgery-factorized"
@@ -96,152 +118,187 @@ def savings(rank: int, m: int, n: int) -> float:
 def factorize(
     model: str | Path,
     out: str | Path,
+    options: FactorizeOptions | None = None,
     *,
-    rank: int | None = None,
-    energy: float | None = None,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    min_savings: float = 0.2,
-    max_rank: int = 256,
-    niter: int = 4,
-    seed: int = 0,
-    shard_size: str | int = "5GB",
-    evaluate: bool = True,
-    overwrite: bool = False,
     progress: Progress | None = None,
+    **fields,
 ) -> FactorizeResult:
-    """Write a factorised copy of MODEL to OUT (see the module docstring)."""
+    """Write a factorised copy of MODEL to OUT (see the module docstring).
+
+    Args:
+        model: the model checkpoint (a Hugging Face model directory for the output check).
+        out: the output directory (written atomically).
+        options: a FactorizeOptions; None builds one from FIELDS (rank=..., energy=..., ...).
+        progress: called as progress("factorize", done, total) after each tensor.
+        **fields: FactorizeOptions fields, replacing those of `options`.
+
+    Returns:
+        A FactorizeResult: per factorised module its rank, parameters and error; the modules
+        kept dense and why; the output check (unless evaluate is false).
+
+    Raises:
+        OptionError: a bad option (naming its field), a pattern matching nothing, no module
+            reaching min_savings (nothing is written).
+        CheckpointError: unreadable input, an adapter directory, NaN/Inf in a selected weight.
+        OutputError: OUT exists (and overwrite is false) or lies inside the input.
+
+    Example:
+        >>> res = factorize("model/", "out/fact", energy=0.95, include=["mlp"], min_savings=0.3)
+        >>> res.params_saved, res.output_check["cosine_mean"]
+    """
     t0 = time.perf_counter()
-    if (rank is None) == (energy is None):
-        raise OptionError("give exactly one of --rank and --energy")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise OptionError(f"--rank must be a positive integer, got {rank!r}")
-    if energy is not None and not 0.0 < float(energy) <= 1.0:
-        raise OptionError(f"--energy must be in (0, 1], got {energy}")
-    if not 0.0 <= float(min_savings) < 1.0:
-        raise OptionError(f"--min-savings must be in [0, 1), got {min_savings}")
-    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
-        raise OptionError(f"--max-rank must be a positive integer, got {max_rank!r}")
-    shard_bytes = parse_size(shard_size)
+    opts = options.replace(**fields) if options is not None else FactorizeOptions(**fields)
+    shard_bytes = parse_size(opts.shard_size)
+    device = resolve_device(opts.device)
     out = Path(out)
     idx = open_model(model, "MODEL")
-    kinds = tensor_kinds(idx)
-    keep = module_filter(include, exclude)
-    cands = {n: k for n, k in kinds.items() if k in ("linear", "conv1d") and n.endswith(".weight")
-             and len(idx.tensors[n].shape) == 2 and idx.tensors[n].dtype.is_floating_point}
-    check_includes_match(keep, [n.rsplit(".", 1)[0] for n in cands], model)
     result = FactorizeResult(out=out, modules=[], params_before=idx.total_params)
-    targets = {}
-    for n, k in cands.items():
-        module = n.rsplit(".", 1)[0]
-        if not keep(module):
-            continue
-        if _tied_head(n, idx.config):
-            result.skipped.append({"module": module, "why": "output head tied to the input embedding"})
-            continue
-        shape = idx.tensors[n].shape
-        m, nn_ = (shape[1], shape[0]) if k == "conv1d" else shape
-        if rank is not None and savings(min(rank, m, nn_), m, nn_) < min_savings:
-            result.skipped.append({"module": module, "why": f"rank {rank} saves {100 * savings(min(rank, m, nn_), m, nn_):.1f}%"
-                                   f" of {m}x{nn_} < --min-savings {100 * min_savings:g}%"})
-            continue
-        targets[n] = k
-    if not targets:
-        raise OptionError(f"no Linear/Conv1D weight of {model} would be factorised (see --include/--exclude, "
-                          f"--min-savings; e.g. rank r saves {100 * min_savings:g}% only when r <= "
-                          f"{1 - min_savings:g}·out·in/(out+in))")
-
-    meta: dict[str, dict] = {}
-    params_after = idx.total_params
-    with ShardedWriter(out, shard_size=shard_bytes, overwrite=overwrite, inputs=[Path(model)]) as w, \
-            LazyReader(idx) as r:
-        order = r.order()
-        biases = {n.rsplit(".", 1)[0] + ".bias" for n in targets}
-        # Biases are small; one that comes before its weight in the file (sorted keys: ".bias" <
-        # ".weight") waits until the weight's SVD decides its name (X.bias or X.1.bias).
-        pending: dict[str, Tensor] = {}
-        decided: dict[str, bool] = {}  # module -> factorised?
-
-        def add_bias(module: str, t: Tensor) -> None:
-            w.add(module + (".1.bias" if decided[module] else ".bias"), t)
-
-        for i, name in enumerate(order):
-            t = r.get(name)
-            module = name.rsplit(".", 1)[0]
-            if name in biases:
-                if module in decided:
-                    add_bias(module, t)
-                else:
-                    pending[module] = t
-                continue
-            if name not in targets:
-                w.add(name, t)
-                continue
-            kind = targets[name]
-            check_finite(t, name, model)
-            M = oriented(t, kind)  # (out, in)
-            om, on = M.shape
-            if rank is not None:
-                res = truncated_svd(M, min(rank, om, on), method="auto", niter=niter, seed=seed, name=name)
-                k = res.k
-            else:
-                res = spectrum(M, cap=max_rank, niter=niter, seed=seed, name=name)
-                k = max(1, res.rank_for_energy(float(energy))) if res.k else 0
-            decided[module] = k > 0 and savings(k, om, on) >= min_savings
-            if not decided[module]:
-                why = "zero matrix" if k == 0 else (
-                    f"rank {k} for {energy} energy saves {100 * savings(k, om, on):.1f}% < --min-savings "
-                    f"{100 * min_savings:g}%")
-                result.skipped.append({"module": module, "why": why})
-                w.add(name, t)
-            else:
-                A, B = lora_factors(res, k)  # (k, in), (out, k)
-                A, B = A.to(t.dtype).contiguous(), B.to(t.dtype).contiguous()
-                w.add(module + ".0.weight", A)
-                w.add(module + ".1.weight", B)
-                err = float((M - B.float() @ A.float()).norm())
-                wn = float(M.norm())
-                meta[module] = {"rank": k, "in_features": on, "out_features": om,
-                                "bias": module + ".bias" in idx.tensors, "kind": kind}
-                after = k * (om + on)
-                params_after += after - om * on
-                result.modules.append(FactorModule(module, kind, (om, on), k, om * on, after,
-                                                   err / wn if wn else 0.0, res.energy_kept(k)))
-            if module in pending:
-                add_bias(module, pending.pop(module))
-            if progress:
-                progress("factorize", i + 1, len(order))
-        if not meta:
-            raise OptionError(f"no module of {model} reaches --min-savings {min_savings} at the chosen "
-                              f"{'rank' if rank else 'energy'}; nothing was written")
-        w.copy_files(idx.root)
-        w.write_json(META_NAME, {"format": FORMAT, "format_version": FORMAT_VERSION, "modules": meta})
-    result.params_after = params_after
-    if evaluate:
-        result.output_check = output_check(model, out)
+    targets = _targets(idx, opts, model, result.skipped)
+    with torch_threads(opts.threads):
+        with ShardedWriter(out, shard_size=shard_bytes, overwrite=opts.overwrite, inputs=[Path(model)]) as w, \
+                LazyReader(idx) as r:
+            meta = _FactorWriter(w, idx, targets, opts, device, result).run(r, progress)
+            if not meta:
+                raise OptionError(f"no module of {escape_name(model)} reaches min_savings {opts.min_savings} at the "
+                                  f"chosen {opts.policy}; nothing was written", field="min_savings")
+            w.copy_files(idx.root)
+            w.write_json(META_NAME, {"format": FORMAT, "format_version": FORMAT_VERSION, "modules": meta})
+        result.params_after = idx.total_params - sum(m.params_before - m.params_after for m in result.modules)
+        if opts.evaluate:
+            result.output_check = output_check(model, out)
     result.seconds = time.perf_counter() - t0
     return result
 
 
+def _targets(idx: CheckpointIndex, opts: FactorizeOptions, model, skipped: list[dict]) -> dict[str, str]:
+    """tensor -> kind of the weights to factorise (headers only); the rest of the selection goes
+    to `skipped` with why (a tied head; a fixed rank that cannot reach min_savings)."""
+    keep = module_filter(opts.include, opts.exclude)
+    cands = matrix_tensors(idx, allowed=PROJECTION_KINDS)
+    check_includes_match(keep, [module_of(n) for n in cands], model)
+    targets = {}
+    for n, k in cands.items():
+        module = module_of(n)
+        if not keep(module):
+            continue
+        if tied_head(n, idx.config):
+            skipped.append({"module": module, "why": "output head tied to the input embedding"})
+            continue
+        shape = idx.tensors[n].shape
+        m, nn_ = (shape[1], shape[0]) if k == "conv1d" else shape
+        if m * nn_ == 0:
+            skipped.append({"module": module, "why": f"empty matrix {tuple(shape)}: nothing to factorise"})
+            continue
+        if opts.rank is not None and savings(min(opts.rank, m, nn_), m, nn_) < opts.min_savings:
+            saved = 100 * savings(min(opts.rank, m, nn_), m, nn_)
+            skipped.append({"module": module, "why": f"rank {opts.rank} saves {saved:.1f}% of {m}x{nn_} < "
+                            f"min_savings {100 * opts.min_savings:g}%"})
+            continue
+        targets[n] = k
+    if not targets:
+        ms = opts.min_savings
+        raise OptionError(f"no Linear/Conv1D weight of {escape_name(model)} would be factorised (see "
+                          f"include/exclude, min_savings; e.g. rank r saves {100 * ms:g}% only when r <= "
+                          f"{1 - ms:g}·out·in/(out+in))", field="min_savings")
+    _check_memory(idx, targets, opts)
+    return targets
+
+
+def _check_memory(idx: CheckpointIndex, targets: dict[str, str], opts: FactorizeOptions) -> None:
+    """Refuse, before the output is started, a weight whose factorisation cannot fit in memory:
+    the tensor as read, its fp32 copy and the product B·A checked against it, the SVD's factors
+    (the whole spectrum for the energy policy on an exact-sized matrix)."""
+    def need(name: str) -> int:
+        info = idx.tensors[name]
+        mn = min(info.shape)
+        rank = opts.rank if opts.rank is not None else (mn if mn <= 1024 else opts.max_rank)
+        return matrix_bytes(info.nbytes, info.shape, rank=rank, copies=2)
+
+    name = max(targets, key=need)
+    check_fits(need(name), f"factorising {escape_name(name, 200)} {tuple(idx.tensors[name].shape)}",
+               "use a machine with more memory, or exclude it (exclude)")
+
+
+class _FactorWriter:
+    """The streaming phase: every tensor in shard order, each target factorised or kept dense.
+
+    Biases are small; one that comes before its weight in the file (sorted keys: ".bias" <
+    ".weight") waits until the weight's SVD decides its name (X.bias or X.1.bias)."""
+
+    def __init__(self, w: ShardedWriter, idx: CheckpointIndex, targets: dict[str, str], opts: FactorizeOptions,
+                 device: torch.device, result: FactorizeResult):
+        self.w, self.idx, self.targets, self.opts, self.device, self.result = w, idx, targets, opts, device, result
+        self.biases = {module_of(n) + ".bias" for n in targets}
+        self.pending: dict[str, Tensor] = {}
+        self.decided: dict[str, bool] = {}  # module -> factorised?
+        self.meta: dict[str, dict] = {}
+
+    def run(self, r: LazyReader, progress: Progress | None) -> dict[str, dict]:
+        """Write every tensor; returns factorization.json's "modules"."""
+        order = r.order()
+        for i, name in enumerate(order):
+            t = r.get(name)
+            module = module_of(name)
+            if name in self.biases:
+                if module in self.decided:
+                    self._add_bias(module, t)
+                else:
+                    self.pending[module] = t
+                continue
+            if name not in self.targets:
+                self.w.add(name, t)
+                continue
+            self._weight(name, module, t)
+            if module in self.pending:
+                self._add_bias(module, self.pending.pop(module))
+            if progress:
+                progress("factorize", i + 1, len(order))
+        return self.meta
+
+    def _add_bias(self, module: str, t: Tensor) -> None:
+        self.w.add(module + (".1.bias" if self.decided[module] else ".bias"), t)
+
+    def _weight(self, name: str, module: str, t: Tensor) -> None:
+        kind = self.targets[name]
+        check_finite(t, name, self.idx.source or self.idx.root)
+        M = oriented(t, kind)  # (out, in)
+        om, on = M.shape
+        res, k = _svd_rank(M, name, self.opts, self.device)
+        self.decided[module] = k > 0 and savings(k, om, on) >= self.opts.min_savings
+        if not self.decided[module]:
+            why = "zero matrix" if k == 0 else (
+                f"rank {k} for {self.opts.energy} energy saves {100 * savings(k, om, on):.1f}% < min_savings "
+                f"{100 * self.opts.min_savings:g}%")
+            self.result.skipped.append({"module": module, "why": why})
+            self.w.add(name, t)
+            return
+        A, B = lora_factors(res, k)  # (k, in), (out, k)
+        A, B = A.to(t.dtype).contiguous(), B.to(t.dtype).contiguous()
+        require_finite([(module + ".0.weight", A), (module + ".1.weight", B)], "the factors",
+                       f"the factors overflow {t.dtype}; exclude this module")
+        self.w.add(module + ".0.weight", A)
+        self.w.add(module + ".1.weight", B)
+        err = float((M - B.float() @ A.float()).norm())
+        wn = float(M.norm())
+        self.meta[module] = {"rank": k, "in_features": on, "out_features": om,
+                             "bias": module + ".bias" in self.idx.tensors, "kind": kind}
+        self.result.modules.append(FactorModule(module, kind, (om, on), k, om * on, k * (om + on),
+                                                err / wn if wn else 0.0, res.energy_kept(k)))
+
+
+def _svd_rank(M: Tensor, name: str, opts: FactorizeOptions, device: torch.device) -> tuple[SVDResult, int]:
+    """The SVD of the (out, in) matrix M and the rank the policy picks (0 for a zero matrix)."""
+    om, on = M.shape
+    if opts.rank is not None:
+        res = truncated_svd(M, min(opts.rank, om, on), method="auto", niter=opts.niter, seed=opts.seed, name=name,
+                            device=device)
+        return res, res.k
+    res = spectrum(M, cap=opts.max_rank, niter=opts.niter, seed=opts.seed, name=name, device=device)
+    energy = cast(float, opts.energy)  # one of rank / energy: validated by the options object
+    return res, (max(1, res.rank_for_energy(energy)) if res.k else 0)
+
+
 # ----------------------------------------------------------------------------- load
-
-
-def _hf_class(config):
-    import transformers
-
-    archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    return cls or transformers.AutoModel
-
-
-def _quiet_load(fn):
-    import contextlib
-    import io
-    import logging
-
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    with contextlib.redirect_stderr(io.StringIO()):
-        return fn()
 
 
 def factored_linear(in_features: int, out_features: int, rank: int, bias: bool) -> nn.Sequential:
@@ -250,61 +307,129 @@ def factored_linear(in_features: int, out_features: int, rank: int, bias: bool) 
 
 
 def load_factorized(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """A transformers model with the factorised layers of a `surgery factorize` output, in eval mode."""
+    """A transformers model with the factorised layers of a `surgery factorize` output, in eval mode.
+
+    Builds the architecture named in config.json (no remote code), swaps each module listed in
+    factorization.json for `factored_linear`, and loads the checkpoint strictly: only tied
+    weights and non-persistent buffers may be absent.
+
+    Args:
+        path: the output directory of `factorize`.
+        dtype: cast the model to this dtype (default: as built, fp32).
+
+    Raises:
+        CheckpointError: factorization.json missing or malformed, config.json unreadable or
+            needing custom code, tensors missing / extra / mis-shaped.
+
+    Example:
+        >>> model = load_factorized("out/fact")
+        >>> model.get_submodule("encoder.layer.0.intermediate.dense")
+        Sequential((0): Linear(in_features=384, out_features=128, bias=False), (1): Linear(...))
+    """
     from transformers import AutoConfig
 
     path = Path(path)
+    meta = _read_meta(path)
+    idx = open_checkpoint(path)
+    config_dict(path, idx.config)  # present, no custom code
+    try:
+        with quiet(capture_stdio=True):
+            config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (ValueError, KeyError, OSError, TypeError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{escape_name(path)}: cannot read config.json ({escape_name(first, 200)})") from None
+    cls = architecture_class(getattr(config, "architectures", None))
+    model = model_from_config(config, cls)
+    _swap_modules(model, meta.get("modules", {}), path / META_NAME, cls.__name__)
+    with LazyReader(idx) as rd:
+        sd = dict(rd.iter())
+    _load_strict(model, sd, path)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def _read_meta(path: Path) -> dict:
+    """factorization.json, checked for its format and version and every entry's fields (the
+    tool's strict JSON reader: a FIFO, a JSON bomb or a duplicate key is one line)."""
     meta_path = path / META_NAME
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{meta_path}: cannot read ({e}); is {path} a `surgery factorize` output?") from None
+    meta = load_json(meta_path)
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: not a {FORMAT} v{FORMAT_VERSION} file; re-run surgery factorize")
-    try:
-        config = _quiet_load(lambda: AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False))
-    except (ValueError, KeyError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot read config.json ({str(e).splitlines()[0]})") from None
-    cls = _hf_class(config)
-    model = _quiet_load(lambda: cls(config))
-    for name, spec in meta.get("modules", {}).items():
+        raise CheckpointError(f"{escape_name(meta_path)}: not a {FORMAT} v{FORMAT_VERSION} file; re-run surgery "
+                              "factorize")
+    modules = meta.get("modules")
+    if not isinstance(modules, dict):
+        raise CheckpointError(f"{escape_name(meta_path)}: 'modules' must be an object; re-run surgery factorize")
+    for name, spec in modules.items():
+        _check_entry(name, spec, meta_path)
+    return meta
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _check_entry(name: str, spec: Any, meta_path: Path) -> None:
+    """One factorization.json entry: positive integer sizes, a rank within min(in, out), a boolean
+    bias (a rank of 2^40 would otherwise be an allocation failure)."""
+    ok = isinstance(spec, dict) and all(_positive_int(spec.get(k)) for k in ("rank", "in_features", "out_features"))
+    ok = ok and isinstance(spec.get("bias"), bool)
+    if not ok:
+        raise CheckpointError(f"{escape_name(meta_path)}: module '{escape_name(name, 200)}' needs positive integer "
+                              "rank / in_features / out_features and a boolean bias; re-run surgery factorize")
+    r, n, m = spec["rank"], spec["in_features"], spec["out_features"]
+    if r > min(n, m):
+        raise CheckpointError(f"{escape_name(meta_path)}: module '{escape_name(name, 200)}' has rank {r} above "
+                              f"min(in={n}, out={m}); re-run surgery factorize")
+
+
+def _swap_modules(model: nn.Module, modules: dict, meta_path: Path, cls_name: str) -> None:
+    """Replace each listed module of MODEL by the two-Linear Sequential its entry describes
+    (entries checked by _read_meta); the module must be a Linear / Conv1D of those sizes."""
+    for name, spec in modules.items():
+        r, n, m, b = spec["rank"], spec["in_features"], spec["out_features"], spec["bias"]
         try:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            getattr(parent, child)
-            r, n, m, b = int(spec["rank"]), int(spec["in_features"]), int(spec["out_features"]), bool(spec["bias"])
-        except (AttributeError, KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{meta_path}: module {name!r} is not in {cls.__name__} or its entry is malformed")
+            old = getattr(parent, child)
+        except (AttributeError, TypeError, ValueError):
+            raise CheckpointError(f"{escape_name(meta_path)}: module '{escape_name(name, 200)}' is not in "
+                                  f"{cls_name}; re-run surgery factorize") from None
+        w = getattr(old, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or sorted(w.shape) != sorted((n, m)):
+            raise CheckpointError(f"{escape_name(meta_path)}: module '{escape_name(name, 200)}' of {cls_name} is not "
+                                  f"a {m}x{n} projection; the file does not match config.json")
         setattr(parent, child, factored_linear(n, m, r, b))
-    idx = open_checkpoint(path)
-    with LazyReader(idx) as rd:
-        sd = dict(rd.iter())
+
+
+def _load_strict(model: nn.Module, sd: dict[str, Tensor], path: Path) -> None:
+    """Load SD into MODEL: no unexpected or mis-shaped tensor, nothing missing but tied weights."""
     expected = model.state_dict()
     buffers = {n for n, _ in model.named_buffers()}
     unexpected = [k for k in sd if k not in expected and k not in buffers and not k.endswith("position_ids")]
     if unexpected:
-        raise CheckpointError(f"{path}: tensors the model does not have: {unexpected[:3]}; the checkpoint does "
+        shown = ", ".join(escape_name(k, 200) for k in unexpected[:3])
+        raise CheckpointError(f"{escape_name(path)}: tensors the model does not have ({shown}); the checkpoint does "
                               "not match its config/factorization.json")
     for k, t in sd.items():
         if k in expected and tuple(expected[k].shape) != tuple(t.shape):
-            raise CheckpointError(f"{path}: {k} has shape {tuple(t.shape)}, the model expects "
-                                  f"{tuple(expected[k].shape)}")
+            raise CheckpointError(f"{escape_name(path)}: {escape_name(k, 200)} has shape {tuple(t.shape)}, the "
+                                  f"model expects {tuple(expected[k].shape)}")
     model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
-    model.tie_weights()
+    cast(Any, model).tie_weights()  # a PreTrainedModel
     loaded_ptrs = {t.data_ptr() for n, t in model.state_dict().items() if n in sd}
     missing = [k for k, t in model.state_dict().items()
                if k not in sd and k not in buffers and t.data_ptr() not in loaded_ptrs]
     if missing:
-        raise CheckpointError(f"{path}: missing tensors {missing[:3]}; the checkpoint is incomplete")
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval()
+        shown = ", ".join(escape_name(k, 200) for k in missing[:3])
+        raise CheckpointError(f"{escape_name(path)}: missing tensors ({shown}); the checkpoint is incomplete")
 
 
 # ----------------------------------------------------------------------------- output check
 
 
 def sample_inputs(config, batch: int = 2, seq: int = 16, seed: int = 0) -> dict[str, Tensor]:
+    """Seeded random token ids (and an all-ones attention mask) for a transformers config."""
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     if vocab < 2:
         raise OptionError("the config has no vocab_size; cannot draw sample token ids")
@@ -316,6 +441,7 @@ def sample_inputs(config, batch: int = 2, seq: int = 16, seed: int = 0) -> dict[
 
 
 def last_hidden(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    """The model's last hidden state (fp32) on INPUTS, without gradients."""
     with torch.no_grad():
         out = model(**inputs, output_hidden_states=True)
     h = getattr(out, "last_hidden_state", None)
@@ -325,6 +451,7 @@ def last_hidden(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
 
 
 def compare_hidden(ref: Tensor, got: Tensor) -> dict:
+    """max abs diff and per-token cosine similarity (mean, min) of two hidden states."""
     cos = nn.functional.cosine_similarity(ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1]), dim=-1)
     return {"max_abs_diff": float((ref - got).abs().max()), "cosine_mean": float(cos.mean()),
             "cosine_min": float(cos.min()), "ref_max_abs": float(ref.abs().max())}
@@ -332,18 +459,24 @@ def compare_hidden(ref: Tensor, got: Tensor) -> dict:
 
 def output_check(model_dir: str | Path, factored_dir: str | Path, *, batch: int = 2, seq: int = 16,
                  seed: int = 0) -> dict:
-    """Last hidden state of the original vs the factorised model on seeded random token ids."""
-    try:
-        from transformers import AutoConfig
+    """Last hidden state of the original vs the factorised model on seeded random token ids.
 
-        config = _quiet_load(lambda: AutoConfig.from_pretrained(model_dir, local_files_only=True,
-                                                                trust_remote_code=False))
-        cls = _hf_class(config)
-        ref_model = _quiet_load(lambda: cls.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32))
-        ref_model.eval()
+    A model that cannot be run (or whose original cannot be loaded without transformers
+    filling in weights) is noted as {"skipped": why}; a factorised output that does not load
+    is a CheckpointError.
+
+    Example:
+        >>> output_check("model/", "out/fact")["cosine_mean"]
+    """
+    try:
+        try:
+            ref_model = load_pretrained(model_dir, dtype=torch.float32)
+        except CheckpointError as e:
+            return {"skipped": f"the original model does not load: {e}"}
         fac = load_factorized(factored_dir, dtype=torch.float32)
-        inputs = sample_inputs(config, batch, seq, seed)
-        res = compare_hidden(last_hidden(ref_model, inputs), last_hidden(fac, inputs))
+        inputs = sample_inputs(ref_model.config, batch, seq, seed)
+        with quiet():
+            res = compare_hidden(last_hidden(ref_model, inputs), last_hidden(fac, inputs))
     except SurgeryError:
         raise
     except Exception as e:  # noqa: BLE001 - the check is a report; a model we cannot run is noted, not fatal

@@ -43,23 +43,26 @@ patterns and shapes runs before the first byte is written.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from surgery.core.hf import DTYPE_NAMES, DTYPES, parse_dtype, resolve_device
+from surgery.core.peft_format import LoraAdapterConfig, LoraModule, read_adapter
 from surgery.core.tensors import all_finite, count_non_finite
 from surgery.errors import AdapterError, CheckpointError, OptionError, ValidationError
-from surgery.io import LazyReader, ShardedWriter, check_output_path, open_checkpoint, parse_size
-from surgery.core.peft_format import LoraAdapterConfig, LoraModule, read_adapter
+from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, TensorInfo, check_output_path, open_checkpoint
+from surgery.options.merge import MergeOptions
 
 Progress = Callable[[str, int, int], None]
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # transformers models whose projection layers are GPT-2 Conv1D (weight stored (in, out)).
 # PEFT sets fan_in_fan_out from the module type, whatever the config says; so do we.
 _CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
@@ -84,6 +87,8 @@ class AdapterReport:
 
 @dataclass
 class MergeResult:
+    """What `merge` wrote: per-adapter reports, the tensors it changed, shards and bytes, notes."""
+
     out: Path
     unmerge: bool
     adapters: list[AdapterReport]
@@ -91,12 +96,13 @@ class MergeResult:
     changed: list[str]       # tensors whose values changed (merged or replaced)
     shards: int
     bytes: int
-    dtype: str | None        # --dtype, None = per-tensor base dtype
+    dtype: str | None        # options.dtype, None = per-tensor base dtype
     vocab_size: int | None   # new vocab size when an adapter resized the embedding
     notes: list[str]
     seconds: float
 
-    def to_dict(self) -> dict:
+    def to_json(self) -> dict:
+        """A JSON-able dict: the fields, `out` as a string, plus `tensors_changed`."""
         d = asdict(self)
         d["out"] = str(self.out)
         d["tensors_changed"] = len(self.changed)
@@ -104,6 +110,12 @@ class MergeResult:
 
 
 # ----------------------------------------------------------------------------- the plan
+# Phases, each reading only what the earlier ones returned (headers and adapter tensors,
+# never the base's values except to spot full tensors that restate it):
+#   read adapters (_load_adapters)
+#   -> match keys and patterns to the base's modules (_check_patterns, _module_target: PEFT's matching)
+#   -> full-replacement ops (_replacements, _vocab_resize) and LoRA ops (_lora_ops)
+#   -> plan shards (_default_shard_size, _planned_entries; see "on disk")
 
 
 @dataclass
@@ -116,6 +128,25 @@ class _Op:
     module: LoraModule | None = None
     fifo: bool = False        # weight stored (in, out) (GPT-2 Conv1D)
     tensor: torch.Tensor | None = None  # replacement ("replace")
+
+    def lora(self) -> LoraModule:
+        """The module of a "lora" / "dora" / "bias" op (the plan always sets it for those)."""
+        if self.module is None:
+            raise TypeError(f"{self.kind} op without a LoRA module")
+        return self.module
+
+    def bias(self) -> torch.Tensor:
+        """lora_B.bias of a "bias" op's module (the plan adds bias ops only where there is one)."""
+        bias = self.lora().bias
+        if bias is None:
+            raise TypeError(f"{self.kind} op without a lora_B.bias")
+        return bias
+
+    def full(self) -> torch.Tensor:
+        """The tensor of a "replace" op (the plan always sets it)."""
+        if self.tensor is None:
+            raise TypeError(f"{self.kind} op without a tensor")
+        return self.tensor
 
 
 @dataclass
@@ -137,7 +168,7 @@ class _Base:
         return torch.equal(self.read(src), t.to(self.dtypes[src]))
 
     def modules(self) -> set[str]:
-        out = set()
+        out: set[str] = set()
         for name in [*self.shapes, *self.tied]:
             parts = name.split(".")
             out.update(".".join(parts[:i]) for i in range(1, len(parts)))
@@ -168,6 +199,32 @@ class _Plan:
     applied: list[set[str]]             # per adapter: modules applied
 
 
+@dataclass
+class _Replacements:
+    """The full-tensor phase's output: what the adapters' whole tensors do to the base."""
+
+    adapters: list[_Adapter]            # as given, less the full tensors that only restate the base
+    ops: dict[str, list[_Op]] = field(default_factory=dict)
+    extra: dict[str, list[_Op]] = field(default_factory=dict)
+    new_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    config_updates: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    applied: list[set[str]] = field(default_factory=list)
+    restored: set[str] = field(default_factory=set)  # unmerge: tensors restored whole from a saved original
+
+
+@dataclass
+class _LoraOps:
+    """The LoRA phase's output: (stored tensor, op) in application order, notes, modules applied."""
+
+    placed: list[tuple[str, _Op]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    applied: list[set[str]] = field(default_factory=list)
+
+
+# ------------------------------------------- matching adapter keys and patterns to base modules
+
+
 def _is_conv1d(base: _Base, module: str) -> bool | None:
     if not base.config:
         return None
@@ -184,34 +241,30 @@ def _target_hits(entry: str, modules: set[str]) -> bool:
     return any(m == entry or m.endswith("." + entry) for m in modules)
 
 
-def _check_patterns(ad: _Adapter, base: _Base, modules: set[str]) -> None:
-    cfg = ad.config
+def _check_patterns(ad: _Adapter, base: _Base, modules: set[str]) -> list[str]:
+    """Notes for rank/alpha pattern keys and target_modules entries that match no base module.
+
+    PEFT merges such adapters (it ignores what matches nothing), so they are not refused; saved
+    tensor keys that fit no module are still refused (read_adapter, _module_target)."""
+    cfg, notes = ad.config, []
     for key in ("rank_pattern", "alpha_pattern"):
-        for k in getattr(cfg, key):
-            if not _pattern_hits(k, modules):
-                raise AdapterError(
-                    f"{ad.path}: {key} key {k!r} matches no module of the base {base.where}; "
-                    f"PEFT would silently ignore it; fix or remove the key in adapter_config.json"
-                )
+        notes += [f"{ad.path}: {key} key {k!r} matches no module of the base; ignored (as PEFT does)"
+                  for k in getattr(cfg, key) if not _pattern_hits(k, modules)]
     tm = cfg.target_modules
     if isinstance(tm, list):
-        for entry in tm:
-            if not _target_hits(entry, modules):
-                raise AdapterError(
-                    f"{ad.path}: target_modules entry {entry!r} matches no module of the base {base.where}; "
-                    f"is the adapter for another model? fix target_modules in adapter_config.json"
-                )
+        notes += [f"{ad.path}: target_modules entry {e!r} matches no module of the base; ignored (as PEFT does)"
+                  for e in tm if not _target_hits(e, modules)]
     elif isinstance(tm, str) and tm != "all-linear" and not any(re.fullmatch(tm, m) for m in modules):
-        raise AdapterError(
-            f"{ad.path}: target_modules regex {tm!r} matches no module of the base {base.where}; "
-            f"is the adapter for another model?"
-        )
+        notes.append(f"{ad.path}: target_modules regex {tm!r} matches no module of the base; is the adapter "
+                     f"for another model?")
+    return notes
 
 
 def _missing_hint(name: str, base: _Base) -> str:
     close = [n for n in base.shapes if n.endswith("." + name) or name.endswith("." + n)]
     if close:
-        return f"; the base has {close[0]!r}: was the adapter trained on another head/wrapper (different name prefix)?"
+        return (f"; the base has {close[0]!r}: was the adapter trained on another head/wrapper "
+                f"(different name prefix)?")
     return "; is the adapter for another model?"
 
 
@@ -222,6 +275,275 @@ def _resolve(name: str, base: _Base) -> str | None:
     return base.tied.get(name)
 
 
+# ----------------------------------------------------------------------- full-replacement ops
+
+
+def _drop_restated(ad: _Adapter, base: _Base, notes: list[str]) -> _Adapter:
+    """The adapter without the full tensors that equal the base (a note says which)."""
+    same = {n for n, t in ad.full.items() if base.same_as_stored(n, t)}
+    if not same:
+        return ad
+    notes.append(f"{ad.path}: {', '.join(sorted(same))} equal the base (saved by PEFT beside a targeted "
+                 f"embedding/head); nothing to replace")
+    return replace(ad, full={n: t for n, t in ad.full.items() if n not in same})
+
+
+def _resized_shape(ad: _Adapter, name: str, t: torch.Tensor, old: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The new shape when full tensor `name` resizes the vocabulary, None when it keeps the base's."""
+    if tuple(t.shape) == old:
+        return None
+    if not (name.endswith(_VOCAB_TENSORS) and len(old) == 2 and tuple(t.shape[1:]) == old[1:]):
+        raise AdapterError(
+            f"{ad.path}: full tensor {name!r} has shape {tuple(t.shape)} but the base has {old}; "
+            f"is the adapter for another model?"
+        )
+    if ad.weight != 1.0:
+        raise OptionError(f"{ad.path}: resizes {name} to {tuple(t.shape)}; a resized tensor cannot be "
+                          f"scaled, use weight 1", field="weights")
+    return tuple(t.shape)
+
+
+def _place_full(i: int, ad: _Adapter, name: str, t: torch.Tensor, base: _Base, rep: _Replacements) -> None:
+    """One full tensor of adapter i: a replace op on the stored tensor, or an untied head."""
+    op = _Op(i, "replace", ad.weight, tensor=t)
+    if not t.is_floating_point():
+        raise AdapterError(f"{ad.path}: full tensor {name!r} has dtype {t.dtype}; expected floating point")
+    if name in base.shapes:
+        shape = _resized_shape(ad, name, t, base.shapes[name])
+        if shape is not None:
+            rep.new_shapes[name] = shape
+        rep.ops.setdefault(name, []).append(op)
+        _untie_heads(ad, name, base, rep)
+    elif name in base.tied:
+        # The head gets its own trained copy: untie it (see module docstring).
+        if ad.weight != 1.0:
+            raise OptionError(f"{ad.path}: replaces tied {name}; it cannot be scaled, use weight 1", field="weights")
+        if rep.extra.get(name):
+            raise AdapterError(f"{name}: replaced by two adapters (modules_to_save); merge them separately")
+        rep.extra[name] = [op]
+        rep.config_updates["tie_word_embeddings"] = False
+        rep.notes.append(f"{name} was tied to {base.tied[name]}; {ad.path} replaces it, so it is written "
+                         f"untied (tie_word_embeddings=false)")
+    else:
+        raise AdapterError(
+            f"{ad.path}: full tensor {name!r} (modules_to_save) matches no tensor of the base {base.where}"
+            + _missing_hint(name, base)
+        )
+
+
+def _untie_heads(ad: _Adapter, name: str, base: _Base, rep: _Replacements) -> None:
+    """A full replacement of a tied input embedding: PEFT wraps only the embedding (modules_to_save),
+    so the heads tied to it keep the base values (untied), unless ensure_weight_tying keeps the tie."""
+    heads = [h for h, src in base.tied.items() if src == name]
+    if not heads:
+        return
+    if ad.config.raw.get("ensure_weight_tying") is True:
+        rep.notes.append(f"{ad.path}: replaces {name}; ensure_weight_tying keeps {', '.join(heads)} tied to it")
+        return
+    for head in heads:
+        rep.extra.setdefault(head, [])  # [] = a copy of the base's (unreplaced) source tensor
+        rep.config_updates["tie_word_embeddings"] = False
+        rep.notes.append(f"{head} was tied to {name}; {ad.path} replaces {name} only (modules_to_save), so "
+                         f"{head} keeps the base values and is written untied (tie_word_embeddings=false), like PEFT")
+
+
+def _restore_originals(i: int, ad: _Adapter, base: _Base, rep: _Replacements) -> None:
+    """Unmerge: full tensors can only be undone when they are provably the base's original values.
+
+    That holds for the base layer of a module the adapter puts LoRA on (`<module>.weight`, saved by
+    PEFT beside a targeted embedding / tied head: frozen, never trained): the stored tensor is
+    restored from it (and the LoRA deltas on it are not subtracted). Anything else (modules_to_save,
+    bias="all" biases, a resized vocabulary) was trained and the base values are not in the adapter."""
+    for name, t in ad.full.items():
+        if name.removesuffix(".weight") not in ad.modules or not name.endswith(".weight"):
+            raise AdapterError(
+                f"{ad.path}: stores trained full tensor {name} (modules_to_save / bias=\"all\"); the base values "
+                f"it replaced are not in the adapter, so unmerge cannot restore them; merge from the original base"
+            )
+        target = _resolve(name, base)
+        if target is None or tuple(t.shape) != base.shapes[target]:
+            raise AdapterError(f"{ad.path}: saved base layer {name} {tuple(t.shape)} does not fit the base "
+                               f"{base.where}; is the adapter for another model?")
+        prev = rep.ops.get(target)
+        if prev and not torch.equal(prev[0].full(), t):
+            raise AdapterError(f"{target}: adapters save different original values for it; unmerge them separately")
+        if not prev:
+            rep.ops[target] = [_Op(i, "replace", 1.0, tensor=t)]
+            rep.restored.add(target)
+            rep.notes.append(f"{target} restored from the original saved in {ad.path} (its LoRA deltas are not "
+                             f"subtracted)")
+    rep.applied.append({name.rsplit(".", 1)[0] for name in ad.full})
+
+
+def _vocab_resize(base: _Base, new_shapes: dict[str, tuple[int, ...]]) -> tuple[dict, list[str]]:
+    """Config updates and notes for a resized vocabulary, which must resize every vocab-sized tensor."""
+    if not new_shapes:
+        return {}, []
+    sizes = {s[0] for s in new_shapes.values()}
+    if len(sizes) != 1:
+        raise AdapterError(f"adapters resize the vocabulary inconsistently: {new_shapes}; resize all to one size")
+    vocab = sizes.pop()
+    old_vocab = next(base.shapes[n][0] for n in new_shapes)
+    for name, shape in base.shapes.items():
+        if name.endswith(_VOCAB_TENSORS) and shape and shape[0] == old_vocab and name not in new_shapes:
+            raise AdapterError(
+                f"the adapter resizes the vocabulary to {vocab} but {name} keeps {old_vocab} rows "
+                f"and is not in modules_to_save; the merged model would not load"
+            )
+    cfg = base.config or {}
+    updates = {}
+    if "vocab_size" in cfg:
+        updates["vocab_size"] = vocab
+    elif isinstance(cfg.get("text_config"), dict) and "vocab_size" in cfg["text_config"]:
+        updates["text_config.vocab_size"] = vocab
+    return updates, [f"vocabulary resized {old_vocab} -> {vocab} (config.json vocab_size updated)"]
+
+
+def _replacements(base: _Base, adapters: list[_Adapter], unmerge: bool) -> _Replacements:
+    """Phase: the adapters' full tensors (modules_to_save, resized embeddings) as replace ops.
+
+    Runs before the LoRA phase: deltas are checked against the replaced shapes."""
+    rep = _Replacements(adapters=[])
+    replaced_by: dict[str, str] = {}
+    for i, given in enumerate(adapters):
+        if unmerge:
+            rep.adapters.append(given)
+            _restore_originals(i, given, base, rep)
+            continue
+        ad = _drop_restated(given, base, rep.notes)
+        rep.adapters.append(ad)
+        for name, t in ad.full.items():
+            if name in replaced_by:
+                raise AdapterError(f"{name}: replaced by both {replaced_by[name]} and {ad.path} (modules_to_save); "
+                                   f"merge them separately")
+            replaced_by[name] = ad.path
+            _place_full(i, ad, name, t, base, rep)
+        rep.applied.append({name.rsplit(".", 1)[0] for name in ad.full})
+    updates, notes = _vocab_resize(base, rep.new_shapes)
+    rep.config_updates.update(updates)
+    rep.notes.extend(notes)
+    return rep
+
+
+# ----------------------------------------------------------------------------------- LoRA ops
+
+
+def _module_target(ad: _Adapter, mname: str, base: _Base, rep: _Replacements) -> tuple[str, list[str]]:
+    """The stored base tensor a LoRA module's delta lands in (a tied head's lands in its source)."""
+    wname = f"{mname}.weight"
+    target = _resolve(wname, base)
+    if target is None:
+        raise AdapterError(
+            f"{ad.path}: LoRA module {mname!r} has no weight {wname!r} in the base {base.where}"
+            + _missing_hint(wname, base)
+        )
+    notes = []
+    if ad.config.targets(mname) is False and wname not in base.tied:  # accepted only as a tied head
+        raise AdapterError(f"{ad.path}: LoRA module {mname!r} is not matched by target_modules and is not an "
+                           f"output head tied to the embedding (ensure_weight_tying); PEFT would ignore its weights")
+    if target != wname:
+        notes.append(f"{wname} is tied to {target}: {ad.path}'s delta on {mname} changes the shared tensor "
+                     f"(as in PEFT, where both modules share one parameter)")
+    if target in rep.extra or wname in rep.extra:
+        raise AdapterError(f"{ad.path}: {mname} has a LoRA delta but {wname} is replaced (modules_to_save)")
+    dt = base.dtypes[target]
+    if not dt.is_floating_point:
+        raise AdapterError(f"{ad.path}: {mname}: base weight {target} has dtype {dt}; cannot add a LoRA delta")
+    return target, notes
+
+
+def _factor_layout(ad: _Adapter, m: LoraModule, target: str, shape: tuple[int, ...],
+                   base: _Base) -> tuple[bool, int, list[str]]:
+    """(fan_in_fan_out, out dim, notes) of LoRA module m on base weight `target` of `shape`,
+    after checking that A, B (and the DoRA magnitude) fit it."""
+    mname, cfg, notes = m.module, ad.config, []
+    r = m.A.shape[0]
+    if m.kind == "linear" and m.A.dim() > 2 and len(shape) == m.A.dim():  # Conv1d/2d/3d
+        want_a, want_b = (r, *shape[1:]), (shape[0], r, *([1] * (len(shape) - 2)))
+        if m.magnitude is not None:
+            raise AdapterError(f"{ad.path}: {mname}: DoRA on convolutions is not supported; merge it with PEFT")
+        fifo, out_dim = False, shape[0]
+    elif len(shape) != 2:
+        raise AdapterError(
+            f"{ad.path}: {mname}: base weight {target} has shape {shape} but A is {tuple(m.A.shape)}; only "
+            f"Linear, Conv1D, Embedding and Conv1d/2d/3d LoRA can be merged"
+        )
+    elif m.kind == "embedding":
+        fifo, out_dim = False, shape[1]
+        want_a, want_b = (r, shape[0]), (shape[1], r)
+    else:
+        conv1d = _is_conv1d(base, mname)
+        fifo = cfg.fan_in_fan_out if conv1d is None else conv1d
+        if conv1d is not None and conv1d != cfg.fan_in_fan_out:
+            notes.append(f"{ad.path}: fan_in_fan_out={cfg.fan_in_fan_out} ignored for {mname}: it is a "
+                         f"{'Conv1D' if conv1d else 'Linear'} layer (PEFT overrides it the same way)")
+        out_dim, in_dim = (shape[1], shape[0]) if fifo else shape
+        want_a, want_b = (r, in_dim), (out_dim, r)
+    if tuple(m.A.shape) != want_a or tuple(m.B.shape) != want_b:
+        raise AdapterError(
+            f"{ad.path}: {mname}: shape mismatch: A {tuple(m.A.shape)} / B {tuple(m.B.shape)} do not fit "
+            f"the base weight {target} {shape} (expected A {want_a}, B {want_b}"
+            f"{', fan_in_fan_out' if fifo else ''}); is the adapter for another model?"
+        )
+    if m.magnitude is not None and tuple(m.magnitude.shape) != (out_dim,):
+        raise AdapterError(
+            f"{ad.path}: {mname}: lora_magnitude_vector has shape {tuple(m.magnitude.shape)}, expected ({out_dim},)"
+        )
+    return fifo, out_dim, notes
+
+
+def _bias_target(ad: _Adapter, m: LoraModule, base: _Base, out_dim: int) -> str | None:
+    """The base bias a lora_B.bias adds to; None when there is no bias delta (or only zeros)."""
+    if m.bias is None:
+        return None
+    bname = f"{m.module}.bias"
+    if bname not in base.shapes:
+        if bool((m.bias == 0).all()):  # explicit zeros: nothing to add
+            return None
+        raise AdapterError(
+            f"{ad.path}: {m.module} has a non-zero lora_B.bias but the base layer has no bias "
+            f"{bname!r}; PEFT cannot merge it either"
+        )
+    if base.shapes[bname] != (out_dim,):
+        raise AdapterError(
+            f"{ad.path}: {m.module}: lora_B.bias {tuple(m.bias.shape)} does not fit base {bname} {base.shapes[bname]}"
+        )
+    return bname
+
+
+def _module_ops(i: int, ad: _Adapter, m: LoraModule, base: _Base,
+                rep: _Replacements) -> tuple[list[tuple[str, _Op]], list[str]]:
+    """Adapter i's ops for one LoRA module: the delta (LoRA or DoRA) on its weight, then its bias."""
+    target, notes = _module_target(ad, m.module, base, rep)
+    shape = rep.new_shapes.get(target, base.shapes[target])
+    fifo, out_dim, layout_notes = _factor_layout(ad, m, target, shape, base)
+    kind = "dora" if m.magnitude is not None else "lora"
+    placed = [] if target in rep.restored else [(target, _Op(i, kind, ad.weight, module=m, fifo=fifo))]
+    bias = _bias_target(ad, m, base, out_dim)
+    if bias is not None:
+        placed.append((bias, _Op(i, "bias", ad.weight, module=m)))
+    return placed, notes + layout_notes
+
+
+def _lora_ops(base: _Base, rep: _Replacements, unmerge: bool) -> _LoraOps:
+    """Phase: every adapter's LoRA modules matched to base weights, as ops in application order."""
+    modules = base.modules()
+    out = _LoraOps()
+    for i, ad in enumerate(rep.adapters):
+        out.notes.extend(_check_patterns(ad, base, modules))
+        if unmerge and ad.config.use_dora:
+            raise AdapterError(
+                f"{ad.path}: DoRA merges cannot be undone from the merged weights (the norm ‖W+ΔW‖ that scaled "
+                f"each row is lost); merge from the original base instead of unmerging"
+            )
+        for m in ad.modules.values():
+            placed, notes = _module_ops(i, ad, m, base, rep)
+            out.placed.extend(placed)
+            out.notes.extend(notes)
+        out.applied.append(set(ad.modules))
+    return out
+
+
 def _build_plan(
     base: _Base,
     adapters: list[_Adapter],
@@ -230,166 +552,15 @@ def _build_plan(
     dtype: torch.dtype | None,
     device: torch.device,
 ) -> _Plan:
-    modules = base.modules()
-    ops: dict[str, list[_Op]] = {}
-    extra: dict[str, list[_Op]] = {}
-    notes: list[str] = []
-    config_updates: dict = {}
-    new_shapes: dict[str, tuple[int, ...]] = {}
-    applied: list[set[str]] = [set() for _ in adapters]
-
-    # 1. full tensors (replace first: deltas are checked against the replaced shape)
-    replaced_by: dict[str, str] = {}
-    for i, ad in enumerate(adapters):
-        same = {n for n, t in ad.full.items() if base.same_as_stored(n, t)}
-        if same:
-            notes.append(f"{ad.path}: {', '.join(sorted(same))} equal the base (saved by PEFT beside a targeted "
-                         f"embedding/head); nothing to replace")
-            ad.full = {n: t for n, t in ad.full.items() if n not in same}
-        if ad.full and unmerge:
-            raise AdapterError(
-                f"{ad.path}: stores full tensors ({', '.join(sorted(ad.full)[:3])}) that replace base weights; "
-                f"unmerge cannot recover the values they replaced; merge from the original base instead"
-            )
-        for name, t in ad.full.items():
-            if name in replaced_by:
-                raise AdapterError(
-                    f"{name}: replaced by both {replaced_by[name]} and {ad.path} (modules_to_save); merge them separately"
-                )
-            replaced_by[name] = ad.path
-            op = _Op(i, "replace", ad.weight, tensor=t)
-            if not t.is_floating_point():
-                raise AdapterError(f"{ad.path}: full tensor {name!r} has dtype {t.dtype}; expected floating point")
-            if name in base.shapes:
-                old = base.shapes[name]
-                if tuple(t.shape) != old:
-                    if not (name.endswith(_VOCAB_TENSORS) and len(old) == 2 and tuple(t.shape[1:]) == old[1:]):
-                        raise AdapterError(
-                            f"{ad.path}: full tensor {name!r} has shape {tuple(t.shape)} but the base has {old}; "
-                            f"is the adapter for another model?"
-                        )
-                    if ad.weight != 1.0:
-                        raise OptionError(
-                            f"{ad.path}: resizes {name} to {tuple(t.shape)}; a resized tensor cannot be scaled, use weight 1"
-                        )
-                    new_shapes[name] = tuple(t.shape)
-                ops.setdefault(name, []).append(op)
-            elif name in base.tied:
-                # The head gets its own trained copy: untie it (see module docstring).
-                if ad.weight != 1.0:
-                    raise OptionError(f"{ad.path}: replaces tied {name}; it cannot be scaled, use weight 1")
-                extra[name] = [op]
-                config_updates["tie_word_embeddings"] = False
-                notes.append(f"{name} was tied to {base.tied[name]}; {ad.path} replaces it, so it is written "
-                             f"untied (tie_word_embeddings=false)")
-            else:
-                raise AdapterError(
-                    f"{ad.path}: full tensor {name!r} (modules_to_save) matches no tensor of the base {base.where}"
-                    + _missing_hint(name, base)
-                )
-            applied[i].add(name.rsplit(".", 1)[0])
-
-    # a resized vocabulary must resize every vocab-sized tensor
-    if new_shapes:
-        sizes = {s[0] for s in new_shapes.values()}
-        if len(sizes) != 1:
-            raise AdapterError(f"adapters resize the vocabulary inconsistently: {new_shapes}; resize all to one size")
-        vocab = sizes.pop()
-        old_vocab = next(base.shapes[n][0] for n in new_shapes)
-        for name, shape in base.shapes.items():
-            if name.endswith(_VOCAB_TENSORS) and shape and shape[0] == old_vocab and name not in new_shapes:
-                raise AdapterError(
-                    f"the adapter resizes the vocabulary to {vocab} but {name} keeps {old_vocab} rows "
-                    f"and is not in modules_to_save; the merged model would not load"
-                )
-        cfg = base.config or {}
-        if "vocab_size" in cfg:
-            config_updates["vocab_size"] = vocab
-        elif isinstance(cfg.get("text_config"), dict) and "vocab_size" in cfg["text_config"]:
-            config_updates["text_config.vocab_size"] = vocab
-        notes.append(f"vocabulary resized {old_vocab} -> {vocab} (config.json vocab_size updated)")
-
-    def shape_of(name: str) -> tuple[int, ...]:
-        return new_shapes.get(name, base.shapes[name])
-
-    # 2. LoRA modules
-    for i, ad in enumerate(adapters):
-        _check_patterns(ad, base, modules)
-        cfg = ad.config
-        if unmerge and cfg.use_dora:
-            raise AdapterError(
-                f"{ad.path}: DoRA merges cannot be undone from the merged weights (the norm ‖W+ΔW‖ that scaled "
-                f"each row is lost); re-merge from the original base instead of --unmerge"
-            )
-        for mname, m in ad.modules.items():
-            wname = f"{mname}.weight"
-            target = _resolve(wname, base)
-            if target is None:
-                raise AdapterError(
-                    f"{ad.path}: LoRA module {mname!r} has no weight {wname!r} in the base {base.where}"
-                    + _missing_hint(wname, base)
-                )
-            if target != wname:
-                notes.append(f"{wname} is tied to {target}: {ad.path}'s delta on {mname} changes the shared tensor "
-                             f"(as in PEFT, where both modules share one parameter)")
-            if target in extra or wname in extra:
-                raise AdapterError(f"{ad.path}: {mname} has a LoRA delta but {wname} is replaced (modules_to_save)")
-            shape = shape_of(target)
-            dt = base.dtypes[target]
-            if not dt.is_floating_point:
-                raise AdapterError(f"{ad.path}: {mname}: base weight {target} has dtype {dt}; cannot add a LoRA delta")
-            if len(shape) != 2:
-                raise AdapterError(
-                    f"{ad.path}: {mname}: base weight {target} has shape {shape}; only Linear, Conv1D and "
-                    f"Embedding LoRA can be merged"
-                )
-            r = m.A.shape[0]
-            if m.kind == "embedding":
-                fifo = False
-                want_a, want_b = (r, shape[0]), (shape[1], r)
-                out_dim = shape[1]
-            else:
-                conv1d = _is_conv1d(base, mname)
-                fifo = cfg.fan_in_fan_out if conv1d is None else conv1d
-                if conv1d is not None and conv1d != cfg.fan_in_fan_out:
-                    notes.append(f"{ad.path}: fan_in_fan_out={cfg.fan_in_fan_out} ignored for {mname}: it is a "
-                                 f"{'Conv1D' if conv1d else 'Linear'} layer (PEFT overrides it the same way)")
-                out_dim, in_dim = (shape[1], shape[0]) if fifo else shape
-                want_a, want_b = (r, in_dim), (out_dim, r)
-            if tuple(m.A.shape) != want_a or tuple(m.B.shape) != want_b:
-                raise AdapterError(
-                    f"{ad.path}: {mname}: shape mismatch: A {tuple(m.A.shape)} / B {tuple(m.B.shape)} do not fit "
-                    f"the base weight {target} {shape} (expected A {want_a}, B {want_b}"
-                    f"{', fan_in_fan_out' if fifo else ''}); is the adapter for another model?"
-                )
-            if m.magnitude is not None and tuple(m.magnitude.shape) != (out_dim,):
-                raise AdapterError(
-                    f"{ad.path}: {mname}: lora_magnitude_vector has shape {tuple(m.magnitude.shape)}, "
-                    f"expected ({out_dim},)"
-                )
-            kind = "dora" if m.magnitude is not None else "lora"
-            ops.setdefault(target, []).append(_Op(i, kind, ad.weight, module=m, fifo=fifo))
-            if m.bias is not None:
-                bname = f"{mname}.bias"
-                btarget = bname if bname in base.shapes else None
-                if btarget is None:
-                    if bool((m.bias == 0).all()):  # explicit zeros: nothing to add
-                        applied[i].add(mname)
-                        continue
-                    raise AdapterError(
-                        f"{ad.path}: {mname} has a non-zero lora_B.bias but the base layer has no bias "
-                        f"{bname!r}; PEFT cannot merge it either"
-                    )
-                if base.shapes[btarget] != (out_dim,):
-                    raise AdapterError(
-                        f"{ad.path}: {mname}: lora_B.bias {tuple(m.bias.shape)} does not fit base {btarget} "
-                        f"{base.shapes[btarget]}"
-                    )
-                ops.setdefault(btarget, []).append(_Op(i, "bias", ad.weight, module=m))
-            applied[i].add(mname)
-
-    return _Plan(base, adapters, ops, extra, new_shapes, config_updates, list(dict.fromkeys(notes)),
-                 unmerge, dtype, device, applied)
+    """Every check on keys, patterns and shapes, from headers and adapter tensors; nothing written."""
+    rep = _replacements(base, adapters, unmerge)
+    lora = _lora_ops(base, rep, unmerge)
+    ops = {name: list(replace_ops) for name, replace_ops in rep.ops.items()}  # replacements apply first
+    for name, op in lora.placed:
+        ops.setdefault(name, []).append(op)
+    applied = [full | mods for full, mods in zip(rep.applied, lora.applied, strict=True)]
+    return _Plan(base, rep.adapters, ops, rep.extra, rep.new_shapes, rep.config_updates,
+                 list(dict.fromkeys(rep.notes + lora.notes)), unmerge, dtype, device, applied)
 
 
 # ----------------------------------------------------------------------------- math
@@ -399,11 +570,24 @@ def _t(x: torch.Tensor, fifo: bool) -> torch.Tensor:
     return x.T if fifo else x
 
 
-def lora_delta(m: LoraModule, fifo: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
-    """PEFT's get_delta_weight in fp32, in the layout of the stored weight."""
-    a = m.A.to(device=device, dtype=torch.float32)  # (r, in) / embedding (r, vocab)
-    b = m.B.to(device=device, dtype=torch.float32)  # (out, r) / embedding (dim, r)
-    ba = (b @ a).mul_(m.scaling)  # scaled in place: the same rounding as PEFT's (B @ A) * s
+def _conv_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """PEFT's _ConvNd.get_delta_weight (groups=1): a 1x1 Conv2d as a matrix product, otherwise
+    conv(A^T, B)^T; (out, in, *kernel)."""
+    if a.dim() == 4 and tuple(a.shape[2:]) == (1, 1):
+        return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * scaling
+    conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[a.dim()]
+    return conv(a.transpose(0, 1), b).transpose(0, 1) * scaling
+
+
+def lora_delta(m: LoraModule, fifo: bool = False, device: torch.device | str = "cpu",
+               weight: float = 1.0) -> torch.Tensor:
+    """PEFT's get_delta_weight in fp32, in the layout of the stored weight; `weight` multiplies the
+    scaling first (PEFT's weighted merge: scaling *= weight, then (B @ A) * scaling)."""
+    a = m.A.to(device=device, dtype=torch.float32)  # (r, in) / embedding (r, vocab) / conv (r, in, *k)
+    b = m.B.to(device=device, dtype=torch.float32)  # (out, r) / embedding (dim, r) / conv (out, r, 1, ...)
+    if a.dim() > 2:
+        return _conv_delta(a, b, m.scaling * weight)
+    ba = (b @ a).mul_(m.scaling * weight)  # scaled in place: the same rounding as PEFT's (B @ A) * s
     if m.kind == "embedding":
         return ba.T  # (vocab, dim)
     return _t(ba, fifo)  # (out, in), Conv1D (in, out)
@@ -411,6 +595,8 @@ def lora_delta(m: LoraModule, fifo: bool = False, device: torch.device | str = "
 
 def dora_merge(base32: torch.Tensor, m: LoraModule, fifo: bool, delta: torch.Tensor) -> torch.Tensor:
     """PEFT's DoRA merge: (m / ‖W + Δ‖) ⊙ (W + Δ), norm of the unmerged base plus the scaled delta."""
+    if m.magnitude is None:
+        raise TypeError(f"{m.module}: dora_merge needs the DoRA magnitude")
     mag = m.magnitude.to(device=base32.device, dtype=torch.float32)  # (out,) / embedding (dim,)
     if m.kind == "embedding":
         # DoraEmbeddingLayer has fan_in_fan_out=True: norm over the vocabulary, one per embedding dim
@@ -432,31 +618,37 @@ def _apply_ops(t: torch.Tensor, ops: Sequence[_Op], unmerge: bool, device: torch
         base32 = t.clone()  # never write into the reader's buffer
     for op in ops:
         if op.kind == "replace":
-            s = op.tensor.to(device=device, dtype=torch.float32)
+            s = op.full().to(device=device, dtype=torch.float32)
             base32 = s if op.weight == 1.0 else base32 + op.weight * (s - base32)
             if inplace and base32 is op.tensor:
                 base32 = base32.clone()  # nor into the adapter's own tensor
     out = base32
-    sign = -1.0 if unmerge else 1.0
+    last = None  # adapter of the previous delta
     for op in ops:
+        if op.kind in ("lora", "bias") and inplace and last is not None and op.adapter != last \
+                and t.dtype != torch.float32 and not unmerge:
+            # PEFT merges adapter after adapter into the weight: it is rounded to its dtype in between
+            out = out.to(t.dtype).float()
         if op.kind == "lora":
-            d = lora_delta(op.module, op.fifo, device)
-            d = d if (op.weight == 1.0 and not unmerge) else (sign * op.weight) * d
-            if op.module.kind == "embedding" and not unmerge:
+            d = lora_delta(op.lora(), op.fifo, device, op.weight)
+            if op.lora().kind == "embedding" and not unmerge:
                 # PEFT's Embedding.merge adds get_delta_weight(...).to(weight dtype): the delta is
                 # rounded to the base dtype first (Linear adds the fp32 delta, one rounding)
                 d = d.to(t.dtype).float()
+            d = d.neg_() if unmerge else d
             out = out.add_(d) if inplace else out + d
         elif op.kind == "bias":
-            d = op.module.bias.to(device=device, dtype=torch.float32) * op.module.scaling  # (out,)
-            d = d if (op.weight == 1.0 and not unmerge) else (sign * op.weight) * d
+            d = op.bias().to(device=device, dtype=torch.float32) * (op.lora().scaling * op.weight)  # (out,)
+            d = d.neg_() if unmerge else d
             out = out.add_(d) if inplace else out + d
         elif op.kind == "dora":
-            merged = dora_merge(base32, op.module, op.fifo, lora_delta(op.module, op.fifo, device))
+            merged = dora_merge(base32, op.lora(), op.fifo, lora_delta(op.lora(), op.fifo, device))
             if out is base32 and op.weight == 1.0:
                 out = merged  # bit-identical to PEFT for a lone DoRA adapter
             else:
                 out = out + op.weight * (merged - base32)
+        if op.kind != "replace":
+            last = op.adapter
     return out
 
 
@@ -467,7 +659,7 @@ def _finish(name: str, t: torch.Tensor, plan: _Plan, ops: Sequence[_Op] | None) 
     else:
         res = _apply_ops(t, ops, plan.unmerge, plan.device).to(out_dtype).cpu()
     # Every floating tensor written is checked, touched or not: a NaN/inf in the base, an
-    # overflow of the --dtype cast or a broken adapter must not land in a complete-looking model.
+    # overflow of the dtype cast or a broken adapter must not land in a complete-looking model.
     if not all_finite(res):  # in blocks: no full-size temporary
         bad = count_non_finite(res)
         if not all_finite(t):
@@ -478,7 +670,7 @@ def _finish(name: str, t: torch.Tensor, plan: _Plan, ops: Sequence[_Op] | None) 
         if not ops:
             raise ValidationError(
                 f"tensor {name} overflows {out_dtype} ({bad} value(s) become inf); "
-                f"choose another --dtype (bf16 or fp32); nothing was written"
+                f"choose another dtype (bf16 or fp32); nothing was written"
             )
         who = ", ".join(sorted({plan.adapters[op.adapter].path for op in ops}))
         raise ValidationError(
@@ -489,40 +681,6 @@ def _finish(name: str, t: torch.Tensor, plan: _Plan, ops: Sequence[_Op] | None) 
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-def _check_weights(adapters: Sequence, weights: Sequence[float] | None) -> list[float]:
-    if weights is None:
-        return [1.0] * len(adapters)
-    weights = list(weights)
-    if len(weights) != len(adapters):
-        raise OptionError(f"{len(weights)} weight(s) for {len(adapters)} adapter(s); give one --weight per adapter or none")
-    for w in weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise OptionError(f"weight {w!r} is not a finite number")
-    return [float(w) for w in weights]
-
-
-def _device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise OptionError(f"unknown device {device!r}; use cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError("--device cuda: no CUDA device is available; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise OptionError(f"unsupported device {device!r}; use cpu or cuda")
-    return dev
-
-
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        if isinstance(dtype, torch.dtype) and dtype not in DTYPES.values():
-            raise OptionError(f"unsupported dtype {dtype}; use bf16, fp16 or fp32")
-        return dtype
-    if dtype not in DTYPES:
-        raise OptionError(f"unknown dtype {dtype!r}; use bf16, fp16 or fp32")
-    return DTYPES[dtype]
 
 
 def _normalize_full(path: Path, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -546,18 +704,20 @@ def _normalize_full(path: Path, full: dict[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
-def _load_adapters(adapters: Sequence, weights: list[float]) -> list[_Adapter]:
+def _load_adapters(adapters: Sequence[str | Path], weights: list[float]) -> list[_Adapter]:
+    """Phase: read and validate each adapter directory (surgery.core.peft_format.read_adapter)."""
     out = []
-    for path, w in zip(adapters, weights):
+    for path, w in zip(adapters, weights, strict=True):
         p = Path(path)
         if not p.is_dir():
-            raise AdapterError(f"{p}: not an adapter directory (expected adapter_config.json + adapter_model.safetensors)")
+            raise AdapterError(f"{p}: not an adapter directory "
+                               f"(expected adapter_config.json + adapter_model.safetensors)")
         cfg, modules, full = read_adapter(p)
         out.append(_Adapter(str(path), cfg, modules, _normalize_full(p, full), w))
     return out
 
 
-def _base_from_index(idx) -> _Base:
+def _base_from_index(idx: CheckpointIndex) -> _Base:
     def read(name: str) -> torch.Tensor:
         with LazyReader(idx) as r:
             return r.get(name)
@@ -572,20 +732,28 @@ def _base_from_index(idx) -> _Base:
     )
 
 
-def _prepare(base, adapters, weights, unmerge, dtype, device):
-    if not adapters:
-        raise OptionError("no adapters given; pass at least one adapter directory")
-    weights = _check_weights(adapters, weights)
-    dt, dev = _dtype(dtype), _device(device)
+def _options(options: MergeOptions | None, fields: dict[str, Any]) -> MergeOptions:
+    """The options object of a call: `options`, with keyword `fields` overriding it."""
+    if options is not None and not isinstance(options, MergeOptions):
+        raise TypeError(f"options must be a MergeOptions, got {type(options).__name__}")
+    if not fields:
+        return options or MergeOptions()
+    return (options or MergeOptions()).replace(**fields)
+
+
+def _prepare(base: str | Path, adapters: Sequence[str | Path], opts: MergeOptions) -> tuple[CheckpointIndex, _Plan]:
+    weights = opts.weight_list(len(adapters))
+    dt, dev = parse_dtype(opts.dtype), resolve_device(opts.device)
     idx = open_checkpoint(base)
     if idx.kind != "model":
-        raise CheckpointError(f"{base}: is an adapter, not a base model; pass the base model first, then the adapter(s)")
+        raise CheckpointError(f"{base}: is an adapter, not a base model; "
+                              f"pass the base model first, then the adapter(s)")
     loaded = _load_adapters(adapters, weights)
-    plan = _build_plan(_base_from_index(idx), loaded, unmerge=unmerge, dtype=dt, device=dev)
+    plan = _build_plan(_base_from_index(idx), loaded, unmerge=opts.unmerge, dtype=dt, device=dev)
     return idx, plan
 
 
-def _iter_plan(idx, plan: _Plan, progress: Progress | None) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_plan(idx: CheckpointIndex, plan: _Plan, progress: Progress | None) -> Iterator[tuple[str, torch.Tensor]]:
     total = len(idx.tensors) + len(plan.extra)
     desc = "unmerge" if plan.unmerge else "merge"
     done = 0
@@ -595,44 +763,88 @@ def _iter_plan(idx, plan: _Plan, progress: Progress | None) -> Iterator[tuple[st
             done += 1
             if progress:
                 progress(desc, done, total)
-    for name, ops in plan.extra.items():
-        src = idx.tensors[plan.base.tied[name]]
-        # the head starts from the shared tensor's dtype; its values come from the replace op
-        yield name, _finish(name, ops[0].tensor.to(src.dtype), plan, ops)
-        done += 1
-        if progress:
-            progress(desc, done, total)
+        for name, ops in plan.extra.items():
+            src = plan.base.tied[name]
+            if ops:  # the head starts from the shared tensor's dtype; its values come from the replace op
+                yield name, _finish(name, ops[0].full().to(idx.tensors[src].dtype), plan, ops)
+            else:  # an untied head keeping the base values of its (replaced) source
+                yield name, _finish(name, reader.get(src), plan, None)
+            done += 1
+            if progress:
+                progress(desc, done, total)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to n for the block (unchanged when None), then restored."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def merged_state_dict_iter(
     base: str | Path,
     adapters: Sequence[str | Path],
+    options: MergeOptions | None = None,
     *,
-    weights: Sequence[float] | None = None,
-    unmerge: bool = False,
-    dtype: str | torch.dtype | None = None,
-    device: str = "cpu",
     progress: Progress | None = None,
+    **fields: Any,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, merged tensor) for every tensor of the base, in shard order, one at a time.
 
-    All checks run when this is called, before the first tensor is yielded.
+    Args:
+        base, adapters: as for `merge`.
+        options: a MergeOptions (weights, unmerge, dtype, device are used; threads applies to the
+            checks run here, not to the iteration); keyword `fields` override it.
+        progress: optional callback(desc, done, total).
+
+    Returns:
+        An iterator of (tensor name, tensor); a head untied by an adapter comes last.
+
+    Raises:
+        OptionError, CheckpointError, AdapterError when called (every check runs before the first
+        tensor is yielded); ValidationError while iterating, for a non-finite merged tensor.
+
+    Example:
+        >>> sd = dict(merged_state_dict_iter("base/", ["lora/"], weights=[0.5]))  # doctest: +SKIP
     """
-    idx, plan = _prepare(base, adapters, weights, unmerge, dtype, device)
+    opts = _options(options, fields)
+    with _torch_threads(opts.threads):
+        idx, plan = _prepare(base, adapters, opts)
     return _iter_plan(idx, plan, progress)
 
 
 # ----------------------------------------------------------------------------- on disk
 
 
-def _default_shard_size(idx, plan: _Plan) -> int:
+def _output_dtype(plan: _Plan, dtype: torch.dtype) -> torch.dtype:
+    return plan.dtype if (plan.dtype is not None and dtype.is_floating_point) else dtype
+
+
+def _default_shard_size(idx: CheckpointIndex, plan: _Plan) -> int:
     """The largest base shard, in output bytes: the output gets the same number of shards."""
     per: dict[Path, int] = {}
     for name, info in idx.tensors.items():
         shape = plan.new_shapes.get(name, info.shape)
-        dt = plan.dtype if (plan.dtype is not None and info.dtype.is_floating_point) else info.dtype
-        per[info.shard] = per.get(info.shard, 0) + math.prod(shape) * torch.empty((), dtype=dt).element_size()
+        itemsize = torch.empty((), dtype=_output_dtype(plan, info.dtype)).element_size()
+        per[info.shard] = per.get(info.shard, 0) + math.prod(shape) * itemsize
     return max(max(per.values(), default=1), 1)
+
+
+def _planned_entries(idx: CheckpointIndex, plan: _Plan) -> list[tuple[str, tuple, torch.dtype]] | None:
+    """(name, shape, dtype) of every output tensor in write order, when known before
+    any data is read: always, unless a full replacement may change a shape."""
+    if plan.extra or any(op.kind == "replace" for ops in plan.ops.values() for op in ops):
+        return None
+    with LazyReader(idx) as reader:
+        order = reader.order()
+    return [(name, tuple(idx.tensors[name].shape), _output_dtype(plan, idx.tensors[name].dtype)) for name in order]
 
 
 def _updated_config(config: dict, plan: _Plan) -> dict:
@@ -640,14 +852,16 @@ def _updated_config(config: dict, plan: _Plan) -> dict:
     for key, value in plan.config_updates.items():
         if key.startswith("text_config."):
             cfg["text_config"] = {**cfg["text_config"], key.split(".", 1)[1]: value}
-        elif key == "tie_word_embeddings" and isinstance(cfg.get("text_config"), dict) \
-                and "tie_word_embeddings" in cfg["text_config"] and "tie_word_embeddings" not in cfg:
-            cfg["text_config"] = {**cfg["text_config"], key: value}
+        elif key == "tie_word_embeddings":
+            # transformers reads the model's own config (top level); composite models' text models read
+            # text_config: set both where the text config has the key
+            cfg[key] = value
+            if isinstance(cfg.get("text_config"), dict) and key in cfg["text_config"]:
+                cfg["text_config"] = {**cfg["text_config"], key: value}
         else:
             cfg[key] = value
     if plan.dtype is not None:
-        name = {v: k for k, v in {"bfloat16": torch.bfloat16, "float16": torch.float16,
-                                  "float32": torch.float32}.items()}[plan.dtype]
+        name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[plan.dtype]
         for key in ("dtype", "torch_dtype"):
             if key in cfg:
                 cfg[key] = name
@@ -656,7 +870,8 @@ def _updated_config(config: dict, plan: _Plan) -> dict:
     return cfg
 
 
-def _write_planned(w: ShardedWriter, idx, plan: _Plan, changed: list[str], progress: Progress | None) -> None:
+def _write_planned(w: ShardedWriter, idx: CheckpointIndex, plan: _Plan, changed: list[str],
+                   progress: Progress | None) -> None:
     """Planned-mode loop: merged tensors are written whole; untouched ones are copied a
     block of rows at a time (checked for NaN/inf on the way), never held whole."""
     desc = "unmerge" if plan.unmerge else "merge"
@@ -671,78 +886,85 @@ def _write_planned(w: ShardedWriter, idx, plan: _Plan, changed: list[str], progr
                 if ops:
                     changed.append(name)
             else:
-                step = max(1, (1 << 22) // max(1, info.nbytes // max(1, info.shape[0])))
-
-                def blocks(name=name, info=info, step=step):
-                    for i in range(0, info.shape[0], step):
-                        yield _finish(name, reader.get_rows(name, i, i + step), plan, None)
-
-                w.add_blocks(name, tuple(info.shape), info.dtype, blocks())
+                w.add_blocks(name, tuple(info.shape), info.dtype, _row_blocks(reader, name, info, plan))
             if progress:
                 progress(desc, done, len(order))
 
 
-def _planned_entries(idx, plan: _Plan) -> list[tuple[str, tuple, torch.dtype]] | None:
-    """(name, shape, dtype) of every output tensor in write order, when known before
-    any data is read: always, unless a full replacement may change a shape."""
-    if plan.extra or any(op.kind == "replace" for ops in plan.ops.values() for op in ops):
-        return None
-    with LazyReader(idx) as reader:
-        order = reader.order()
-    out = []
-    for name in order:
-        t = idx.tensors[name]
-        dt = plan.dtype if (plan.dtype is not None and t.dtype.is_floating_point) else t.dtype
-        out.append((name, tuple(t.shape), dt))
-    return out
+def _row_blocks(reader: LazyReader, name: str, info: TensorInfo, plan: _Plan) -> Iterator[torch.Tensor]:
+    """An untouched tensor a block of rows (about 4 MiB) at a time, each checked by _finish."""
+    step = max(1, (1 << 22) // max(1, info.nbytes // max(1, info.shape[0])))
+    for i in range(0, info.shape[0], step):
+        yield _finish(name, reader.get_rows(name, i, i + step), plan, None)
+
+
+def _write(idx: CheckpointIndex, plan: _Plan, w: ShardedWriter, progress: Progress | None) -> list[str]:
+    """Phase: every output tensor into the writer, config and side files beside; returns the
+    names of the tensors whose values changed."""
+    changed: list[str] = []
+    entries = _planned_entries(idx, plan)
+    if entries is not None:
+        w.plan(entries)  # headers known up front: tensors go straight into the shards
+        _write_planned(w, idx, plan, changed, progress)
+    else:
+        for name, t in _iter_plan(idx, plan, progress):
+            w.add(name, t)
+            if name in plan.ops or name in plan.extra:
+                changed.append(name)
+    if idx.source is not None and Path(idx.source).is_dir():
+        w.copy_files(idx.root)
+    if idx.config is not None and (plan.config_updates or plan.dtype is not None):
+        w.write_json("config.json", _updated_config(idx.config, plan))
+    return changed
 
 
 def merge(
     base: str | Path,
     adapters: Sequence[str | Path],
     out: str | Path,
+    options: MergeOptions | None = None,
     *,
-    weights: Sequence[float] | None = None,
-    unmerge: bool = False,
-    dtype: str | torch.dtype | None = None,
-    shard_size: int | str | None = None,
-    device: str = "cpu",
-    overwrite: bool = False,
     progress: Progress | None = None,
+    **fields: Any,
 ) -> MergeResult:
-    """Fold LoRA adapters into a base checkpoint (or out of it with unmerge=True), streaming.
+    """Fold LoRA adapters into a base checkpoint (or out of it with unmerge), streaming.
 
-    base: HF model directory (single/sharded safetensors or .bin) or a weights file.
-    adapters: PEFT LoRA adapter directories; weights: one per adapter (default 1.0).
-    dtype: "bf16" | "fp16" | "fp32" for every floating tensor (default: each tensor's own).
-    shard_size: bytes or "5GB" (default: the base's largest shard, so the shard count is kept).
-    Raises SurgeryError subclasses before writing anything for bad input; ValidationError
-    (and no output) when a merged tensor is not finite.
+    Args:
+        base: Hugging Face model directory (single/sharded safetensors or .bin) or a weights file.
+        adapters: PEFT LoRA adapter directories, applied with options.weights (default 1.0 each).
+        out: the output model directory (written atomically; inputs are never modified).
+        options: a MergeOptions (weights, unmerge, dtype, shard_size, device, threads, overwrite);
+            keyword `fields` are MergeOptions fields and override it, so
+            `merge(b, [a], out, weights=[0.5], unmerge=True)` works without building one.
+        progress: optional callback(desc, done, total).
+
+    Returns:
+        MergeResult (to_json() for machines).
+
+    Raises:
+        OptionError for bad options (field named), CheckpointError / AdapterError for bad inputs,
+        OutputError for an unusable output, all before anything is written; ValidationError
+        (and no output) when a merged tensor is not finite.
+
+    Example:
+        >>> merge("base/", ["lora-a/", "lora-b/"], "out/", weights=[0.7, 0.3], dtype="bf16")  # doctest: +SKIP
     """
     t0 = time.perf_counter()
-    size = parse_size(shard_size) if shard_size is not None else None
-    _check_weights(adapters, weights)
-    check_output_path(Path(out), overwrite, [Path(base), *map(Path, adapters)])
-    idx, plan = _prepare(base, adapters, weights, unmerge, dtype, device)
-    size = size or _default_shard_size(idx, plan)
+    opts = _options(options, fields)
+    opts.check_adapters(len(adapters))
     inputs = [Path(base), *map(Path, adapters)]
-    changed: list[str] = []
-    with ShardedWriter(out, shard_size=size, overwrite=overwrite, inputs=inputs) as w:
-        entries = _planned_entries(idx, plan)
-        if entries is not None:
-            w.plan(entries)  # headers known up front: tensors go straight into the shards
-            _write_planned(w, idx, plan, changed, progress)
-        else:
-            for name, t in _iter_plan(idx, plan, progress):
-                w.add(name, t)
-                if name in plan.ops or name in plan.extra:
-                    changed.append(name)
-        if idx.source is not None and Path(idx.source).is_dir():
-            w.copy_files(idx.root)
-        if idx.config is not None and (plan.config_updates or plan.dtype is not None):
-            w.write_json("config.json", _updated_config(idx.config, plan))
-        nbytes = w.total_size
-    n_shards = len(list(Path(out).glob("model*.safetensors")))
+    check_output_path(Path(out), opts.overwrite, inputs)
+    with _torch_threads(opts.threads):
+        idx, plan = _prepare(base, adapters, opts)
+        size = opts.shard_size or _default_shard_size(idx, plan)
+        with ShardedWriter(out, shard_size=size, overwrite=opts.overwrite, inputs=inputs) as w:
+            changed = _write(idx, plan, w, progress)
+            nbytes = w.total_size
+    return _result(Path(out), idx, plan, changed, nbytes, time.perf_counter() - t0)
+
+
+def _result(out: Path, idx: CheckpointIndex, plan: _Plan, changed: list[str], nbytes: int,
+            seconds: float) -> MergeResult:
     reports = [
         AdapterReport(ad.path, ad.weight, len(plan.applied[i] & set(ad.modules)), ad.config.use_dora,
                       ad.config.use_rslora, sorted(ad.full))
@@ -750,14 +972,45 @@ def merge(
     ]
     vocab = plan.config_updates.get("vocab_size", plan.config_updates.get("text_config.vocab_size"))
     return MergeResult(
-        out=Path(out), unmerge=unmerge, adapters=reports, tensors=len(idx.tensors) + len(plan.extra),
-        changed=changed, shards=n_shards, bytes=nbytes,
-        dtype={v: k for k, v in DTYPES.items()}.get(plan.dtype), vocab_size=vocab,
-        notes=plan.notes, seconds=time.perf_counter() - t0,
+        out=out, unmerge=plan.unmerge, adapters=reports, tensors=len(idx.tensors) + len(plan.extra),
+        changed=changed, shards=len(list(out.glob("model*.safetensors"))), bytes=nbytes,
+        dtype=DTYPE_NAMES.get(plan.dtype) if plan.dtype is not None else None, vocab_size=vocab,
+        notes=plan.notes, seconds=seconds,
     )
 
 
 # ----------------------------------------------------------------------------- in memory
+
+
+def _model_base(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> _Base:
+    """A loaded model seen as a base: parameters that share storage (tied embeddings) are one."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in sd.items():
+        key = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            tied[name] = seen[key]  # same storage: PEFT would change both through one parameter
+            continue
+        if key is not None:
+            seen[key] = name
+        shapes[name], dtypes[name] = tuple(t.shape), t.dtype
+    config = getattr(getattr(model, "config", None), "to_dict", lambda: None)()
+    return _Base("the model", shapes, dtypes, tied, config, read=lambda n: sd[n].detach())
+
+
+def _untie_in_model(model: torch.nn.Module, plan: _Plan, sd: dict[str, torch.Tensor]) -> None:
+    """Give every head the plan unties (plan.extra, no ops) its own copy of the base values."""
+    for head in plan.extra:
+        owner, _, pname = head.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        src = sd[plan.base.tied[head]]
+        setattr(module, pname, torch.nn.Parameter(src.detach().clone(), requires_grad=src.requires_grad))
+    if plan.extra:
+        for cfg in (getattr(model, "config", None), getattr(getattr(model, "config", None), "text_config", None)):
+            if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
+                cfg.tie_word_embeddings = False
 
 
 def apply_adapters_to_model(
@@ -769,42 +1022,48 @@ def apply_adapters_to_model(
 ) -> dict:
     """Fold adapters into a loaded model's parameters in place (for export-onnx --adapter).
 
-    Names are the model's state_dict names (for transformers models, the checkpoint
-    names). Parameters that share storage (tied embeddings) are updated once.
-    Vocabulary resizes are refused here (merge to disk with `surgery merge` first).
-    Returns {"changed": [...], "modules": [per-adapter count], "notes": [...]}.
+    Args:
+        model: a torch module; names are its state_dict names (for transformers models, the
+            checkpoint names). Parameters that share storage (tied embeddings) are updated once.
+            The math runs on the model's device.
+        adapters: PEFT LoRA adapter directories.
+        weights: one finite number per adapter (default 1.0 each).
+        unmerge: subtract instead of add.
+
+    Returns:
+        {"changed": [tensor names], "modules": [per-adapter module count], "notes": [...]}.
+
+    Raises:
+        OptionError (field "weights" / "adapters"), AdapterError (also for a vocabulary resize or
+        an untied head: merge to disk with `merge` first), ValidationError for non-finite results
+        (the model is then left unchanged only up to the failing tensor).
+
+    Example:
+        >>> apply_adapters_to_model(model, ["lora/"], [0.5])["changed"][:1]  # doctest: +SKIP
+        ['model.layers.0.self_attn.q_proj.weight']
     """
-    weights = _check_weights(adapters, weights)
-    if not adapters:
-        raise OptionError("no adapters given; pass at least one adapter directory")
+    opts = MergeOptions(weights=weights, unmerge=unmerge)
+    weight_list = opts.weight_list(len(adapters))
     sd = model.state_dict(keep_vars=True)
-    shapes, dtypes, tied, seen = {}, {}, {}, {}
-    for name, t in sd.items():
-        key = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else None
-        if key is not None and key in seen:
-            tied[name] = seen[key]  # same storage: PEFT would change both through one parameter
-            continue
-        if key is not None:
-            seen[key] = name
-        shapes[name], dtypes[name] = tuple(t.shape), t.dtype
-    config = getattr(getattr(model, "config", None), "to_dict", lambda: None)()
-    base = _Base("the model", shapes, dtypes, tied, config, read=lambda n: sd[n].detach())
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    plan = _build_plan(base, _load_adapters(adapters, weights), unmerge=unmerge, dtype=None, device=dev)
-    if plan.new_shapes or plan.extra:
-        raise AdapterError("the adapter resizes or unties embeddings; merge it to disk with `surgery merge` first")
+    plan = _build_plan(_model_base(model, sd), _load_adapters(adapters, weight_list), unmerge=unmerge,
+                       dtype=None, device=dev)
+    if plan.new_shapes or any(plan.extra.values()):
+        raise AdapterError("the adapter resizes embeddings or replaces a tied head; merge it to disk with "
+                           "`surgery merge` first")
     with torch.no_grad():
+        _untie_in_model(model, plan, sd)
         for name, ops in plan.ops.items():
             t = sd[name]
             t.data.copy_(_finish(name, t.data, plan, ops).to(t.device))
     return {
-        "changed": sorted(plan.ops),
+        "changed": sorted({*plan.ops, *plan.extra}),
         "modules": [len(a) for a in plan.applied],
         "notes": plan.notes,
     }
 
 
 __all__ = [
-    "AdapterReport", "MergeResult", "merge", "merged_state_dict_iter", "apply_adapters_to_model",
+    "AdapterReport", "MergeResult", "MergeOptions", "merge", "merged_state_dict_iter", "apply_adapters_to_model",
     "lora_delta", "dora_merge", "DTYPES",
 ]

@@ -1,7 +1,12 @@
 """The main job end to end: extract -> merge -> export -> validate, with a short report.
 
 `run_pipeline` is what `surgery demo` runs on the fixture pair; it works on any
-base/fine-tune pair of a supported architecture.
+base/fine-tune pair of a supported architecture. Phases, each timed and reported:
+
+  extract   extract_lora(BASE, FT) -> WORKDIR/lora
+  merge     merge(BASE, lora) -> WORKDIR/merged, then checked against FT: weights (streamed)
+            and outputs (with BASE as the control that must differ)
+  export    export_onnx(merged) -> WORKDIR/onnx, validated on onnxruntime
 """
 
 from __future__ import annotations
@@ -10,20 +15,25 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from surgery.onnx.export import export_onnx
-from surgery.ops.extract import extract_lora
 from surgery.io import LazyReader, open_checkpoint
+from surgery.onnx.export import export_onnx
+from surgery.onnx.model import load_hf_model
+from surgery.ops.extract import extract_lora
 from surgery.ops.merge import merge
+from surgery.options.demo import DemoOptions
 
 Progress = Callable[[str, int, int], None]
 
 
-def weight_agreement(merged: Path, ft: Path, base: Path, names: list[str]) -> dict:
+def weight_agreement(merged: Path, ft: Path, base: Path, names: list[str]) -> dict[str, Any]:
     """How closely the merged weights reproduce the fine-tune, streamed:
-    ‖merged − ft‖_F / ‖ft − base‖_F over `names` (the tensors the adapter changed)."""
+    ‖merged − ft‖_F / ‖ft − base‖_F over `names` (the tensors the adapter changed).
+
+    Returns {"rel_error", "max_abs_diff", "tensors"}."""
     err = tot = 0.0
     worst = 0.0
     with LazyReader(open_checkpoint(merged)) as rm, LazyReader(open_checkpoint(ft)) as rf, \
@@ -37,10 +47,10 @@ def weight_agreement(merged: Path, ft: Path, base: Path, names: list[str]) -> di
     return {"rel_error": math.sqrt(err / tot) if tot else 0.0, "max_abs_diff": worst, "tensors": len(names)}
 
 
-def output_agreement(merged: Path, ft: Path, base: Path, seed: int = 0) -> dict:
-    """Last hidden state / logits of merged vs fine-tune (and base vs fine-tune as the control)."""
-    from surgery.onnx.export import load_hf_model
+def output_agreement(merged: Path, ft: Path, base: Path, seed: int = 0) -> dict[str, float]:
+    """Last hidden state / logits of merged vs fine-tune (and base vs fine-tune as the control).
 
+    Returns {"merged_vs_ft_max_abs", "base_vs_ft_max_abs", "merged_vs_ft_cosine"}."""
     outs = {}
     g = torch.Generator().manual_seed(seed)
     ids = None
@@ -61,34 +71,65 @@ def output_agreement(merged: Path, ft: Path, base: Path, seed: int = 0) -> dict:
     }
 
 
-def run_pipeline(base: str | Path, ft: str | Path, workdir: str | Path, *, rank: int = 4,
-                 optimize: bool = False, progress: Progress | None = None) -> dict:
-    """extract-lora -> merge -> export-onnx (validated); everything lands under workdir."""
+def _extract(base: Path, ft: Path, out: Path, opts: DemoOptions, progress: Progress | None) -> tuple[Any, dict]:
+    t0 = time.perf_counter()
+    # bias="lora" (the default before bias="auto"): embeddings saved whole, so the demo's merged
+    # model matches the fine-tune to the LoRA modules' reported error
+    ex = extract_lora(base, ft, out, rank=opts.rank, bias="lora", overwrite=True, progress=progress)
+    return ex, {"out": str(out), "modules": len(ex.modules), "adapter_params": ex.adapter_params,
+                "full_params": ex.full_params, "overall_rel_error": ex.overall_rel_error,
+                "seconds": time.perf_counter() - t0, "worst_module": max(ex.modules, key=lambda m: m.rel_error).module}
+
+
+def _merge(base: Path, ft: Path, lora: Path, out: Path, ex: Any, progress: Progress | None) -> dict[str, Any]:
+    """Merge, then measure the merged model against the fine-tune (weights the adapter changed, outputs)."""
+    t0 = time.perf_counter()
+    mg = merge(base, [lora], out, overwrite=True, progress=progress)
+    t1 = time.perf_counter()
+    changed = {n for n in mg.changed if n in open_checkpoint(base).tensors}
+    names = [f"{m.module}.weight" for m in ex.modules if f"{m.module}.weight" in changed]
+    return {"out": str(out), "changed": len(mg.changed), "seconds": t1 - t0,
+            "weights_vs_ft": weight_agreement(out, ft, base, names), "outputs_vs_ft": output_agreement(out, ft, base)}
+
+
+def _export(merged: Path, out: Path, opts: DemoOptions, progress: Progress | None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    exp = export_onnx(merged, out, optimize=opts.optimize, overwrite=True, progress=progress)
+    return {"out": str(out), "status": exp.status, "exporter": exp.exporter, "provider": exp.provider,
+            "provider_note": exp.provider_note, "seconds": time.perf_counter() - t0,
+            "validation": [r.__dict__ for r in exp.validation]}
+
+
+def run_pipeline(base: str | Path, ft: str | Path, workdir: str | Path, options: DemoOptions | None = None, *,
+                 progress: Progress | None = None, **fields: Any) -> dict[str, Any]:
+    """extract-lora -> merge -> export-onnx (validated); everything lands under workdir
+    (lora/, merged/, onnx/, each replaced on every run).
+
+    Args:
+        base, ft: a model directory and its fine-tune.
+        workdir: where the adapter, the merged model and the ONNX files go.
+        options: a DemoOptions; `fields` (rank=, optimize=) build it or replace fields of it.
+        progress: callback(stage, done, total), handed to every phase.
+
+    Returns:
+        The report: {"base", "ft", "workdir", "rank", "extract": {...}, "merge": {...,
+        "weights_vs_ft", "outputs_vs_ft"}, "export": {..., "validation": [rows]}, "seconds"}.
+
+    Raises:
+        OptionError, CheckpointError, OutputError: as the phases do; ValidationError when the
+        ONNX export fails validation (its files stay in workdir/onnx).
+
+    Example:
+        rep = run_pipeline("fixtures/tiny-bert", "fixtures/tiny-bert-ft", "out/demo", rank=4)
+        rep["export"]["status"]   # "ok"
+    """
+    opts = DemoOptions.build(options, **fields)
     base, ft, workdir = Path(base), Path(ft), Path(workdir)
     t0 = time.perf_counter()
     lora, merged, onnx_dir = workdir / "lora", workdir / "merged", workdir / "onnx"
-    # bias="lora" (the default before bias="auto"): embeddings saved whole, so the demo's merged
-    # model matches the fine-tune to the LoRA modules' reported error
-    ex = extract_lora(base, ft, lora, rank=rank, bias="lora", overwrite=True, progress=progress)
-    t1 = time.perf_counter()
-    mg = merge(base, [lora], merged, overwrite=True, progress=progress)
-    t2 = time.perf_counter()
-    changed = [n for n in mg.changed if n in open_checkpoint(base).tensors]
-    weights = weight_agreement(merged, ft, base, [
-        f"{m.module}.weight" for m in ex.modules if f"{m.module}.weight" in changed])
-    outputs = output_agreement(merged, ft, base)
-    t3 = time.perf_counter()
-    exp = export_onnx(merged, onnx_dir, optimize=optimize, overwrite=True, progress=progress)
-    t4 = time.perf_counter()
-    return {
-        "base": str(base), "ft": str(ft), "workdir": str(workdir), "rank": rank,
-        "extract": {"out": str(lora), "modules": len(ex.modules), "adapter_params": ex.adapter_params,
-                    "full_params": ex.full_params, "overall_rel_error": ex.overall_rel_error,
-                    "seconds": t1 - t0, "worst_module": max(ex.modules, key=lambda m: m.rel_error).module},
-        "merge": {"out": str(merged), "changed": len(mg.changed), "seconds": t2 - t1,
-                  "weights_vs_ft": weights, "outputs_vs_ft": outputs},
-        "export": {"out": str(onnx_dir), "status": exp.status, "exporter": exp.exporter,
-                   "provider": exp.provider, "provider_note": exp.provider_note, "seconds": t4 - t3,
-                   "validation": [r.__dict__ for r in exp.validation]},
-        "seconds": time.perf_counter() - t0,
-    }
+    ex, extract_report = _extract(base, ft, lora, opts, progress)
+    merge_report = _merge(base, ft, lora, merged, ex, progress)
+    export_report = _export(merged, onnx_dir, opts, progress)
+    return {"base": str(base), "ft": str(ft), "workdir": str(workdir), "rank": opts.rank,
+            "extract": extract_report, "merge": merge_report, "export": export_report,
+            "seconds": time.perf_counter() - t0}

@@ -37,6 +37,7 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -52,7 +53,8 @@ from torch import nn
 from surgery.core.hf import config_dict, load_pretrained, quiet, resolve_device
 from surgery.core.peft_format import LoraAdapterConfig, LoraModule, read_adapter, write_adapter
 from surgery.errors import AdapterError, CheckpointError, OptionError, SurgeryError
-from surgery.io import check_output_path, open_checkpoint
+from surgery.io import check_output_path, escape_name, open_checkpoint
+from surgery.io.guards import JSONRefused, check_output_file, decode_json, open_regular, staged_text
 from surgery.options.refine import OBJECTIVES, RefineOptions
 
 Progress = Callable[..., None]  # (desc, done, total[, postfix])
@@ -121,42 +123,76 @@ class RefineResult:
 # ----------------------------------------------------------------------------- calibration data
 
 
+#: largest calibration file read (it is held in memory, then tokenised)
+MAX_CALIBRATION_BYTES = 2**30
+
+
+def _calibration_lines(p: Path) -> list[str]:
+    """The lines of a calibration file: a regular file (a FIFO is refused unopened), UTF-8."""
+    name = escape_name(p)
+    if not os.path.lexists(p):
+        raise OptionError(f"calibration file {name} not found; give a text file (one sample per line) or JSONL "
+                          "with \"text\"", field="calibration")
+    try:
+        with open_regular(p, error=OptionError, what=f"calibration file {p}") as f:
+            raw = f.read(MAX_CALIBRATION_BYTES + 1)
+    except OptionError as e:
+        raise OptionError(str(e), field="calibration") from None
+    except OSError as e:
+        raise OptionError(f"cannot read calibration file {name} ({e.strerror or e})", field="calibration") from None
+    if len(raw) > MAX_CALIBRATION_BYTES:
+        raise OptionError(f"calibration file {name} is over {MAX_CALIBRATION_BYTES // 2**20} MiB; use a sample of it",
+                          field="calibration")
+    try:
+        return raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise OptionError(f"calibration file {name} is not UTF-8 text ({e.reason} at byte {e.start})",
+                          field="calibration") from None
+
+
+def _jsonl_texts(p: Path, numbered: list[tuple[int, str]]) -> list[str]:
+    """The "text" values of JSONL lines (parsed with the tool's strict JSON reader)."""
+    texts = []
+    for no, ln in numbered:
+        try:
+            obj = decode_json(ln.encode("utf-8"))
+        except JSONRefused as e:
+            raise OptionError(f"{escape_name(p)}:{no}: not valid JSON ({e}); JSONL needs one object per line",
+                              field="calibration") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise OptionError(f"{escape_name(p)}:{no}: expected an object with a string \"text\" field",
+                              field="calibration")
+        if obj["text"].strip():
+            texts.append(obj["text"])
+    return texts
+
+
 def read_calibration(path: str | Path) -> list[str]:
     """Samples of a calibration file: one per line, or JSONL objects with a "text" field.
 
     JSONL is recognised by a .jsonl/.json suffix or a first non-blank line starting with "{".
-    Blank lines are skipped.
+    Blank lines are skipped. The file must be a regular UTF-8 file of at most
+    MAX_CALIBRATION_BYTES; each JSONL line is parsed strictly (surgery.io.guards.decode_json).
+
+    Raises:
+        OptionError (field "calibration"): missing, not a regular file, unreadable, too large,
+        not UTF-8, empty, or a JSONL line that is not an object with a string "text".
+
+    Example:
+        >>> read_calibration("texts.txt")[:2]                                      # doctest: +SKIP
+        ['first sample', 'second sample']
     """
     p = Path(path)
-    if not p.is_file():
-        raise OptionError(f"calibration file {p} not found; give a text file (one sample per line) or JSONL with "
-                          "\"text\"", field="calibration")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise OptionError(f"calibration file {p} is not UTF-8 text ({e.reason} at byte {e.start})",
-                          field="calibration") from None
-    except OSError as e:
-        raise OptionError(f"cannot read calibration file {p} ({e.strerror or e})", field="calibration") from None
-    numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip()]
+    numbered = [(i + 1, ln) for i, ln in enumerate(_calibration_lines(p)) if ln.strip()]
     if not numbered:
-        raise OptionError(f"calibration file {p} is empty; it needs one text sample per line", field="calibration")
+        raise OptionError(f"calibration file {escape_name(p)} is empty; it needs one text sample per line",
+                          field="calibration")
     jsonl = p.suffix in (".jsonl", ".json") or numbered[0][1].lstrip().startswith("{")
     if not jsonl:
         return [ln.strip() for _, ln in numbered]
-    texts = []
-    for no, ln in numbered:
-        try:
-            obj = json.loads(ln)
-        except json.JSONDecodeError as e:
-            raise OptionError(f"{p}:{no}: not valid JSON ({e.msg}); JSONL needs one object per line",
-                              field="calibration") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise OptionError(f"{p}:{no}: expected an object with a string \"text\" field", field="calibration")
-        if obj["text"].strip():
-            texts.append(obj["text"])
+    texts = _jsonl_texts(p, numbered)
     if not texts:
-        raise OptionError(f"calibration file {p} has no non-empty \"text\" values", field="calibration")
+        raise OptionError(f"calibration file {escape_name(p)} has no non-empty \"text\" values", field="calibration")
     return texts
 
 
@@ -165,7 +201,7 @@ def _split(n: int, holdout: float, seed: int, where: str) -> tuple[list[int], li
     n_hold = max(1, round(holdout * n))
     if n - n_hold < 1:
         raise OptionError(
-            f"calibration data {where} has {n} sample(s): too few for a {holdout:g} hold-out split; "
+            f"calibration data {escape_name(where)} has {n} sample(s): too few for a {holdout:g} hold-out split; "
             "give more samples (hundreds are better) or a smaller holdout", field="holdout",
         )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -175,8 +211,8 @@ def _split(n: int, holdout: float, seed: int, where: str) -> tuple[list[int], li
 def _tokenizer(base: Path):
     if not (base / "tokenizer_config.json").is_file() and not (base / "tokenizer.json").is_file():
         raise CheckpointError(
-            f"{base}: no tokenizer (tokenizer.json / tokenizer_config.json); refine tokenises the calibration "
-            f"text with the base model's tokenizer: copy it into {base}"
+            f"{escape_name(base)}: no tokenizer (tokenizer.json / tokenizer_config.json); refine tokenises the "
+            f"calibration text with the base model's tokenizer: copy it into {escape_name(base)}"
         )
     from transformers import AutoTokenizer
 
@@ -185,7 +221,8 @@ def _tokenizer(base: Path):
             return AutoTokenizer.from_pretrained(str(base), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{base}: cannot load its tokenizer offline ({first}); fix or re-save it") from None
+        raise CheckpointError(f"{escape_name(base)}: cannot load its tokenizer offline ({escape_name(first, 200)}); "
+                              "fix or re-save it") from None
 
 
 def _tokenize(tok, texts: Sequence[str], max_length: int) -> list[torch.Tensor]:
@@ -215,7 +252,7 @@ def _architecture(path: Path) -> str:
     """The architecture named in a model directory's config.json ('AutoModel' when none is)."""
     idx = open_checkpoint(path)
     if idx.kind != "model":
-        raise CheckpointError(f"{path}: is an adapter directory; give a model checkpoint directory")
+        raise CheckpointError(f"{escape_name(path)}: is an adapter directory; give a model checkpoint directory")
     archs = config_dict(path, idx.config).get("architectures") or []
     return archs[0] if archs else "AutoModel"
 
@@ -233,7 +270,8 @@ def _resolve_objective(objective: str, arch: str, base: Path) -> str:
     if objective == "auto":
         return "logits-kl" if causal else "pooled"
     if objective == "logits-kl" and not causal:
-        raise OptionError(f"objective logits-kl needs a causal language model; {base} is {arch}; use pooled or "
+        raise OptionError(f"objective logits-kl needs a causal language model; {escape_name(base)} is "
+                          f"{escape_name(arch)}; use pooled or "
                           "hidden", field="objective")
     return objective
 
@@ -372,14 +410,16 @@ def _load_full_tensors(model: nn.Module, full: Mapping[str, torch.Tensor], where
     for name, t in full.items():
         p = sd.get(name)
         if p is None:
-            raise AdapterError(f"{where}: full tensor {name!r} matches no tensor of the base model; is the adapter "
-                               f"for another model?")
+            raise AdapterError(f"{escape_name(where)}: full tensor '{escape_name(name, 200)}' matches no tensor of "
+                               "the base model; is the adapter for another model?")
         if tuple(p.shape) != tuple(t.shape):
-            raise AdapterError(f"{where}: full tensor {name!r} has shape {tuple(t.shape)} but the base has "
+            raise AdapterError(f"{escape_name(where)}: full tensor '{escape_name(name, 200)}' has shape "
+                               f"{tuple(t.shape)} but the base has "
                                f"{tuple(p.shape)}; a resized vocabulary cannot be refined: merge it first")
         ptr = p.data_ptr()
         if ptr in written and not torch.equal(written[ptr][1], t):
-            raise AdapterError(f"{where}: {written[ptr][0]!r} and {name!r} share one tied tensor in the base but "
+            raise AdapterError(f"{escape_name(where)}: '{escape_name(written[ptr][0], 200)}' and "
+                               f"'{escape_name(name, 200)}' share one tied tensor in the base but "
                                f"differ in the adapter; refine cannot untie them: merge first")
         with torch.no_grad():
             p.data.copy_(t.to(p.dtype))
@@ -391,15 +431,18 @@ def _target_module(model: nn.Module, name: str, m: LoraModule, where: str) -> nn
     from transformers.pytorch_utils import Conv1D
 
     if m.magnitude is not None:
-        raise AdapterError(f"{where}: {name} is DoRA (lora_magnitude_vector); refine trains plain LoRA factors only")
+        raise AdapterError(f"{escape_name(where)}: {escape_name(name, 200)} is DoRA (lora_magnitude_vector); refine "
+                           "trains plain LoRA factors only")
     try:
         mod = model.get_submodule(name)
     except AttributeError:
-        raise AdapterError(f"{where}: LoRA module {name!r} is not a module of the base model (names follow the "
+        raise AdapterError(f"{escape_name(where)}: LoRA module '{escape_name(name, 200)}' is not a module of the "
+                           "base model (names follow the "
                            f"checkpoint); is the adapter for another model?") from None
     want = nn.Embedding if m.kind == "embedding" else (nn.Linear, Conv1D)
     if not isinstance(mod, want):
-        raise AdapterError(f"{where}: {name} is a {type(mod).__name__}, but the adapter holds a {m.kind} LoRA for it")
+        raise AdapterError(f"{escape_name(where)}: {escape_name(name, 200)} is a {type(mod).__name__}, but the "
+                           f"adapter holds a {m.kind} LoRA for it")
     return mod
 
 
@@ -411,13 +454,15 @@ def _make_lora(mod: nn.Module, name: str, m: LoraModule, where: str, device) -> 
     if isinstance(mod, nn.Embedding):
         lo.padding_idx = mod.padding_idx
         if tuple(lo.A.shape[1:]) != (mod.num_embeddings,) or lo.B.shape[0] != mod.embedding_dim:
-            raise AdapterError(f"{where}: {name}: A {tuple(lo.A.shape)} / B {tuple(lo.B.shape)} do not fit the "
+            raise AdapterError(f"{escape_name(where)}: {escape_name(name, 200)}: A {tuple(lo.A.shape)} / B "
+                               f"{tuple(lo.B.shape)} do not fit the "
                                f"embedding ({mod.num_embeddings}, {mod.embedding_dim})")
         return lo
     w = cast(torch.Tensor, mod.weight)  # Linear / Conv1D (checked by _target_module)
     out_f, in_f = (w.shape[1], w.shape[0]) if isinstance(mod, Conv1D) else tuple(w.shape)
     if lo.A.shape[1] != in_f or lo.B.shape[0] != out_f:
-        raise AdapterError(f"{where}: {name}: A {tuple(lo.A.shape)} / B {tuple(lo.B.shape)} do not fit the "
+        raise AdapterError(f"{escape_name(where)}: {escape_name(name, 200)}: A {tuple(lo.A.shape)} / B "
+                           f"{tuple(lo.B.shape)} do not fit the "
                            f"layer (out={out_f}, in={in_f})")
     return lo
 
@@ -579,7 +624,8 @@ def _prepare(base: Path, teacher: Path, opts: RefineOptions) -> _Setup:
     dev = resolve_device(opts.device)
     arch, t_arch = _architecture(base), _architecture(teacher)
     if t_arch != arch:
-        raise CheckpointError(f"teacher {teacher} is {t_arch} but base {base} is {arch}; they must share an "
+        raise CheckpointError(f"teacher {escape_name(teacher)} is {escape_name(t_arch)} but base {escape_name(base)} "
+                              f"is {escape_name(arch)}; they must share an "
                               "architecture")
     obj = _resolve_objective(opts.objective, arch, base)
     texts, where = _calibration_texts(opts.calibration)
@@ -727,12 +773,38 @@ def _result_options(opts: RefineOptions, setup: _Setup) -> dict[str, Any]:
 def _read_lora(adapter: Path) -> tuple[LoraAdapterConfig, dict[str, LoraModule], dict[str, torch.Tensor]]:
     cfg, modules, full = read_adapter(adapter)
     if cfg.use_dora:
-        raise AdapterError(f"{adapter}: DoRA adapter; refine trains plain LoRA factors only")
+        raise AdapterError(f"{escape_name(adapter)}: DoRA adapter; refine trains plain LoRA factors only")
     return cfg, modules, full
 
 
-def _refine(base: Path, adapter: Path, lora: tuple, teacher: Path, out: Path, opts: RefineOptions, setup: _Setup,
-            progress: Progress | None, t0: float) -> RefineResult:
+@dataclass(frozen=True)
+class _Paths:
+    """Where a refine reads and writes."""
+
+    base: Path
+    adapter: Path
+    teacher: Path
+    out: Path
+    inputs: tuple[Path, ...]  # everything read (calibration file included): never written, never inside OUT
+    report: Path | None = None  # the JSON report, written with OUT or not at all
+
+
+def _paths(base: Path, adapter: Path, teacher: Path, out: Path, opts: RefineOptions,
+           report: str | Path | None, reads: tuple[Path, ...]) -> _Paths:
+    """Every path settled and checked before any work: OUT and REPORT against every input
+    (READS, and the calibration file) and against each other."""
+    calibration = opts.calibration
+    cal = (Path(calibration),) if isinstance(calibration, (str, os.PathLike)) else ()
+    inputs = reads + cal
+    check_output_path(out, opts.overwrite, list(inputs))
+    rpath = None
+    if report is not None:
+        rpath = check_output_file(report, inputs=inputs, others=[out], overwrite=opts.overwrite)
+    return _Paths(base, adapter, teacher, out, inputs, rpath)
+
+
+def _refine(paths: _Paths, lora: tuple, opts: RefineOptions, setup: _Setup, progress: Progress | None,
+            t0: float) -> RefineResult:
     """The phases after _prepare: teacher cache -> student -> train -> save. LORA: _read_lora(ADAPTER)."""
     cfg, modules, full = lora
     emit = _progress_fn(progress)
@@ -740,20 +812,24 @@ def _refine(base: Path, adapter: Path, lora: tuple, teacher: Path, out: Path, op
     dev = setup.device
     with _threads(opts.threads), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(opts.seed)
-        cache = _teacher_cache(teacher, setup, opts.batch_size, emit)
-        student = _attach(_load_model(base, dev), modules, full, str(adapter), dev)
+        cache = _teacher_cache(paths.teacher, setup, opts.batch_size, emit)
+        student = _attach(_load_model(paths.base, dev), modules, full, str(paths.adapter), dev)
         trained = _train(student, setup, cache, opts, emit)
         student.remove()
         trainable = sum(p.numel() for p in student.params())
         del student
-    _save(out, cfg, modules, full, trained.best_state, opts.overwrite, [base, adapter, teacher])
-    return RefineResult(
-        out=out, objective=setup.objective, steps=opts.steps, best_step=trained.best.step,
+    result = RefineResult(
+        out=paths.out, objective=setup.objective, steps=opts.steps, best_step=trained.best.step,
         train_samples=len(setup.data.train), holdout_samples=len(setup.data.hold), trainable_params=trainable,
         no_adapter=trained.no_adapter, before=trained.before, after=trained.best, curve=trained.curve,
         train_loss=trained.train_loss, cache_bytes=cache.nbytes, seconds=time.perf_counter() - t0,
         train_seconds=trained.seconds, eval_seconds=trained.eval_seconds, options=applied,
     )
+    # the report is written first (a full disk fails here, before OUT is touched) and moved in with OUT
+    report = json.dumps(result.to_json(), indent=2) + "\n"
+    with staged_text(paths.report, report) if paths.report is not None else contextlib.nullcontext():
+        _save(paths.out, cfg, modules, full, trained.best_state, opts.overwrite, list(paths.inputs))
+    return result
 
 
 def refine_adapter(
@@ -764,6 +840,7 @@ def refine_adapter(
     *,
     teacher: str | Path,
     progress: Progress | None = None,
+    report: str | Path | None = None,
     **fields: Any,
 ) -> RefineResult:
     """Train ADAPTER's LoRA factors so that BASE + adapter reproduces TEACHER on calibration text.
@@ -779,6 +856,8 @@ def refine_adapter(
         options: a RefineOptions; None builds one from FIELDS.
         teacher: the model to imitate (the fine-tune); same architecture as BASE.
         progress: callback(desc, done, total[, postfix]).
+        report: also write the result as JSON (RefineResult.to_json()) to this file, together
+            with OUT: it lands only if OUT does, and a full disk is found before OUT is written.
         **fields: RefineOptions fields (calibration=..., steps=..., ...), replacing those of OPTIONS.
 
     Returns:
@@ -787,7 +866,8 @@ def refine_adapter(
     Raises:
         OptionError: a bad option (naming its field), or calibration data that cannot be used.
         CheckpointError / AdapterError: BASE, TEACHER or ADAPTER cannot be loaded or do not fit.
-        OutputError: OUT exists (without overwrite) or overlaps an input.
+        OutputError: OUT or REPORT exists (without overwrite), is or lies inside an input (the
+            calibration file counts), or they overlap; checked before any work.
         SurgeryError: the loss became non-finite (nothing is written).
 
     Example:
@@ -799,10 +879,10 @@ def refine_adapter(
     t0 = time.perf_counter()
     opts = _options(options, fields)
     base, adapter, teacher, out = Path(base), Path(adapter), Path(teacher), Path(out)
-    check_output_path(out, opts.overwrite, [base, adapter, teacher])
+    paths = _paths(base, adapter, teacher, out, opts, report, (base, adapter, teacher))
     lora = _read_lora(adapter)  # a bad adapter fails before the calibration text is tokenised
     setup = _prepare(base, teacher, opts)
-    return _refine(base, adapter, lora, teacher, out, opts, setup, progress, t0)
+    return _refine(paths, lora, opts, setup, progress, t0)
 
 
 def extract_and_refine(
@@ -843,21 +923,37 @@ def extract_and_refine(
     """
     opts = _options(options, fields)
     base, ft, out = Path(base), Path(ft), Path(out)
-    check_output_path(out, opts.overwrite, [base, ft])
+    paths = _paths(base, base, ft, out, opts, None, (base, ft))  # the adapter is set once extracted
     setup = _prepare(base, ft, opts)  # bad calibration text fails before the SVDs
     run_extract = extract if callable(extract) else _extract_lora(base, ft, dict(extract or {}), progress)
+    missing = [d for d in out.parents if not d.exists()]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.extract-", dir=out.parent))
     except OSError as e:
-        raise SurgeryError(f"cannot create a temporary directory beside {out} ({e.strerror or e})") from None
+        _remove_empty(missing)
+        raise SurgeryError(f"cannot create a temporary directory beside {escape_name(out)} "
+                           f"({e.strerror or e})") from None
     try:
         ex = run_extract(tmp / "adapter")
         t0 = time.perf_counter()
-        res = _refine(base, tmp / "adapter", _read_lora(tmp / "adapter"), ft, out, opts, setup, progress, t0)
-    finally:
+        paths = dataclasses.replace(paths, adapter=tmp / "adapter")
+        res = _refine(paths, _read_lora(tmp / "adapter"), opts, setup, progress, t0)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(missing)  # the parents made for OUT, as the writer does on failure
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
     return dataclasses.replace(ex, out=out), res
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Remove the directories created for an output that did not land, deepest first (not if filled)."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def _extract_lora(base: Path, ft: Path, kwargs: dict[str, Any], progress: Progress | None):

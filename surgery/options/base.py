@@ -14,11 +14,19 @@ import re
 from typing import Any, TypeVar
 
 from surgery.errors import OptionError
+from surgery.options.patterns import check_regex
 
 T = TypeVar("T", bound="Options")
 
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 DEVICE_CHOICES = ("cpu", "cuda")
+
+_SIZE_UNITS = {
+    "": 1, "B": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+    "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +93,8 @@ def finite_number(value: Any, field: str, lo: float | None = None, hi: float | N
         ok = value < hi if hi_open else value <= hi
     rng = ""
     if lo is not None or hi is not None:
-        rng = f" in {'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open else ']'}"
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        rng = f" in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
     require(ok, field, f"must be a finite number{rng}, got {value!r}")
 
 
@@ -102,17 +111,53 @@ def device_name(value: Any, field: str = "device", extra: tuple[str, ...] = ()) 
 
 
 def regex(value: Any, field: str, allow_none: bool = True) -> None:
+    """A valid regular expression that cannot backtrack for ever (surgery.options.patterns)."""
     if value is None and allow_none:
         return
     try:
-        re.compile(value)
-    except (re.error, TypeError) as e:
-        raise OptionError(f"{field}: {value!r} is not a valid regular expression ({e})", field=field) from None
+        check_regex(value, field)
+    except OptionError as e:
+        raise OptionError(str(e), field=field) from None
 
 
 def regexes(values: Any, field: str) -> None:
     for v in values or ():
         regex(v, field, allow_none=False)
+
+
+def parse_size(text: str | int) -> int:
+    """A byte count from an int or a size string: '5GB' -> 5_000_000_000, '500MiB' -> 524_288_000,
+    '1000' -> 1000 (decimal units KB/MB/GB/TB, binary KiB/MiB/GiB/TiB, case-insensitive).
+
+    Raises OptionError (no field: callers that know the field re-raise with it) for anything
+    else, zero or negative sizes included.
+
+    >>> parse_size("2KiB")
+    2048
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+        unit = m.group(2).upper() if m else None
+        if not m or unit not in _SIZE_UNITS:
+            raise OptionError(
+                f"invalid size {text!r}; use a number with an optional unit, e.g. 5GB, 500MB, 2GiB"
+            )
+        value = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise OptionError(f"invalid size {text!r}; it must be positive")
+    return value
+
+
+def size(value: Any, field: str, allow_none: bool = True) -> int | None:
+    """A size rule: None (when allowed), a positive int or a size string; returns the bytes."""
+    if value is None and allow_none:
+        return None
+    try:
+        return parse_size(value)
+    except OptionError as e:
+        raise OptionError(f"{field}: {e}", field=field) from None
 
 
 def exclusive(field_a: str, a: Any, field_b: str, b: Any) -> None:

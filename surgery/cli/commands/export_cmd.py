@@ -5,10 +5,22 @@ from __future__ import annotations
 import click
 
 from surgery.errors import ValidationError
-from surgery.onnx.export import DEFAULT_OPSET, TASKS, export_onnx
+from surgery.options.export import DEFAULT_OPSET, ONNX_DTYPES, TASKS, ExportOptions
 
 from ..main import cli
-from ..util import echo_json, progress_bar, table
+from ..util import (
+    build_options,
+    device_option,
+    dtype_option,
+    echo_json,
+    json_option,
+    out_option,
+    overwrite_option,
+    progress_bar,
+    quiet_option,
+    table,
+    threads_option,
+)
 
 
 def render_validation(rows) -> str:
@@ -31,27 +43,47 @@ def render_benchmark(rows) -> str:
                  "lll" + "r" * len(keys))
 
 
+def render_export(res) -> str:
+    from surgery.io import escape_name
+
+    lines = [f"exported {escape_name(res.model_path)} (+ {escape_name(res.data_path.name)}) with the {res.exporter} "
+             "exporter" + (f"; {escape_name(res.exporter_note)}" if res.exporter_note else "")]
+    if res.optimized_path:
+        lines.append(f"optimised graph: {escape_name(res.optimized_path)}")
+    if res.validation:
+        lines += [f"validation on {res.provider_note}:", render_validation(res.validation)]
+    if res.benchmark:
+        lines.append(render_benchmark(res.benchmark))
+    lines.append(f"status: {res.status}; manifest: {escape_name(res.manifest_path)}")
+    return "\n".join(lines)
+
+
 @cli.command("export-onnx")
 @click.argument("model_dir", type=click.Path(path_type=str))
-@click.option("-o", "--out", required=True, type=click.Path(path_type=str), help="Output directory.")
+@out_option()
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(path_type=str),
               help="LoRA adapter merged into the model before export (repeatable).")
-@click.option("--task", type=click.Choice(TASKS), default="auto", show_default=True)
-@click.option("--opset", type=click.IntRange(min=14), default=DEFAULT_OPSET, show_default=True)
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp16: fp16 weights with fp32 inputs/outputs, validated with looser tolerances.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Execution provider for validation (auto: CUDA when it really loads).")
+@click.option("--task", type=click.Choice(TASKS), default="auto", show_default=True,
+              help="What the graph computes (auto: from config.json's architectures).")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
+@dtype_option("fp16: fp16 weights with fp32 inputs/outputs, validated with looser tolerances.",
+              choices=ONNX_DTYPES, default="fp32")
+@device_option("Execution provider for validation (auto: CUDA when it really loads, else CPU).")
 @click.option("--optimize/--no-optimize", default=False, show_default=True,
-              help="Also save onnxruntime's fused graph (model_optimized.onnx), validated the same way.")
-@click.option("--atol", type=click.FloatRange(min=0), help="Absolute tolerance (default fp32 1e-4, fp16 1e-1).")
-@click.option("--rtol", type=click.FloatRange(min=0), help="Relative tolerance (default fp32 1e-3, fp16 5e-2).")
-@click.option("--no-validate", is_flag=True, help="Skip validation against PyTorch (not recommended).")
+              help="Also save an optimised graph (model_optimized.onnx), validated the same way.")
+@click.option("--atol", type=float, help="Absolute tolerance (default fp32 1e-4, fp16 1e-1).")
+@click.option("--rtol", type=float, help="Relative tolerance (default fp32 1e-3, fp16 5e-2).")
+@click.option("--validate/--no-validate", "validation", default=True, show_default=True,
+              help="Compare onnxruntime with PyTorch (--no-validate: not recommended).")
 @click.option("--benchmark", is_flag=True, help="Time PyTorch eager vs onnxruntime at 1x128 and 8x128.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def export_cmd(model_dir, out, adapters, task, opset, dtype, device, optimize, atol, rtol, no_validate,
-               benchmark, overwrite, as_json):
+@click.option("--allow-random-head", is_flag=True,
+              help="Accept a task head the checkpoint lacks, randomly initialised (its outputs mean nothing).")
+@threads_option()
+@overwrite_option("an existing output directory")
+@json_option("Print the manifest as JSON.")
+@quiet_option()
+@click.pass_context
+def export_cmd(ctx, model_dir, out, as_json, quiet, **fields):
     """Export a Hugging Face model directory to ONNX and validate it against PyTorch.
 
     The export has symbolic batch and sequence axes and external weight data. It is
@@ -65,34 +97,19 @@ def export_cmd(model_dir, out, adapters, task, opset, dtype, device, optimize, a
       surgery export-onnx fixtures/tiny-llama -o out/llama-onnx --adapter fixtures/tiny-llama-lora
       surgery export-onnx MODEL -o out/onnx --dtype fp16 --device cuda --benchmark
     """
-    with progress_bar() as prog:
+    opts = build_options(ExportOptions, ctx, **fields)
+    from surgery.onnx.export import export_onnx
+
+    with progress_bar(enabled=not quiet) as prog:
         try:
-            res = export_onnx(model_dir, out, adapters=adapters, task=task, opset=opset, dtype=dtype, device=device,
-                              optimize=optimize, atol=atol, rtol=rtol, validate=not no_validate,
-                              benchmark=benchmark, overwrite=overwrite, progress=prog)
-        except ValidationError:
+            res = export_onnx(model_dir, out, opts, progress=prog)
+        except ValidationError as e:
             # The files and a manifest marked "failed" are left for inspection; show the table first.
-            import json
-            from pathlib import Path
-
-            man = Path(out) / "manifest.json"
-            if man.is_file():
-                rows = json.loads(man.read_text()).get("validation", {}).get("rows", [])
-                if rows:
-                    from surgery.onnx.export import ValidationRow
-
-                    click.echo(render_validation([ValidationRow(**r) for r in rows]), err=True)
+            rows = getattr(e.report, "validation", None)
+            if rows and not quiet:
+                click.echo(render_validation(rows), err=True)
             raise
     if as_json:
-        echo_json(res.manifest)
+        echo_json(res.to_json())
         return
-    click.echo(f"exported {res.model_path} (+ {res.data_path.name}) with the {res.exporter} exporter"
-               + (f"; {res.exporter_note}" if res.exporter_note else ""))
-    if res.optimized_path:
-        click.echo(f"optimised graph: {res.optimized_path}")
-    if res.validation:
-        click.echo(f"validation on {res.provider_note}:")
-        click.echo(render_validation(res.validation))
-    if res.benchmark:
-        click.echo(render_benchmark(res.benchmark))
-    click.echo(f"status: {res.status}; manifest: {res.manifest_path}")
+    click.echo(render_export(res))

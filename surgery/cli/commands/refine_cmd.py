@@ -7,9 +7,7 @@ The flags are declared once here (refine_flags) and become a RefineOptions in on
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import click
@@ -58,8 +56,10 @@ def render_refine(res) -> str:
         f"{res.train_samples} train / {res.holdout_samples} held-out samples, "
         f"{human_count(res.trainable_params)} trainable, cache {human_bytes(res.cache_bytes)}, {res.seconds:.1f} s"
     )
+    from surgery.io import escape_name
+
     for n in res.notes:
-        lines.append(f"note: {n}")
+        lines.append(f"note: {escape_name(n)}")
     return "\n".join(lines)
 
 
@@ -143,21 +143,17 @@ def refine_cmd(ctx, base, adapter, teacher, out, report, as_json, quiet, **_flag
       surgery refine base/ lora/ --teacher ft/ --calibration data.jsonl -o out/ --steps 500 --report r.json
     """
     opts = build_refine_options(ctx)
-    if report:
-        from surgery.io import check_report_path
-
-        check_report_path(report, [Path(base), Path(adapter), Path(teacher)], opts.overwrite)
+    from surgery.io import escape_name
     from surgery.ops.refine import refine_adapter
 
+    # the library checks OUT and REPORT against every input (the calibration file too) and each
+    # other before any work, and writes the report with OUT (a full disk fails before OUT is touched)
     with progress_bar(not quiet) as prog:
-        res = refine_adapter(base, adapter, out, opts, teacher=teacher, progress=prog)
-    if report:
-        from surgery.io import write_text_atomic
-
-        write_text_atomic(report, json.dumps(res.to_json(), indent=2) + "\n")
+        res = refine_adapter(base, adapter, out, opts, teacher=teacher, progress=prog, report=report)
     if as_json:
         echo_json(res.to_json())
         return
     if not quiet:
         click.echo(render_refine(res), err=True)
-    click.echo(f"wrote {out}: held-out {res.objective} loss {res.before.loss:.3e} -> {res.after.loss:.3e}")
+    click.echo(f"wrote {escape_name(out)}: held-out {res.objective} loss {res.before.loss:.3e} -> "
+               f"{res.after.loss:.3e}")

@@ -1,0 +1,143 @@
+"""Options of `export-onnx`: what to export, how, and how strictly to check it.
+
+Torch-free (the CLI builds this before any heavy import); the constants here are the one
+definition the exporter, the checks and the CLI's choices share.
+
+    opts = ExportOptions(task="causal-lm", dtype="fp16", optimize=True)
+    opts.tolerances()            # (0.1, 0.05): the fp16 defaults
+    ExportOptions(opset=3)       # OptionError('opset: must be ...', field='opset')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from surgery.errors import OptionError
+from surgery.options.base import (
+    Options,
+    device_name,
+    finite_number,
+    one_of,
+    positive_int,
+    require,
+)
+
+#: what the exported graph computes; "auto" reads it from config.json's architectures
+TASKS = ("auto", "feature-extraction", "sequence-classification", "causal-lm")
+#: a module passed from Python (model=) with its own inputs/outputs
+CUSTOM_TASK = "custom"
+#: weight dtypes of the exported graph (fp16: fp16 weights, fp32 inputs/outputs)
+ONNX_DTYPES = ("fp32", "fp16")
+# Opset 18: the dynamo exporter's native opset in torch 2.x, has LayerNormalization (17+),
+# and every onnxruntime since 1.14 runs it.
+DEFAULT_OPSET = 18
+MIN_OPSET = 14  # scaled_dot_product_attention / trilu need >= 14
+# Default tolerances per weight dtype. A value passes when |onnx - torch| <= atol + rtol*|torch|
+# (numpy.allclose). fp16 weights keep ~3 significant digits, and errors add up over layers.
+TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-3}, "fp16": {"atol": 1e-1, "rtol": 5e-2}}
+
+#: keyword names of the earlier export_onnx API -> field names
+ALIASES = {"validate": "validation", "benchmark_threads": "threads"}
+
+
+def max_opset() -> int:
+    """Highest opset the installed onnx package knows (imports onnx)."""
+    import onnx.defs
+
+    return int(onnx.defs.onnx_opset_version())
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions(Options):
+    """How `export_onnx` exports and validates a model.
+
+    Attributes:
+        task: "auto" (from config.json), "feature-extraction", "sequence-classification",
+            "causal-lm", or "custom" (a module passed from Python).
+        opset: ONNX opset, MIN_OPSET..the installed onnx's newest.
+        dtype: "fp32", or "fp16" (fp16 weights and compute, fp32 inputs/outputs).
+        device: where validation runs: "auto" (CUDA when onnxruntime really loads it), "cpu",
+            "cuda" or "cuda:N". An unusable CUDA falls back to the CPU, and the result says so.
+        optimize: also write model_optimized.onnx (fused / optimised graph), validated the same way.
+        atol, rtol: tolerances (None: TOLERANCES[dtype]).
+        validation: compare onnxruntime with eager PyTorch on three input sets (keyword
+            `validate` in export_onnx, like the CLI's --validate/--no-validate).
+        benchmark: time PyTorch eager vs onnxruntime at 1x128 and 8x128.
+        adapters: LoRA adapter directories merged into the model before export.
+        threads: CPU threads for torch and onnxruntime (None: their own choice).
+        allow_random_head: accept a task head the checkpoint lacks (e.g. a classifier on a base
+            model), initialised randomly (seeded); its outputs mean nothing. Refused by default.
+        overwrite: replace an existing output directory.
+
+    Raises:
+        OptionError: naming the field at fault, when the object is built.
+    """
+
+    task: str = "auto"
+    opset: int = DEFAULT_OPSET
+    dtype: str = "fp32"
+    device: str = "auto"
+    optimize: bool = False
+    atol: float | None = None
+    rtol: float | None = None
+    validation: bool = True
+    benchmark: bool = False
+    adapters: tuple[str | os.PathLike, ...] = ()
+    threads: int | None = None
+    allow_random_head: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adapters, (list, str, os.PathLike)):  # one path or a list: stored as a tuple
+            adapters = [self.adapters] if isinstance(self.adapters, (str, os.PathLike)) else self.adapters
+            object.__setattr__(self, "adapters", tuple(adapters))
+        super().__post_init__()
+
+    def validate(self) -> None:  # noqa: D102 - see Options.validate
+        one_of(self.task, TASKS + (CUSTOM_TASK,), "task")
+        one_of(self.dtype, ONNX_DTYPES, "dtype")
+        if self.device != "auto":
+            device_name(self.device, "device", extra=("auto",))
+        require(isinstance(self.opset, int) and not isinstance(self.opset, bool) and self.opset >= MIN_OPSET,
+                "opset", f"must be an integer >= {MIN_OPSET}, got {self.opset!r}; the default is {DEFAULT_OPSET}")
+        if self.opset > DEFAULT_OPSET:  # every onnx we run on knows the default: import it only past that
+            top = max_opset()
+            require(self.opset <= top, "opset", f"{self.opset} is newer than the installed onnx knows ({top}); "
+                    f"use {DEFAULT_OPSET}")
+        finite_number(self.atol, "atol", lo=0, allow_none=True)
+        finite_number(self.rtol, "rtol", lo=0, allow_none=True)
+        positive_int(self.threads, "threads", allow_none=True)
+        require(isinstance(self.adapters, tuple) and all(isinstance(a, (str, os.PathLike)) for a in self.adapters),
+                "adapters", f"must be a sequence of adapter directories, got {self.adapters!r}")
+        for name in ("optimize", "validation", "benchmark", "allow_random_head", "overwrite"):
+            value = getattr(self, name)
+            require(isinstance(value, bool), name, f"must be True or False, got {value!r}")
+
+    def tolerances(self) -> tuple[float, float]:
+        """(atol, rtol): the ones given, else the defaults for `dtype`.
+
+        Example: ExportOptions(dtype="fp16", atol=0.2).tolerances() == (0.2, 0.05)"""
+        default = TOLERANCES[self.dtype]
+        return (default["atol"] if self.atol is None else float(self.atol),
+                default["rtol"] if self.rtol is None else float(self.rtol))
+
+    @classmethod
+    def build(cls, options: ExportOptions | None = None, **fields: Any) -> ExportOptions:
+        """`options` with `fields` replaced, or ExportOptions(**fields): what the library entry points take.
+
+        Raises OptionError for a bad value and for an unknown field name. The keywords of the
+        earlier API are accepted: `validate` (= validation), `benchmark_threads` (= threads).
+
+        Example: ExportOptions.build(None, dtype="fp16") == ExportOptions(dtype="fp16")"""
+        fields = {ALIASES.get(k, k): v for k, v in fields.items()}
+        unknown = sorted(set(fields) - set(cls.field_names()))
+        if unknown:
+            raise OptionError(f"{unknown[0]}: not an export option; the options are {', '.join(cls.field_names())}",
+                              field=unknown[0])
+        if options is None:
+            return cls(**fields)
+        if not isinstance(options, cls):
+            raise OptionError(f"options: must be an {cls.__name__}, got {type(options).__name__}", field="options")
+        return options.replace(**fields) if fields else options
