@@ -913,10 +913,11 @@ def _carrier(ad: _Adapter, plan: ExtractPlan, pair: _Pair) -> tuple[dict[str, Lo
     if ad.modules or ad.params:
         return ad.modules, []
     taken = {n.rsplit(".", 1)[0] for n in ad.whole}
-    for kind in ("linear", "conv1d"):
+    # a module whose checkpoint name is its own first (readers that do not map names can place it)
+    for kind, renamed in (("linear", False), ("conv1d", False), ("linear", True), ("conv1d", True)):
         for p in plan.tensors:
-            if p.kind == kind and p.target.endswith(".weight") and p.module not in taken and not p.grown \
-                    and p.action in ("lora", "skip"):
+            if p.kind == kind and bool(p.param) == renamed and p.target.endswith(".weight") \
+                    and p.module not in taken and not p.grown and p.action in ("lora", "skip"):
                 shape = pair.base_idx.tensors[p.name].shape
                 z = _zero_lora(p.module, kind, shape, pair.base_idx.tensors[p.name].dtype)
                 return {p.module: z}, [f"{p.module}: a zero rank-1 LoRA (no effect) carries the adapter; "
@@ -959,16 +960,17 @@ def _share_notes(rows: list[Row], ad: _Adapter, whole: Mapping[str, torch.Tensor
         left += sq
         if total and sq:
             s["share"] = sq / total
+    parts = {f"{n} (LoRA)": m.A.numel() + m.B.numel() for n, m in ad.modules.items()}
+    parts.update({f"{n} (expert LoRA)": p.A.numel() + p.B.numel() for n, p in ad.params.items()})
+    parts.update({f"{n} (whole)": t.numel() for n, t in whole.items()})
+    size = sum(parts.values()) + sum(t.numel() for t in ad.biases.values())
     warnings = []
-    lora = sum(m.A.numel() + m.B.numel() for m in ad.modules.values()) + sum(
-        p.A.numel() + p.B.numel() for p in ad.params.values())
-    size = lora + sum(t.numel() for t in whole.values()) + sum(t.numel() for t in ad.biases.values())
     if model_params and size > SIZE_WARNING_SHARE * model_params:
-        big = sorted(whole.items(), key=lambda kv: -kv[1].numel())[:3]
-        why = (f"; saved whole: {', '.join(f'{n} ({t.numel() / model_params:.0%})' for n, t in big)}" if big
-               else "; lower the rank or use energy / budget")
+        big = sorted(parts.items(), key=lambda kv: -kv[1])[:3]
+        largest = ", ".join(f"{n} {k / model_params:.1%}" for n, k in big)
         warnings.append(f"the adapter holds {size / model_params:.0%} of the model's parameters (over "
-                        f"{SIZE_WARNING_SHARE:.0%}){why}")
+                        f"{SIZE_WARNING_SHARE:.0%}); largest: {largest}; lower the rank, use energy / budget, or "
+                        "keep embeddings as LoRAs")
     return (left / total if total else 0.0), warnings
 
 
