@@ -28,10 +28,8 @@ def test_merged_weights_reproduce_ft_to_the_reported_error(demo_report):
 
 def test_merged_outputs_close_to_ft_and_base_far(demo_report):
     o = demo_report["merge"]["outputs_vs_ft"]
-    # Since #11 the default adapter keeps embeddings as rank-4 LoRA (not copied whole), so the
-    # fixture's 2 % embedding noise is no longer reproduced exactly: 2.6e-3 here (was < 1e-3).
-    assert o["merged_vs_ft_max_abs"] < 5e-3 and o["merged_vs_ft_cosine"] > 0.99999
-    assert o["base_vs_ft_max_abs"] > 50 * o["merged_vs_ft_max_abs"]  # the control really differs
+    assert o["merged_vs_ft_max_abs"] < 1e-3
+    assert o["base_vs_ft_max_abs"] > 100 * o["merged_vs_ft_max_abs"]  # the control really differs
 
 
 def test_export_validated(demo_report):

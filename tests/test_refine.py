@@ -112,7 +112,7 @@ def unseen() -> list[str]:
 @pytest.fixture(scope="module")
 def bert_svd(tiny_bert, tiny_bert_ft, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bert") / "svd"
-    extract_lora(tiny_bert, tiny_bert_ft, out, rank=2, bias="lora")  # the pre-#11 default: a visibly imperfect start
+    extract_lora(tiny_bert, tiny_bert_ft, out, rank=2, bias="lora")  # the extract default before bias="auto"
     return out
 
 
@@ -239,12 +239,13 @@ def test_causal_lm_kl(tiny_llama, tiny_llama_ft, calib, unseen, tmp_path):
 
 @pytest.mark.parametrize("bias", ["lora", "skip"])
 def test_gpt2_conv1d_tied_head(tiny_gpt2, tiny_gpt2_ft, calib, unseen, tmp_path, bias):
-    """Conv1D (fan_in_fan_out) and the tied wte/lm_head: a delta on a tied embedding is saved whole
-    (the form PEFT loads and merges right, issue #11), so the full tensors are loaded into the
-    student with either bias mode; the refined adapter still matches the merged model."""
+    """Conv1D (fan_in_fan_out) and the tied wte/lm_head: with --bias lora the embeddings are saved
+    whole (full tensors loaded into the student); with --bias skip (and serving_safe, without which a
+    changed tied embedding is saved whole) wte gets an embedding LoRA whose delta also reaches the
+    tied head, as in the merged model."""
     svd = tmp_path / "svd"
-    ex = extract_lora(tiny_gpt2, tiny_gpt2_ft, svd, rank=2, bias=bias)
-    assert "transformer.wte.weight" in ex.full
+    ex = extract_lora(tiny_gpt2, tiny_gpt2_ft, svd, rank=2, bias=bias, serving_safe=bias == "skip")
+    assert ("transformer.wte.weight" in ex.full) == (bias == "lora")
     res = refine_adapter(tiny_gpt2, svd, tmp_path / "ref",
                          teacher=tiny_gpt2_ft, calibration=calib, steps=20, lr=LR, batch_size=8)
     assert res.after.loss < res.before.loss
@@ -269,6 +270,24 @@ def test_refine_peft_written_adapter(tiny_bert, tiny_bert_ft, tiny_bert_lora, ca
         assert ca.rank_for(m) == cb.rank_for(m) and ca.scaling_for(m) == cb.scaling_for(m)
         assert ma[m].A.dtype == mb[m].A.dtype
     assert ca.raw.get("lora_dropout") == cb.raw.get("lora_dropout")
+    peft_model(tiny_bert, tmp_path / "ref", False)  # loads
+
+
+def test_refine_keeps_peft_bias_all(tiny_bert, tiny_bert_ft, calib, tmp_path):
+    """extract's default beside embedding LoRAs writes bias deltas with PEFT's bias='all': refine
+    keeps them as such (frozen), not as modules_to_save."""
+    from safetensors.torch import load_file
+
+    extract_lora(tiny_bert, tiny_bert_ft, tmp_path / "svd", rank=2)
+    res = refine_adapter(tiny_bert, tmp_path / "svd", tmp_path / "ref", teacher=tiny_bert_ft, calibration=calib,
+                         steps=20, lr=1e-3, batch_size=8)
+    assert res.after.loss < res.before.loss
+    ca, cb = (json.loads((d / "adapter_config.json").read_text()) for d in (tmp_path / "svd", tmp_path / "ref"))
+    assert ca == cb and ca["bias"] == "all"
+    a, b = load_file(tmp_path / "svd" / "adapter_model.safetensors"), load_file(tmp_path / "ref" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith(".bias"))  # frozen
+    assert any(not torch.equal(a[k], b[k]) for k in a if ".lora_" in k)  # trained
     peft_model(tiny_bert, tmp_path / "ref", False)  # loads
 
 
