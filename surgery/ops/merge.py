@@ -55,6 +55,7 @@ from typing import Any
 import torch
 
 from surgery.core.hf import DTYPE_NAMES, DTYPES, parse_dtype, resolve_device
+from surgery.core.names import NameMap, name_map
 from surgery.core.peft_format import LoraAdapterConfig, LoraModule, read_adapter
 from surgery.core.tensors import all_finite, count_non_finite
 from surgery.errors import AdapterError, CheckpointError, OptionError, ValidationError
@@ -159,6 +160,15 @@ class _Base:
     tied: dict[str, str]      # head name (not stored) -> stored source name
     config: dict | None
     read: Callable[[str], torch.Tensor] | None = None  # stored tensor by name (for equality checks)
+    names: NameMap | None = None  # checkpoint names <-> the model's (None: the same)
+
+    def checkpoint_name(self, name: str) -> str:
+        """The stored name of a tensor named as in the model in memory (PEFT's names): ViT's
+        ``layers.0.attention.q_proj.weight`` is ``encoder.layer.0.attention.attention.query.weight`` on
+        disk. Itself when the names agree, or for a fused parameter (see `fusion_of`)."""
+        if self.names is None or self.names.identity:
+            return name
+        return self.names.checkpoint_name(name) or name
 
     def same_as_stored(self, name: str, t: torch.Tensor) -> bool:
         """A full tensor that only restates the base (PEFT saves embedding base layers) is a no-op."""
@@ -168,8 +178,12 @@ class _Base:
         return torch.equal(self.read(src), t.to(self.dtypes[src]))
 
     def modules(self) -> set[str]:
+        """Every module name of the model in memory (what target_modules and patterns match)."""
         out: set[str] = set()
-        for name in [*self.shapes, *self.tied]:
+        names = [*self.shapes, *self.tied]
+        if self.names is not None and not self.names.identity:
+            names = [self.names.module_name(n) for n in names]
+        for name in names:
             parts = name.split(".")
             out.update(".".join(parts[:i]) for i in range(1, len(parts)))
         return out
@@ -182,6 +196,11 @@ class _Adapter:
     modules: dict[str, LoraModule]
     full: dict[str, torch.Tensor]
     weight: float
+    origin: dict[str, str] = field(default_factory=dict)  # stored module name -> PEFT's (where they differ)
+
+    def peft_name(self, module: str) -> str:
+        """The module name PEFT keys this adapter by (the model's in-memory name)."""
+        return self.origin.get(module, module)
 
 
 @dataclass
@@ -438,7 +457,7 @@ def _module_target(ad: _Adapter, mname: str, base: _Base, rep: _Replacements) ->
             + _missing_hint(wname, base)
         )
     notes = []
-    if ad.config.targets(mname) is False and wname not in base.tied:  # accepted only as a tied head
+    if ad.config.targets(ad.peft_name(mname)) is False and wname not in base.tied:  # accepted only as a tied head
         raise AdapterError(f"{ad.path}: LoRA module {mname!r} is not matched by target_modules and is not an "
                            f"output head tied to the embedding (ensure_weight_tying); PEFT would ignore its weights")
     if target != wname:
@@ -544,6 +563,22 @@ def _lora_ops(base: _Base, rep: _Replacements, unmerge: bool) -> _LoraOps:
     return out
 
 
+def _in_checkpoint_names(ad: _Adapter, base: _Base) -> _Adapter:
+    """The adapter with its modules and full tensors renamed from PEFT's (in-memory) names to the
+    base checkpoint's stored names, so that the merged model keeps the names it was saved with."""
+    if base.names is None or base.names.identity:
+        return ad
+    modules: dict[str, LoraModule] = {}
+    origin: dict[str, str] = {}
+    for name, m in ad.modules.items():
+        stored = base.checkpoint_name(f"{name}.weight").removesuffix(".weight")
+        modules[stored] = replace(m, module=stored) if stored != name else m
+        if stored != name:
+            origin[stored] = name
+    full = {base.checkpoint_name(n): t for n, t in ad.full.items()}
+    return replace(ad, modules=modules, full=full, origin=origin)
+
+
 def _build_plan(
     base: _Base,
     adapters: list[_Adapter],
@@ -553,6 +588,7 @@ def _build_plan(
     device: torch.device,
 ) -> _Plan:
     """Every check on keys, patterns and shapes, from headers and adapter tensors; nothing written."""
+    adapters = [_in_checkpoint_names(ad, base) for ad in adapters]
     rep = _replacements(base, adapters, unmerge)
     lora = _lora_ops(base, rep, unmerge)
     ops = {name: list(replace_ops) for name, replace_ops in rep.ops.items()}  # replacements apply first
@@ -729,6 +765,7 @@ def _base_from_index(idx: CheckpointIndex) -> _Base:
         tied=dict(idx.tied),
         config=idx.config,
         read=read,
+        names=name_map(idx.config, idx.tensors),
     )
 
 
