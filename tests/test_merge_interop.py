@@ -84,3 +84,48 @@ def test_interop_negative_control(tmp_path: Path) -> None:
     base, _, _, inputs, want = _round_trip(tmp_path, "vit", "linears")
     with pytest.raises(AssertionError, match="relative max difference"):
         _close(_out(_load(base), inputs), want, "base")
+
+
+# ----------------------------------------------------------------------------- unmerge round trips
+
+UNMERGE_OK = ["llama-targets", "gpt2-all-linear", "gpt-neox-regex-rslora", "phi3-patterns", "opt-lora-bias",
+              "llama-layers", "llama-embed-lora", "llama-tied-embed-lora", "vit-conv", "whisper-conv1d",
+              "mixtral-all-linear", "mixtral-target-parameters-both", "llama-weighted", "llama-bf16"]
+UNMERGE_REFUSED = ["llama-dora", "llama-mts-head", "gpt2-bias-all", "llama-trainable-tokens", "llama-resized"]
+
+
+@pytest.mark.parametrize("case_id", UNMERGE_OK + UNMERGE_REFUSED)
+def test_unmerge_round_trips_or_refuses(case_id: str, tmp_path: Path) -> None:
+    """merge then unmerge returns the base (within PEFT's unmerge precision: one rounding of the
+    merged weight, so a few ulps of the weight's dtype), or unmerge is refused with one line."""
+    from surgery.errors import SurgeryError
+    from surgery.ops.merge import merge
+    from tests.test_peft_matrix import CASES, _build
+
+    case = next(c for c in CASES if c.id == case_id)
+    base, adapters = _build(case, tmp_path)
+    merge(base, adapters, tmp_path / "m", weights=case.weights)
+    if case_id in UNMERGE_REFUSED:
+        with pytest.raises(SurgeryError) as e:
+            merge(tmp_path / "m", adapters, tmp_path / "u", weights=case.weights, unmerge=True)
+        assert "\n" not in str(e.value).strip() and not (tmp_path / "u").exists()
+        return
+    merge(tmp_path / "m", adapters, tmp_path / "u", weights=case.weights, unmerge=True)
+    want, got, merged = _keys_tensors(base), _keys_tensors(tmp_path / "u"), _keys_tensors(tmp_path / "m")
+    assert set(got) == set(want)
+    eps = torch.finfo(case.dtype).eps
+    changed = [k for k in want if not torch.equal(merged[k], want[k])]
+    assert changed  # negative control: the merge did change the base
+    for k in want:
+        tol = 4 * eps * max(want[k].float().abs().max().item(), merged[k].float().abs().max().item(), 1.0)
+        err = (got[k].float() - want[k].float()).abs().max().item() if want[k].numel() else 0.0
+        assert err <= tol, f"{k}: unmerge is {err:.3g} from the base (tolerance {tol:.3g})"
+
+
+def _keys_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in path.glob("*.safetensors"):
+        out.update(load_file(str(f)))
+    return out
