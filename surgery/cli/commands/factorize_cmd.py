@@ -47,7 +47,8 @@ def render_factorize(res) -> tuple[str, str]:
     lines += [f"kept dense {escape_name(s['module'], 200)}: {s['why']}" for s in res.skipped]
     summary = (f"wrote {escape_name(res.out)}: {len(res.modules)} layers factorised, parameters "
                f"{human_count(res.params_before)} -> {human_count(res.params_after)} "
-               f"(saved {human_count(res.params_saved)}, {100 * res.params_saved / max(res.params_before, 1):.1f}%); {_check_line(res.output_check)}")
+               f"(saved {human_count(res.params_saved)}, {100 * res.params_saved / max(res.params_before, 1):.1f}%); "
+               f"{_check_line(res.output_check)}")
     return "\n".join(lines), summary
 
 
