@@ -48,6 +48,7 @@ from surgery.errors import (
     OutputError,
     ResourceError,
     SurgeryError,
+    ValidationError,
 )
 from surgery.io.guards import MAX_REGEX_CHARS, check_output_file, check_regex, staged_text
 
@@ -306,6 +307,10 @@ def test_extract_refuses_non_finite_factors(tmp_path, dtype, value, extra, store
                     rf"error: l lora_[AB]: \d+ non-finite value\(s\) in the adapter as stored \({stored}\)")
     assert "exclude this module" in line
     assert not out.exists() and leftovers(tmp_path) == [] and tree_state(tmp_path / "in") == before
+    from surgery.ops.extract import extract_lora
+
+    dtype_field = {"dtype": "fp16"} if extra else {}
+    raises_one_line(ValidationError, lambda: extract_lora(base, ft, out, rank=2, **dtype_field), r"^l lora_[AB]: ")
     # negative control: the same delta, small enough, is extracted and finite as stored
     base, ft = _pair(tmp_path / "ok", dtype, 1.0)
     r = run(["extract-lora", base, ft, "-o", tmp_path / "ok" / "lora", "--rank", "2", "-q", *extra])
@@ -386,6 +391,20 @@ def test_refine_report_lands_with_its_output_or_not_at_all(inp, tmp_path, monkey
     data = json.loads(rep.read_text())
     assert (out / "adapter_model.safetensors").is_file() and data["out"] == str(out) and data["steps"] == 1
     assert data["after"]["loss"] == res.after.loss and tree_state(*inp.values(), cal) == before
+
+
+def test_demo_outputs_are_checked_against_its_inputs_first(inp, tmp_path):
+    from surgery.ops.pipeline import run_pipeline
+
+    work = tmp_path / "work"
+    base = work / "merged"  # the base model where the demo would write its merged model
+    shutil.copytree(inp["tiny-bert"], base)
+    before = tree_state(*inp.values(), base)
+    raises_one_line(OutputError, lambda: run_pipeline(base, inp["tiny-bert-ft"], work), "is the input")
+    raises_one_line(OutputError, lambda: run_pipeline(inp["tiny-bert"], inp["tiny-bert-ft"], inp["tiny-bert"]),
+                    "inside the input directory")
+    assert sorted(p.name for p in work.iterdir()) == ["merged"]  # no lora/ was extracted first
+    assert tree_state(*inp.values(), base) == before and leftovers(work, tmp_path) == []
 
 
 def test_output_file_guard_and_staging(tmp_path):
