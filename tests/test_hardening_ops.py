@@ -454,6 +454,18 @@ def test_a_tebibyte_tensor_is_refused_before_allocating(sparse, tmp_path, argv, 
     assert tree_state(tmp_path / "in") == before
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["factorize", "{b}", "-o", "{out}", "--rank", str(TIB)], "would be factorised"),
+    (["init-lora", "{b}", "-o", "{out}", "--rank", str(TIB)], r"rank 1099511627776 exceeds min\(524288, 524288\)"),
+    (["init-adapter", "{b}", "-o", "{out}", "--bottleneck", str(TIB), "--modules", "^l$"], "bottleneck .* exceeds"),
+])
+def test_a_rank_of_two_to_the_forty_is_one_line(sparse, tmp_path, argv, needle):
+    out = tmp_path / "out"
+    before = tree_state(tmp_path / "in")
+    one_line(run([a.format(out=out, **sparse) for a in argv]), needle)
+    assert not out.exists() and leftovers(tmp_path) == [] and tree_state(tmp_path / "in") == before
+
+
 def test_memory_check_helpers():
     room = available_memory()
     assert room is None or room > 2**20

@@ -177,7 +177,7 @@ def check_symbolic(path: Path, spec: IOSpec) -> dict[str, dict[str, list]]:
             if axis >= len(dims) or not isinstance(dims[axis], str):
                 got = dims[axis] if axis < len(dims) else "missing"
                 raise ValidationError(
-                    f"{path.name}: {kind} '{name}' axis {axis} ({dim_name}) is fixed to {got}, not symbolic; "
-                    f"the export specialised it (a shape-dependent branch in the model?)"
+                    f"{escape_name(path.name)}: {kind} '{escape_name(name)}' axis {axis} ({dim_name}) is fixed to "
+                    f"{got}, not symbolic; the export specialised it (a shape-dependent branch in the model?)"
                 )
     return gio
