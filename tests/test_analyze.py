@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from surgery.cli.main import cli
-from surgery.ops.analyze import analyze, effective_rank, layer_type, spectrum, spectrum_stats
-from surgery.errors import CheckpointError, OptionError
 from surgery.core.lowrank import allocate_budget
+from surgery.errors import CheckpointError, OptionError
+from surgery.ops.analyze import analyze, effective_rank, layer_type, spectrum, spectrum_stats
 
 
 def _with_spectrum(S, m, n, seed=0):

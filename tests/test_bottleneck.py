@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from surgery.cli.main import cli
+from surgery.errors import AdapterError, CheckpointError, OptionError, OutputError
 from surgery.ops.bottleneck import (
     BottleneckAdapter,
     attach_bottleneck,
@@ -18,11 +19,9 @@ from surgery.ops.bottleneck import (
     save_bottleneck,
     sites,
 )
-from surgery.errors import AdapterError, CheckpointError, OptionError, OutputError
 
 transformers = pytest.importorskip("transformers")
 from helpers import load_fp32_model  # noqa: E402
-
 
 _load = load_fp32_model
 

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from surgery.errors import CheckpointError, OptionError, OutputError, SurgeryError
-from surgery.ops.extract import extract_lora
 from surgery.io import LazyReader, open_checkpoint
+from surgery.ops.extract import extract_lora
 
 warnings.filterwarnings("ignore", module="peft")
 
@@ -177,7 +177,7 @@ def test_full_rank_reproduces_ft_through_peft(request, tmp_path, model, dtype, t
 def test_gpt2_conv1d_orientation_and_tied_head(tiny_gpt2, tiny_gpt2_ft, tmp_path):
     from transformers.pytorch_utils import Conv1D
 
-    res = extract_lora(tiny_gpt2, tiny_gpt2_ft, tmp_path / "ad", rank=FULL, svd="exact")
+    res = extract_lora(tiny_gpt2, tiny_gpt2_ft, tmp_path / "ad", rank=FULL, svd="exact", bias="lora")
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is True
     # The embedding is saved whole (lora_bias is on), so the tied head is saved whole beside it.
@@ -282,7 +282,7 @@ def test_randomized_close_to_exact(tiny_bert, tiny_bert_ft, tmp_path):
     from surgery.core.lowrank import truncated_svd
 
     worst = 0.0
-    for name, t in true_deltas(tiny_bert, tiny_bert_ft).items():
+    for _name, t in true_deltas(tiny_bert, tiny_bert_ft).items():
         if t.dim() == 2 and min(t.shape) > 8:
             res = truncated_svd(t, 2, method="randomized", niter=0, oversample=0, seed=0)
             worst = max(worst, res.rel_error(2) / tail_bound(t, 2))
@@ -290,9 +290,9 @@ def test_randomized_close_to_exact(tiny_bert, tiny_bert_ft, tmp_path):
 
 
 def test_overall_error_covers_the_lora_modules_only(tiny_bert, tiny_bert_ft, tmp_path):
-    # Default --bias lora: the embeddings' LoRAs become whole tensors after the SVD pass;
+    # --bias lora: the embeddings' LoRAs become whole tensors after the SVD pass;
     # their (lossy) LoRA error must not remain in the overall error.
-    res = extract_lora(tiny_bert, tiny_bert_ft, tmp_path / "ad", rank=2, svd="exact")
+    res = extract_lora(tiny_bert, tiny_bert_ft, tmp_path / "ad", rank=2, svd="exact", bias="lora")
     assert "embeddings.word_embeddings.weight" in res.full
     assert {m.kind for m in res.modules} == {"linear"}
     err = sum((m.rel_error * m.delta_norm) ** 2 for m in res.modules)
@@ -412,7 +412,7 @@ def test_vocabulary_growth(request, tmp_path, model, grown, new_vocab, tol):
 
 def test_energy_policy_ranks_and_peft_scaling(tiny_bert, tiny_bert_ft, tmp_path):
     energy = 0.9
-    res = extract_lora(tiny_bert, tiny_bert_ft, tmp_path / "ad", energy=energy, svd="exact")
+    res = extract_lora(tiny_bert, tiny_bert_ft, tmp_path / "ad", energy=energy, svd="exact", bias="lora")
     truth = true_deltas(tiny_bert, tiny_bert_ft)
     ranks = {}
     for m in res.modules:
@@ -431,7 +431,7 @@ def test_energy_policy_ranks_and_peft_scaling(tiny_bert, tiny_bert_ft, tmp_path)
         assert layers[module].scaling["default"] == 1.0, module
         assert layers[module].lora_A["default"].weight.shape[0] == r
     # Negative control: a higher threshold needs more rank somewhere.
-    res99 = extract_lora(tiny_bert, tiny_bert_ft, tmp_path / "ad99", energy=0.99, svd="exact")
+    res99 = extract_lora(tiny_bert, tiny_bert_ft, tmp_path / "ad99", energy=0.99, svd="exact", bias="lora")
     assert sum(m.rank for m in res99.modules) > sum(ranks.values())
 
 
@@ -551,7 +551,7 @@ def test_output_exists_and_overwrite(tiny_bert, tiny_bert_ft, tmp_path):
     r = run_cli(["extract-lora", tiny_bert, tiny_bert_ft, "-o", out, "--rank", "4", "-q"])
     assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
     assert (out / "old.txt").read_text() == "old"  # untouched
-    res = extract_lora(tiny_bert, tiny_bert_ft, out, rank=4, overwrite=True)
+    res = extract_lora(tiny_bert, tiny_bert_ft, out, rank=4, overwrite=True, bias="lora")
     assert not (out / "old.txt").exists() and (out / "adapter_model.safetensors").is_file()
     assert len(res.modules) == 13
 
@@ -635,7 +635,7 @@ def test_minilm_rank8(minilm_dir, minilm_ft, tmp_path):
     from peft import PeftModel
     from transformers import AutoModel, AutoTokenizer
 
-    res = extract_lora(minilm_dir, minilm_ft, tmp_path / "ad", rank=8)
+    res = extract_lora(minilm_dir, minilm_ft, tmp_path / "ad", rank=8, bias="lora")
     assert len(res.modules) >= 36 and all(m.rank == 8 for m in res.modules)
     assert res.overall_rel_error < 0.1  # rank-4 designed delta + 2 % noise
     tok = AutoTokenizer.from_pretrained(minilm_dir)

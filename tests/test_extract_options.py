@@ -181,13 +181,13 @@ EMB = ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weig
 
 
 def test_plan_settles_lora_bias_against_embedding_lora(tiny_bert, tiny_bert_ft, tmp_path):
-    plan = _plan(tiny_bert, tiny_bert_ft, rank=4)  # bias deltas + embedding deltas: embeddings saved whole
+    plan = _plan(tiny_bert, tiny_bert_ft, rank=4, bias="lora")  # bias + embedding deltas: embeddings saved whole
     assert all(plan[e].action == "full" and plan[e].instead_of_lora for e in EMB)
     assert plan["encoder.layer.0.attention.self.query.bias"].action == "bias"
     plan = _plan(tiny_bert, tiny_bert_ft, rank=4, bias="skip")  # biases dropped, embeddings stay LoRA
     assert all(plan[e].action == "lora" for e in EMB)
     assert plan["encoder.layer.0.attention.self.query.bias"].action == "skip"
-    plan = _plan(tiny_bert, tiny_bert_ft, rank=4, serving_safe=True)  # nothing saved whole: biases dropped
+    plan = _plan(tiny_bert, tiny_bert_ft, rank=4, bias="lora", serving_safe=True)  # nothing whole: biases dropped
     assert all(plan[e].action == "lora" for e in EMB)
     assert "PEFT cannot combine" in plan["encoder.layer.0.attention.self.query.bias"].why
     # Negative control: a fine-tune whose biases did not change has no conflict.
@@ -196,7 +196,7 @@ def test_plan_settles_lora_bias_against_embedding_lora(tiny_bert, tiny_bert_ft, 
     (tmp_path / "ft").mkdir()
     save_file(same_bias, tmp_path / "ft" / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / "ft" / "config.json").write_text((tiny_bert_ft / "config.json").read_text())
-    plan = _plan(tiny_bert, tmp_path / "ft", rank=4)
+    plan = _plan(tiny_bert, tmp_path / "ft", rank=4, bias="lora")
     assert all(plan[e].action == "lora" for e in EMB)
 
 
@@ -204,7 +204,7 @@ def test_budget_is_not_spent_on_embeddings_saved_whole(tiny_bert, tiny_bert_ft, 
     """The conflict is settled before the budget pass, so the budget goes to the LoRA modules."""
     from surgery.ops.extract import extract_lora
 
-    res = extract_lora(tiny_bert, tiny_bert_ft, tmp_path / "ad", budget="3000", svd="exact")
+    res = extract_lora(tiny_bert, tiny_bert_ft, tmp_path / "ad", budget="3000", svd="exact", bias="lora")
     assert set(EMB) <= set(res.full) and {m.kind for m in res.modules} == {"linear"}
     sd = load_file(tmp_path / "ad" / "adapter_model.safetensors")
     lora = sum(v.numel() for k, v in sd.items() if ".lora_A." in k or ".lora_B.weight" in k)

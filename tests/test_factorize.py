@@ -17,7 +17,6 @@ from surgery.ops.factorize import factorize, last_hidden, load_factorized, sampl
 transformers = pytest.importorskip("transformers")
 from helpers import load_fp32_model  # noqa: E402
 
-
 _load = load_fp32_model
 
 

@@ -16,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import surgery.core.lowrank as lowrank
-from surgery.errors import OptionError, SurgeryError, ValidationError
 from surgery.core.lowrank import (
     SVDResult,
     allocate_budget,
@@ -27,7 +26,7 @@ from surgery.core.lowrank import (
     rank_for_energy,
     truncated_svd,
 )
-
+from surgery.errors import OptionError, SurgeryError, ValidationError
 
 # ---------------------------------------------------------------- helpers
 
@@ -41,7 +40,7 @@ def spectrum_matrix(m: int, n: int, s: torch.Tensor, seed: int = 0) -> torch.Ten
     return ((U * s.double()) @ V.T).float()  # (m, n)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def exact_of(key: str) -> SVDResult:
     """Full exact SVD of a named test matrix, computed once per session."""
     return truncated_svd(MATRICES[key](), None, method="exact")

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from fixtures.make_fixtures import BERT_TARGETS, LLAMA_TARGETS, _load_hf_model, make_peft_adapter
+from fixtures.make_fixtures import BERT_TARGETS, _load_hf_model, make_peft_adapter
 from surgery.errors import AdapterError, OptionError, OutputError, ValidationError
 from surgery.io import LazyReader, open_checkpoint
 from surgery.ops.merge import apply_adapters_to_model, merge, merged_state_dict_iter
@@ -334,8 +334,6 @@ def _rename(sd, old, new):
     ("unmatched", AdapterError, "no weight 'encoder.layer.7"),
     ("shape", AdapterError, "shape mismatch"),
     ("loha", AdapterError, "LOHA"),
-    ("pattern", AdapterError, "rank_pattern key 'nonexistent'"),
-    ("target", AdapterError, "target_modules entry 'q_proj'"),
     ("nan", ValidationError, "non-finite"),
 ])
 def test_errors_leave_no_output(tiny_bert, tiny_bert_lora, tmp_path, case, exc, match):
@@ -344,14 +342,29 @@ def test_errors_leave_no_output(tiny_bert, tiny_bert_lora, tmp_path, case, exc, 
         "unmatched": dict(fn_sd=lambda sd: _rename(sd, "encoder.layer.1.", "encoder.layer.7.")),
         "shape": dict(fn_sd=lambda sd: {**sd, key_b: torch.zeros(16, 4)}),
         "loha": dict(fn_cfg=lambda c: {**c, "peft_type": "LOHA"}),
-        "pattern": dict(fn_cfg=lambda c: {**c, "rank_pattern": {"nonexistent": 4}}),
-        "target": dict(fn_cfg=lambda c: {**c, "target_modules": [*c["target_modules"], "q_proj"]}),
         "nan": dict(fn_sd=lambda sd: {**sd, key_b: torch.full_like(sd[key_b], float("nan"))}),
     }
     ad = _edit_adapter(tiny_bert_lora, tmp_path / "ad", **edits[case])
     with pytest.raises(exc, match=match):
         merge(tiny_bert, [ad], tmp_path / "out")
     assert list(tmp_path.iterdir()) == [tmp_path / "ad"]  # no output, no temp dir
+
+
+@pytest.mark.parametrize("edit,note", [
+    (lambda c: {**c, "rank_pattern": {"nonexistent": 4}}, "rank_pattern key 'nonexistent'"),
+    (lambda c: {**c, "alpha_pattern": {"nonexistent": 4}}, "alpha_pattern key 'nonexistent'"),
+    (lambda c: {**c, "target_modules": [*c["target_modules"], "q_proj"]}, "target_modules entry 'q_proj'"),
+])
+def test_config_entries_matching_nothing_merge_with_a_note(tiny_bert, tiny_bert_lora, tmp_path, edit, note):
+    """PEFT merges an adapter whose config names modules the base lacks (it ignores them): so do we,
+    with a note; the output equals the unedited adapter's merge. Unknown tensor keys stay refused."""
+    ad = _edit_adapter(tiny_bert_lora, tmp_path / "ad", fn_cfg=edit)
+    res = merge(tiny_bert, [ad], tmp_path / "out")
+    assert any(note in n and "matches no module" in n for n in res.notes)
+    ref = merge(tiny_bert, [tiny_bert_lora], tmp_path / "ref")
+    assert not any("matches no module" in n for n in ref.notes)  # negative control
+    a, b = load_dir(tmp_path / "out"), load_dir(tmp_path / "ref")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_option_errors(tiny_bert, tiny_bert_lora, tmp_path):
@@ -437,15 +450,16 @@ def test_device_cuda_without_gpu_is_an_option_error(tiny_bert, tiny_bert_lora, t
         merge(tiny_bert, [tiny_bert_lora], tmp_path / "m", device="cuda")
 
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 
 @settings(max_examples=30, deadline=None)
 @given(out=st.integers(1, 12), inp=st.integers(1, 12), r=st.integers(1, 4), fifo=st.booleans(),
        w=st.floats(-3, 3), seed=st.integers(0, 2**16))
 def test_property_unmerge_inverts_merge(out, inp, r, fifo, w, seed):
-    from surgery.ops.merge import _apply_ops, _Op
     from surgery.core.peft_format import LoraModule
+    from surgery.ops.merge import _apply_ops, _Op
 
     g = torch.Generator().manual_seed(seed)
     W = torch.randn((inp, out) if fifo else (out, inp), generator=g)
@@ -456,3 +470,79 @@ def test_property_unmerge_inverts_merge(out, inp, r, fifo, w, seed):
     torch.testing.assert_close(back, W, atol=1e-5 * (1 + merged.abs().max().item()), rtol=0)
     expected = W + w * 0.5 * ((m.B @ m.A).T if fifo else m.B @ m.A)
     torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------- PEFT matrix follow-ups (zoo adapters)
+
+
+def _zoo_case(case_id: str, tmp_path: Path):
+    """(base dir, [adapter dirs], PEFT's merged state dict) of a tests/test_peft_matrix.py case."""
+    from tests.test_peft_matrix import CASES, _build, _peft_merged, _state
+
+    case = next(c for c in CASES if c.id == case_id)
+    base, adapters = _build(case, tmp_path)
+    return base, adapters, _state(_peft_merged(base, adapters, case.weights, case.dtype))
+
+
+def test_tied_embedding_modules_to_save_unties_in_memory(tmp_path):
+    """apply_adapters_to_model (export-onnx --adapter) unties like merge: the head keeps the base values."""
+    from tests.test_peft_matrix import _load
+
+    base, adapters, truth = _zoo_case("llama-tied-mts-embed", tmp_path)
+    model, _ = _load(base, torch.float32)
+    res = apply_adapters_to_model(model, adapters)
+    assert "lm_head.weight" in res["changed"]
+    mine = {k: v.detach() for k, v in model.state_dict().items()}
+    assert all(torch.equal(mine[k], truth[k]) for k in truth)
+    assert not torch.equal(mine["lm_head.weight"], mine["model.embed_tokens.weight"])  # negative control
+    assert model.config.tie_word_embeddings is False
+    out = merge(base, adapters, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert any("untied" in n for n in out.notes)
+
+
+def _zoo_build(case_id: str, tmp_path: Path):
+    from tests.test_peft_matrix import CASES, _build
+
+    return _build(next(c for c in CASES if c.id == case_id), tmp_path)
+
+
+@pytest.mark.parametrize("case_id", ["llama-mts-head", "bert-cls-seqcls", "opt-bias-all", "gpt2-bias-lora-only"])
+def test_unmerge_of_trained_full_tensors_is_refused(tmp_path, case_id):
+    """The trained tensors (modules_to_save heads, bias="all"/"lora_only" biases) replaced base values the
+    adapter does not hold: unmerge must refuse instead of leaving them in the output."""
+    base, adapters = _zoo_build(case_id, tmp_path)
+    merge(base, adapters, tmp_path / "merged")
+    with pytest.raises(AdapterError, match="cannot restore") as e:
+        merge(tmp_path / "merged", adapters, tmp_path / "back", unmerge=True)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "back").exists()
+
+
+@pytest.mark.parametrize("case_id", ["llama-embed-lora", "llama-tied-embed-lora", "llama-tied-embed-lora-tying"])
+def test_unmerge_restores_saved_original_embedding(tmp_path, case_id):
+    """An embedding-LoRA adapter saves the (frozen) embedding base layer: unmerge restores it exactly."""
+    base, adapters = _zoo_build(case_id, tmp_path)
+    merge(base, adapters, tmp_path / "merged")
+    merge(tmp_path / "merged", adapters, tmp_path / "back", unmerge=True)
+    orig, merged, back = load_dir(base), load_dir(tmp_path / "merged"), load_dir(tmp_path / "back")
+    emb = "model.embed_tokens.weight"
+    assert not torch.equal(merged[emb], orig[emb])  # negative control: the merge changed it
+    assert torch.equal(back[emb], orig[emb])
+
+
+def test_weighted_bf16_bit_identical_to_peft_in_sequence(tmp_path):
+    """Weights fold into PEFT's scaling and the adapters apply one after another (rounded between)."""
+    from tests.test_peft_matrix import Case, _build, _load, _peft_merged, _state
+
+    case = Case("w-bf16", "llama", dict(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8),
+                dtype=torch.bfloat16, extra=[dict(target_modules=["v_proj", "o_proj"], r=2, lora_alpha=2,
+                                                  use_rslora=True)], weights=[0.7, 0.3])
+    base, adapters = _build(case, tmp_path)
+    truth = _state(_peft_merged(base, adapters, case.weights, case.dtype))
+    merge(base, adapters, tmp_path / "m", weights=case.weights)
+    mine = _state(_load(tmp_path / "m", case.dtype)[0])
+    assert [k for k in truth if not torch.equal(mine[k], truth[k])] == []
+    merge(base, adapters[::-1], tmp_path / "r", weights=case.weights[::-1])  # negative control: other order
+    other = _state(_load(tmp_path / "r", case.dtype)[0])
+    assert any(not torch.equal(other[k], truth[k]) for k in truth)

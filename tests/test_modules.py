@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from surgery.io import open_checkpoint
 from surgery.core.layers import _from_source, tensor_kinds
+from surgery.io import open_checkpoint
 
 
 @pytest.mark.parametrize("name", ["tiny_bert", "tiny_llama", "tiny_gpt2", "minilm_dir"])
@@ -45,7 +45,6 @@ def test_mamba_like_one_d_params_match_the_meta_model(tmp_path):
     """Mamba's mixer.D (1-D, beside 2-D A_log) and conv1d.bias are not norms: the fast path must
     agree with the model built on the meta device (a wrong 'norm' made extract-lora put the whole
     mixer in modules_to_save, clashing with its LoRA modules)."""
-    import torch
     from safetensors.torch import save_file
     from transformers import MambaConfig, MambaModel
 

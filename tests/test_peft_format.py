@@ -18,7 +18,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from surgery.errors import AdapterError, CheckpointError, OutputError
 from surgery.core.peft_format import (
     LoraModule,
     adapter_state_dict,
@@ -30,6 +29,7 @@ from surgery.core.peft_format import (
     read_adapter_config,
     write_adapter,
 )
+from surgery.errors import AdapterError, CheckpointError, OutputError
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -554,3 +554,47 @@ def test_bias_is_written_for_every_linear_module(tmp_path):
     cfg, got, _ = read_adapter(tmp_path / "a")
     assert cfg.lora_bias and torch.equal(got[first].bias, mods[first].bias)
     assert all(torch.count_nonzero(got[n].bias) == 0 for n in mods if n != first)
+
+
+# ----------------------------------------------------------------------------- hardening
+
+
+@pytest.mark.parametrize("key,value", [
+    ("target_modules", "([a-z_.0-9]*)*X"),
+    ("rank_pattern", {"([a-z_.0-9]*)*X": 2}),
+    ("alpha_pattern", {"(a+)+b": 2}),
+    ("modules_to_save", ["([a-z_.0-9]*)*X"]),
+    ("exclude_modules", "(.*)+x"),
+    ("layers_pattern", "(l+)+"),
+    ("target_modules", "a" * 1001),
+])
+def test_catastrophic_regex_is_refused_before_matching(key, value):
+    import time
+
+    from surgery.core.peft_format import parse_adapter_config
+
+    t0 = time.perf_counter()
+    with pytest.raises(AdapterError) as e:
+        parse_adapter_config({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q"], key: value})
+    assert time.perf_counter() - t0 < 1.0 and "\n" not in str(e.value)
+    # negative control: an ordinary pattern in the same place is accepted
+    ok = {"target_modules": r".*\.q_proj", "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"q_proj": 2},
+          "modules_to_save": ["lm_head"], "exclude_modules": "x", "layers_pattern": "layers"}[key]
+    parse_adapter_config({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q"], key: ok})
+
+
+@pytest.mark.parametrize("key", ["r", "lora_alpha"])
+def test_huge_numbers_are_one_line_adapter_errors(tmp_path, key):
+    from surgery.core.peft_format import read_adapter_config
+
+    (tmp_path / "adapter_config.json").write_text(
+        '{{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "{}": {}}}'.format(key, "9" * 400))
+    with pytest.raises(AdapterError, match=r"adapter_config\.json") as e:
+        read_adapter_config(tmp_path)
+    assert "\n" not in str(e.value)
+    # the same value reaching the parser (another JSON source) is refused by name, not by OverflowError
+    from surgery.core.peft_format import parse_adapter_config
+
+    with pytest.raises(AdapterError, match=f"{key} must be"):
+        parse_adapter_config({"peft_type": "LORA", "r": 4, "lora_alpha": 8, key: 10**400})
+    assert parse_adapter_config({"peft_type": "LORA", key: 16}).raw[key] == 16  # negative control

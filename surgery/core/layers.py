@@ -15,7 +15,7 @@ Shared by the operations (extract, merge, analyze, init-lora, init-adapter, fact
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -54,6 +54,12 @@ def _meta_model(config: dict) -> nn.Module | None:
             return model_from_config(cfg)
     except Exception:  # noqa: BLE001 - any failure means "use the heuristics"
         return None
+
+
+def meta_model(config: dict) -> nn.Module | None:
+    """The architecture named in config.json, built on the meta device (no memory, no data, no
+    remote code), or None when transformers cannot build it."""
+    return _meta_model(config)
 
 
 def _from_model(model: nn.Module) -> dict[str, str]:
@@ -135,19 +141,27 @@ def _from_source(index: CheckpointIndex) -> dict[str, str] | None:
     return out
 
 
-def tensor_kinds(index: CheckpointIndex, fast: bool = True) -> dict[str, str]:
-    """tensor name -> kind, for every tensor of the checkpoint."""
-    known = _from_source(index) if fast and index.config else None
+def tensor_kinds(index: CheckpointIndex, fast: bool = True, names: Mapping[str, str] | None = None,
+                 model: nn.Module | None = None) -> dict[str, str]:
+    """tensor name -> kind, for every tensor of the checkpoint.
+
+    `names` maps checkpoint names to the model's own (surgery.core.names.NameMap.to_module) when
+    transformers renames them on load: the kind is then read from the module the tensor becomes
+    (GPT-NeoX's ``embed_out`` is the Linear ``lm_head``), never from its checkpoint name. `model`
+    is the architecture (meta device) when the caller has built it already."""
+    rename = dict(names or {})
+    renamed = any(k != v for k, v in rename.items())
+    known = _from_source(index) if fast and index.config and not renamed and model is None else None
     if known is None:
-        model = _meta_model(index.config) if index.config else None
+        model = model if model is not None else _meta_model(index.config) if index.config else None
         known = _from_model(model) if model is not None else {}
-    names = list(index.tensors)
-    if known and sum(n in known for n in names) < 0.5 * len(names):
+    tensors = list(index.tensors)
+    if known and sum(rename.get(n, n) in known for n in tensors) < 0.5 * len(tensors):
         known = {}  # names do not line up with the architecture (prefix differs): heuristics
     out = {}
-    for n in names:
+    for n in tensors:
         t = index.tensors[n]
-        k = known.get(n)
+        k = known.get(rename.get(n, n))
         if k is None or not t.dtype.is_floating_point:
             k = _heuristic(n, t.shape, t.dtype.is_floating_point)
         if k in ("linear", "conv1d", "embedding") and len(t.shape) != 2:

@@ -58,14 +58,23 @@ from typing import Any
 
 import torch
 
+try:  # Python 3.11+: the regex parser the guard reads (re._parser / re._constants)
+    from re import _constants as _sre  # type: ignore[attr-defined,unused-ignore]
+    from re import _parser as _re_parser  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - older Pythons
+    import sre_constants as _sre  # type: ignore[no-redef,unused-ignore]
+    import sre_parse as _re_parser  # type: ignore[no-redef,unused-ignore]
+
 from surgery.errors import AdapterError
-from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, open_checkpoint
+from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, load_json, open_checkpoint
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's order of preference
 PREFIX = "base_model.model."
 # PEFT's EMBEDDING_LAYER_NAMES: saved whole when the vocabulary was resized.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+# Output heads transformers ties to the input embedding (get_output_embeddings of the zoo's models).
+TIED_HEAD_NAMES = ("lm_head", "embed_out", "output", "cls")
 
 # Config options that change what the saved tensors mean, so a plain
 # "scale * B @ A" reading would be wrong. Truthy value -> refused.
@@ -146,6 +155,12 @@ class LoraAdapterConfig:
         r, alpha = self.rank_for(module), self.alpha_for(module)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
+    def tied_head(self, module: str) -> bool:
+        """With ensure_weight_tying, PEFT also puts a LoRA on the output head tied to a targeted input
+        embedding (saved as `lm_head.lora_A/B`), though target_modules does not name it. Whether the
+        base really ties it is checked when merging."""
+        return self.raw.get("ensure_weight_tying") is True and module.rsplit(".", 1)[-1] in TIED_HEAD_NAMES
+
     def targets(self, module: str) -> bool | None:
         """Would PEFT put a LoRA layer on `module`? None when the config cannot tell
         without the model (target_modules null or "all-linear")."""
@@ -189,15 +204,62 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool)):
+        return False
+    try:
+        return math.isfinite(float(v))  # a 400-digit integer overflows float: not a usable number
+    except OverflowError:
+        return False
+
+
+MAX_RANK = 1 << 24  # far above any real LoRA rank; bigger values are typos or crafted configs
+MAX_REGEX_CHARS = 1000
+
+
+def _unbounded(items) -> bool:
+    """Does this parsed regex (re._parser items) contain an unbounded repeat (*, +, {n,})?"""
+    for op, av in items:
+        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
+            if av[1] == _sre.MAXREPEAT or _unbounded(av[2]):
+                return True
+        elif op in (_sre.SUBPATTERN, _sre.ATOMIC_GROUP):
+            if _unbounded(av[-1]):
+                return True
+        elif op == _sre.BRANCH and any(_unbounded(b) for b in av[1]):
+            return True
+    return False
+
+
+def _nested_repeat(items) -> bool:
+    """A repeat whose body holds an unbounded repeat, e.g. `(a*)*` or `([a-z.]*)+X`: catastrophic
+    backtracking on a long module name."""
+    for op, av in items:
+        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
+            if (av[1] > 1 and _unbounded(av[2])) or _nested_repeat(av[2]):
+                return True
+        elif op in (_sre.SUBPATTERN, _sre.ATOMIC_GROUP):
+            if _nested_repeat(av[-1]):
+                return True
+        elif op == _sre.BRANCH and any(_nested_repeat(b) for b in av[1]):
+            return True
+    return False
 
 
 def _check_regex(text: str, where: str, what: str, wrap: Callable[[str], str]) -> None:
+    """A valid pattern that cannot backtrack catastrophically (local guard: refuses nested
+    unbounded repeats and patterns over MAX_REGEX_CHARS before anything is matched)."""
+    if len(text) > MAX_REGEX_CHARS:
+        raise AdapterError(f"{where}: {what} is {len(text)} characters long (limit {MAX_REGEX_CHARS}); "
+                           f"shorten the pattern")
     try:
         re.compile(wrap(text))
-    except re.error as e:
+        parsed = _re_parser.parse(text)
+    except (re.error, RecursionError, OverflowError) as e:
         raise AdapterError(f"{where}: {what} {text!r} is not a valid regular expression ({e}); "
                            f"fix the pattern") from None
+    if _nested_repeat(list(parsed)):
+        raise AdapterError(f"{where}: {what} {text!r} nests an unbounded repeat inside a repeat (catastrophic "
+                           f"backtracking); rewrite it without nested * / +")
 
 
 def _bad(where: str, data: dict, key: str, want: str) -> AdapterError:
@@ -220,8 +282,8 @@ def _check_peft_type(data: Any, where: str) -> None:
 def _parse_scalars(data: dict, where: str) -> dict[str, Any]:
     """r, lora_alpha (LoraConfig's defaults: 8, 8) and the boolean flags."""
     r = data.get("r", 8)
-    if not _is_int(r) or r <= 0:
-        raise _bad(where, data, "r", "a positive integer")
+    if not _is_int(r) or not 0 < r <= MAX_RANK:
+        raise _bad(where, data, "r", f"a positive integer up to {MAX_RANK}")
     alpha = data.get("lora_alpha", 8)
     if not _is_num(alpha):
         raise _bad(where, data, "lora_alpha", "a finite number")
@@ -246,7 +308,8 @@ def _check_targets(data: dict, where: str) -> None:
 def _parse_patterns(data: dict, where: str) -> dict[str, dict]:
     """rank_pattern (positive integers) and alpha_pattern (finite numbers), keys valid regexes."""
     patterns = {}
-    for key, ok, want in (("rank_pattern", lambda v: _is_int(v) and v > 0, "positive integers"),
+    for key, ok, want in (("rank_pattern", lambda v: _is_int(v) and 0 < v <= MAX_RANK,
+                           f"positive integers up to {MAX_RANK}"),
                           ("alpha_pattern", _is_num, "finite numbers")):
         p = data.get(key) or {}
         if not isinstance(p, dict):
@@ -341,12 +404,7 @@ def read_adapter_config(path: str | Path) -> LoraAdapterConfig:
     if not p.is_file():
         raise AdapterError(f"{p}: not found; an adapter directory needs adapter_config.json "
                            f"(PEFT save_pretrained writes it)")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise AdapterError(f"{p}: cannot read ({e.strerror or e})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{p}: not valid JSON ({e}); fix or re-download it") from None
+    data = load_json(p, error=AdapterError)  # one line for unreadable / invalid / oversized JSON
     return parse_adapter_config(data, str(p))
 
 
@@ -369,6 +427,33 @@ class LoraModule:
     @property
     def rank(self) -> int:
         return int(self.A.shape[0])
+
+
+@dataclass
+class ParamLora:
+    """A LoRA on a raw parameter (PEFT ``target_parameters``, lora.ParamWrapper), e.g. a stack of
+    MoE experts (E, d1, d2). Factors in PEFT's layout: A (r * E, in), B (out, r * E), row
+    ``e * r + j`` of A and column ``j * E + e`` of B being expert e's j-th factor; each expert's
+    delta (d1, d2) is ``scaling * B_e @ A_e`` (transposed for ``is_transposed`` modules).
+
+    `depth` is how many ParamWrappers PEFT nests outside this one on the same module: PEFT wraps
+    a module's targeted parameters in registration order, the first innermost, and saves the
+    inner ones under ``<module>.base_layer...``."""
+
+    param: str                 # "model.layers.0.mlp.experts.gate_up_proj"
+    A: torch.Tensor            # (r * E, in)
+    B: torch.Tensor            # (out, r * E)
+    experts: int = 1
+    depth: int = 0
+    scaling: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0]) // self.experts
+
+    def keys(self) -> dict[str, torch.Tensor]:
+        p = module_key_prefix(self.param.rsplit(".", 1)[0]) + ".base_layer" * self.depth
+        return {f"{p}.lora_A.weight": self.A, f"{p}.lora_B.weight": self.B}
 
 
 def module_key_prefix(module: str) -> str:
@@ -544,14 +629,16 @@ def _check_factors(cfg: LoraAdapterConfig, module: str, shapes: dict, dtypes: di
     if bad_dtype:
         return bad_dtype[0]
     a, b = shapes["A"], shapes["B"]
-    if len(a) != 2 or len(b) != 2:
-        return f"A {tuple(a)} / B {tuple(b)} are not matrices; only Linear, Conv1D and Embedding LoRA is supported"
+    conv = len(a) == len(b) and 3 <= len(a) <= 5 and all(k == 1 for k in b[2:])  # Conv1d/2d/3d LoRA
+    if not conv and (len(a) != 2 or len(b) != 2):
+        return (f"A {tuple(a)} / B {tuple(b)} are neither matrices nor conv kernels (B of kernel size 1); "
+                f"only Linear, Conv1D, Embedding and Conv1d/2d/3d LoRA is supported")
     if a[0] != b[1]:
         return f"rank mismatch: A is {tuple(a)} (r={a[0]}) but B is {tuple(b)} (r={b[1]})"
     want = cfg.rank_for(module)
     if a[0] != want:
         return f"rank {a[0]} in the weights but adapter_config.json gives r={want} (r / rank_pattern); fix the config"
-    if cfg.targets(module) is False:
+    if cfg.targets(module) is False and not cfg.tied_head(module):
         return f"not matched by target_modules {cfg.target_modules!r} (or excluded); PEFT would ignore its weights"
     return None
 
@@ -667,86 +754,6 @@ def _validate_modules(modules: Mapping[str, LoraModule], full_tensors: Mapping[s
             raise AdapterError(f"full tensor {name!r}: not a tensor")
 
 
-def _adapter_flags(modules: Mapping[str, LoraModule], mts: list[str] | None) -> tuple[bool, bool]:
-    """(use_dora, lora_bias) of the modules, after checking PEFT can express them together."""
-    for name in modules:
-        if _in_modules_to_save(name, mts):
-            raise AdapterError(
-                f"LoRA module {name!r} is inside a modules_to_save module ({mts}); PEFT would ignore its LoRA weights"
-            )
-    use_dora = [m.magnitude is not None for m in modules.values()]
-    if any(use_dora) and not all(use_dora):
-        raise AdapterError("some modules have a DoRA magnitude and some do not; PEFT needs all or none")
-    lora_bias = any(m.bias is not None for m in modules.values())
-    if lora_bias and any(use_dora):
-        raise AdapterError("PEFT does not support lora_bias together with DoRA; drop the biases or the magnitudes")
-    return any(use_dora), lora_bias
-
-
-def _adapter_config(modules: Mapping[str, LoraModule], mts: list[str] | None, *, use_dora: bool, lora_bias: bool,
-                    fan_in_fan_out: bool, task_type: str | None, base_model_name_or_path: str | None,
-                    extra_config: Mapping | None) -> dict:
-    """adapter_config.json's content (key order is part of the written bytes)."""
-    cfg = {
-        "peft_type": "LORA",
-        **config_for_ranks({n: m.rank for n, m in modules.items()}, {n: m.scaling for n, m in modules.items()}),
-        "target_modules": sorted(modules),
-        "fan_in_fan_out": bool(fan_in_fan_out),
-        "use_rslora": False,
-        "use_dora": bool(use_dora),
-        "lora_bias": lora_bias,
-        "modules_to_save": mts,
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "bias": "none",
-        "lora_dropout": 0.0,
-        "init_lora_weights": True,  # zero-init for anything not in the file (e.g. absent biases)
-        "inference_mode": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "exclude_modules": None,
-        "revision": None,
-    }
-    for k, v in (extra_config or {}).items():
-        if k in _COMPUTED:
-            raise AdapterError(f"extra_config may not set {k!r}; it is derived from the modules")
-        cfg[k] = v
-    try:
-        json.dumps(cfg)
-    except (TypeError, ValueError) as e:
-        raise AdapterError(f"adapter config is not JSON-serialisable ({e}); "
-                           f"pass plain values in extra_config") from None
-    return cfg
-
-
-def _parse_resolving(cfg: dict, modules: Mapping[str, LoraModule]) -> LoraAdapterConfig:
-    """The parsed config, once PEFT's pattern lookup gives every module its rank and alpha;
-    anchors and escapes the pattern keys in `cfg` when full names alone would be ambiguous."""
-    alphas = {n: _alpha_for_scaling(float(m.scaling), m.rank) for n, m in modules.items()}
-    parsed = parse_adapter_config(cfg, "adapter config being written")
-    if _resolves(parsed, modules, alphas):
-        return parsed
-    # A full name that is also a dotted suffix of another module's name would
-    # match both; anchored, escaped keys match exactly one module.
-    for key in ("rank_pattern", "alpha_pattern"):
-        cfg[key] = {"^" + re.escape(m): v for m, v in cfg[key].items()}
-    parsed = parse_adapter_config(cfg, "adapter config being written")
-    if not _resolves(parsed, modules, alphas):
-        raise AdapterError("cannot express the per-module ranks/scales in rank_pattern/alpha_pattern")
-    return parsed
-
-
-def _saved_tensors(modules: Mapping[str, LoraModule], full_tensors: Mapping[str, torch.Tensor],
-                   lora_bias: bool) -> dict[str, torch.Tensor]:
-    sd = adapter_state_dict(modules, full_tensors)
-    if lora_bias:  # every linear LoRA layer gets a bias in PEFT; store explicit zeros
-        for m in modules.values():
-            key = module_key_prefix(m.module) + ".lora_B.bias"
-            if m.kind == "linear" and key not in sd:
-                sd[key] = torch.zeros(m.B.shape[0], dtype=m.B.dtype)  # (out,)
-    return sd
-
-
 def write_adapter(
     out_dir: str | Path,
     modules: Mapping[str, LoraModule],
@@ -758,44 +765,152 @@ def write_adapter(
     extra_config: Mapping | None = None,
     overwrite: bool = False,
     inputs: Iterable[Path] = (),
+    target_parameters: Mapping[str, ParamLora] | None = None,
+    bias_tensors: Mapping[str, torch.Tensor] | None = None,
+    copy_files: tuple[Path, Iterable[str]] | None = None,
 ) -> LoraAdapterConfig:
-    """Write a PEFT LoRA adapter directory atomically; everything is validated before the first
-    byte is written.
+    """Write a PEFT LoRA adapter directory atomically; returns its parsed config.
 
-    Args:
-        out_dir: the adapter directory to create.
-        modules: {module name: LoraModule}.
-        full_tensors: {base tensor name: tensor} saved whole; their modules go into modules_to_save.
-        base_model_name_or_path, task_type, fan_in_fan_out: copied into adapter_config.json.
-        extra_config: adds/overrides non-computed config fields.
-        overwrite: replace an existing out_dir. inputs: paths out_dir must not be or contain.
-
-    Returns:
-        The written config, parsed (LoraAdapterConfig).
-
-    Raises:
-        AdapterError for modules PEFT could not load as written; OutputError for the location.
-
-    Example:
-        >>> m = LoraModule("layers.0.q", "linear", torch.zeros(2, 8), torch.zeros(8, 2))
-        >>> write_adapter("out/lora", {m.module: m}).r  # doctest: +SKIP
-        2
+    `full_tensors` ({base tensor name: tensor}) are saved whole; their modules go into
+    modules_to_save. `extra_config` adds/overrides non-computed config fields. `target_parameters`
+    ({parameter name: ParamLora}): LoRAs on raw parameters. `bias_tensors` ({"<module>.bias":
+    tensor}): PEFT ``bias: "all"`` values. `copy_files`: (directory, file names) to copy beside.
+    Everything is validated before the first byte is written.
     """
     full_tensors = dict(full_tensors or {})
-    _validate_modules(modules, full_tensors)
-    mts = sorted({n.rsplit(".", 1)[0] for n in full_tensors}) or None
-    use_dora, lora_bias = _adapter_flags(modules, mts)
-    cfg = _adapter_config(modules, mts, use_dora=use_dora, lora_bias=lora_bias, fan_in_fan_out=fan_in_fan_out,
-                          task_type=task_type, base_model_name_or_path=base_model_name_or_path,
-                          extra_config=extra_config)
-    parsed = _parse_resolving(cfg, modules)
-    sd = _saved_tensors(modules, full_tensors, lora_bias)
+    params = dict(target_parameters or {})
+    bias_tensors = dict(bias_tensors or {})
+    mts, use_dora, lora_bias = _check_written(modules, full_tensors, params, bias_tensors)
+    cfg = {
+        "peft_type": "LORA",
+        **_ranks_config(modules, params),
+        "target_modules": sorted(modules),
+        "fan_in_fan_out": bool(fan_in_fan_out),
+        "use_rslora": False,
+        "use_dora": bool(any(use_dora)),
+        "lora_bias": lora_bias,
+        "modules_to_save": mts,
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "bias": "all" if bias_tensors else "none",
+        "lora_dropout": 0.0,
+        "init_lora_weights": True,  # zero-init for anything not in the file (e.g. absent biases)
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+        "revision": None,
+    }
+    _add_extra_config(cfg, extra_config, params)
+    parsed = _settle_patterns(cfg, modules)
+    sd = _written_tensors(modules, full_tensors, params, bias_tensors)
     with ShardedWriter(out_dir, shard_size=None, overwrite=overwrite, basename="adapter_model",
                        metadata={"format": "pt"}, inputs=inputs) as w:
         for key in sorted(sd):
             w.add(key, sd[key].detach().contiguous())
         w.write_json(CONFIG_NAME, cfg)
+        if copy_files is not None:
+            w.copy_files(Path(copy_files[0]), list(copy_files[1]))
     return parsed
+
+
+def _check_written(modules: Mapping[str, LoraModule], full_tensors: Mapping[str, torch.Tensor],
+                   params: Mapping[str, ParamLora], bias_tensors: Mapping[str, torch.Tensor],
+                   ) -> tuple[list[str] | None, list[bool], bool]:
+    """Validate what write_adapter is given; (modules_to_save, DoRA flags, lora_bias)."""
+    _validate_modules(modules, full_tensors)
+    _validate_extras(modules, params, bias_tensors)
+    mts = sorted({n.rsplit(".", 1)[0] for n in full_tensors}) or None
+    for name in modules:
+        if _in_modules_to_save(name, mts):
+            raise AdapterError(
+                f"LoRA module {name!r} is inside a modules_to_save module ({mts}); PEFT would ignore its LoRA weights"
+            )
+    use_dora = [m.magnitude is not None for m in modules.values()]
+    if any(use_dora) and not all(use_dora):
+        raise AdapterError("some modules have a DoRA magnitude and some do not; PEFT needs all or none")
+    lora_bias = any(m.bias is not None for m in modules.values())
+    if lora_bias and any(use_dora):
+        raise AdapterError("PEFT does not support lora_bias together with DoRA; drop the biases or the magnitudes")
+    return mts, use_dora, lora_bias
+
+
+def _ranks_config(modules: Mapping[str, LoraModule], params: Mapping[str, ParamLora]) -> dict:
+    """config_for_ranks over LoRA modules and target parameters together."""
+    ranks = {**{n: m.rank for n, m in modules.items()}, **{n: p.rank for n, p in params.items()}}
+    scalings = {**{n: m.scaling for n, m in modules.items()}, **{n: p.scaling for n, p in params.items()}}
+    return config_for_ranks(ranks, scalings)
+
+
+def _add_extra_config(cfg: dict, extra_config: Mapping | None, params: Mapping[str, ParamLora]) -> None:
+    for k, v in (extra_config or {}).items():
+        if k in _COMPUTED:
+            raise AdapterError(f"extra_config may not set {k!r}; it is derived from the modules")
+        cfg[k] = v
+    try:
+        json.dumps(cfg)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"adapter config is not JSON-serialisable ({e}); pass plain values in "
+                           "extra_config") from None
+    if params:
+        cfg["target_parameters"] = sorted(params)
+
+
+def _settle_patterns(cfg: dict, modules: Mapping[str, LoraModule]) -> LoraAdapterConfig:
+    """Parse the config being written, anchoring its pattern keys when a plain full name would
+    also match another module (a dotted suffix of its name): every module gets exactly its rank."""
+    alphas = {n: _alpha_for_scaling(float(m.scaling), m.rank) for n, m in modules.items()}
+    parsed = _parse_written(cfg)
+    if not _resolves(parsed, modules, alphas):
+        # A full name that is also a dotted suffix of another module's name would
+        # match both; anchored, escaped keys match exactly one module.
+        for key in ("rank_pattern", "alpha_pattern"):
+            cfg[key] = {"^" + re.escape(m): v for m, v in cfg[key].items()}
+        parsed = _parse_written(cfg)
+        if not _resolves(parsed, modules, alphas):
+            raise AdapterError("cannot express the per-module ranks/scales in rank_pattern/alpha_pattern")
+    return parsed
+
+
+def _written_tensors(modules: Mapping[str, LoraModule], full_tensors: Mapping[str, torch.Tensor],
+                     params: Mapping[str, ParamLora], bias_tensors: Mapping[str, torch.Tensor]) -> dict:
+    """Every tensor of the adapter file under its saved key."""
+    sd = adapter_state_dict(modules, full_tensors)
+    for p in params.values():
+        sd.update(p.keys())
+    for name, t in bias_tensors.items():  # PEFT keys a wrapped module's own bias under base_layer
+        owner = name.rsplit(".", 1)[0]
+        sd[PREFIX + (f"{owner}.base_layer.bias" if owner in modules else name)] = t
+    if any(m.bias is not None for m in modules.values()):  # PEFT gives every linear LoRA a bias: explicit zeros
+        for m in modules.values():
+            key = module_key_prefix(m.module) + ".lora_B.bias"
+            if m.kind == "linear" and key not in sd:
+                sd[key] = torch.zeros(m.B.shape[0], dtype=m.B.dtype)  # (out,)
+    return sd
+
+
+def _parse_written(cfg: dict) -> LoraAdapterConfig:
+    """parse_adapter_config of a config being written (target_parameters, which the reader
+    refuses, checked by write_adapter itself)."""
+    return parse_adapter_config({k: v for k, v in cfg.items() if k != "target_parameters"},
+                                "adapter config being written")
+
+
+def _validate_extras(modules: Mapping[str, LoraModule], params: Mapping[str, ParamLora],
+                     bias_tensors: Mapping[str, torch.Tensor]) -> None:
+    for name, p in params.items():
+        if name != p.param or not _NAME.fullmatch(name) or "." not in name:
+            raise AdapterError(f"target parameter {name!r}: expected a dotted parameter name equal to its param")
+        if p.A.dim() != 2 or p.B.dim() != 2 or p.A.shape[0] != p.B.shape[1] or p.A.shape[0] % max(p.experts, 1):
+            raise AdapterError(f"target parameter {name!r}: A {tuple(p.A.shape)} / B {tuple(p.B.shape)} are not "
+                               f"(r * {p.experts}, in) / (out, r * {p.experts})")
+    if params and any(m.bias is not None for m in modules.values()):
+        raise AdapterError("PEFT's target_parameters LoRA does not support lora_bias; drop the biases")
+    if bias_tensors and any(m.bias is not None for m in modules.values()):
+        raise AdapterError("bias tensors (bias='all') and lora_B.bias cannot be combined; keep one")
+    for name in bias_tensors:
+        if not name.endswith(".bias") or not _NAME.fullmatch(name):
+            raise AdapterError(f"bias tensor {name!r}: expected a name like 'encoder.dense.bias'")
 
 
 def _resolves(cfg: LoraAdapterConfig, modules: Mapping[str, LoraModule], alphas: Mapping[str, float]) -> bool:

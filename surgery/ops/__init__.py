@@ -1,1 +1,2 @@
-"""Operations, one per command: extract, merge, refine, init, factorize, bottleneck, analyze, inspect, the demo pipeline."""
+"""Operations, one per command: extract, merge, refine, init-lora, factorize, bottleneck adapters,
+analyze, inspect, and the demo pipeline."""

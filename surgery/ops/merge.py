@@ -210,6 +210,7 @@ class _Replacements:
     config_updates: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     applied: list[set[str]] = field(default_factory=list)
+    restored: set[str] = field(default_factory=set)  # unmerge: tensors restored whole from a saved original
 
 
 @dataclass
@@ -240,30 +241,23 @@ def _target_hits(entry: str, modules: set[str]) -> bool:
     return any(m == entry or m.endswith("." + entry) for m in modules)
 
 
-def _check_patterns(ad: _Adapter, base: _Base, modules: set[str]) -> None:
-    """Every rank/alpha pattern key and target_modules entry must match a base module (PEFT
-    silently ignores those that match nothing)."""
-    cfg = ad.config
+def _check_patterns(ad: _Adapter, base: _Base, modules: set[str]) -> list[str]:
+    """Notes for rank/alpha pattern keys and target_modules entries that match no base module.
+
+    PEFT merges such adapters (it ignores what matches nothing), so they are not refused; saved
+    tensor keys that fit no module are still refused (read_adapter, _module_target)."""
+    cfg, notes = ad.config, []
     for key in ("rank_pattern", "alpha_pattern"):
-        for k in getattr(cfg, key):
-            if not _pattern_hits(k, modules):
-                raise AdapterError(
-                    f"{ad.path}: {key} key {k!r} matches no module of the base {base.where}; "
-                    f"PEFT would silently ignore it; fix or remove the key in adapter_config.json"
-                )
+        notes += [f"{ad.path}: {key} key {k!r} matches no module of the base; ignored (as PEFT does)"
+                  for k in getattr(cfg, key) if not _pattern_hits(k, modules)]
     tm = cfg.target_modules
     if isinstance(tm, list):
-        for entry in tm:
-            if not _target_hits(entry, modules):
-                raise AdapterError(
-                    f"{ad.path}: target_modules entry {entry!r} matches no module of the base {base.where}; "
-                    f"is the adapter for another model? fix target_modules in adapter_config.json"
-                )
+        notes += [f"{ad.path}: target_modules entry {e!r} matches no module of the base; ignored (as PEFT does)"
+                  for e in tm if not _target_hits(e, modules)]
     elif isinstance(tm, str) and tm != "all-linear" and not any(re.fullmatch(tm, m) for m in modules):
-        raise AdapterError(
-            f"{ad.path}: target_modules regex {tm!r} matches no module of the base {base.where}; "
-            f"is the adapter for another model?"
-        )
+        notes.append(f"{ad.path}: target_modules regex {tm!r} matches no module of the base; is the adapter "
+                     f"for another model?")
+    return notes
 
 
 def _missing_hint(name: str, base: _Base) -> str:
@@ -319,10 +313,13 @@ def _place_full(i: int, ad: _Adapter, name: str, t: torch.Tensor, base: _Base, r
         if shape is not None:
             rep.new_shapes[name] = shape
         rep.ops.setdefault(name, []).append(op)
+        _untie_heads(ad, name, base, rep)
     elif name in base.tied:
         # The head gets its own trained copy: untie it (see module docstring).
         if ad.weight != 1.0:
             raise OptionError(f"{ad.path}: replaces tied {name}; it cannot be scaled, use weight 1", field="weights")
+        if rep.extra.get(name):
+            raise AdapterError(f"{name}: replaced by two adapters (modules_to_save); merge them separately")
         rep.extra[name] = [op]
         rep.config_updates["tie_word_embeddings"] = False
         rep.notes.append(f"{name} was tied to {base.tied[name]}; {ad.path} replaces it, so it is written "
@@ -332,6 +329,50 @@ def _place_full(i: int, ad: _Adapter, name: str, t: torch.Tensor, base: _Base, r
             f"{ad.path}: full tensor {name!r} (modules_to_save) matches no tensor of the base {base.where}"
             + _missing_hint(name, base)
         )
+
+
+def _untie_heads(ad: _Adapter, name: str, base: _Base, rep: _Replacements) -> None:
+    """A full replacement of a tied input embedding: PEFT wraps only the embedding (modules_to_save),
+    so the heads tied to it keep the base values (untied), unless ensure_weight_tying keeps the tie."""
+    heads = [h for h, src in base.tied.items() if src == name]
+    if not heads:
+        return
+    if ad.config.raw.get("ensure_weight_tying") is True:
+        rep.notes.append(f"{ad.path}: replaces {name}; ensure_weight_tying keeps {', '.join(heads)} tied to it")
+        return
+    for head in heads:
+        rep.extra.setdefault(head, [])  # [] = a copy of the base's (unreplaced) source tensor
+        rep.config_updates["tie_word_embeddings"] = False
+        rep.notes.append(f"{head} was tied to {name}; {ad.path} replaces {name} only (modules_to_save), so "
+                         f"{head} keeps the base values and is written untied (tie_word_embeddings=false), like PEFT")
+
+
+def _restore_originals(i: int, ad: _Adapter, base: _Base, rep: _Replacements) -> None:
+    """Unmerge: full tensors can only be undone when they are provably the base's original values.
+
+    That holds for the base layer of a module the adapter puts LoRA on (`<module>.weight`, saved by
+    PEFT beside a targeted embedding / tied head: frozen, never trained): the stored tensor is
+    restored from it (and the LoRA deltas on it are not subtracted). Anything else (modules_to_save,
+    bias="all" biases, a resized vocabulary) was trained and the base values are not in the adapter."""
+    for name, t in ad.full.items():
+        if name.removesuffix(".weight") not in ad.modules or not name.endswith(".weight"):
+            raise AdapterError(
+                f"{ad.path}: stores trained full tensor {name} (modules_to_save / bias=\"all\"); the base values "
+                f"it replaced are not in the adapter, so unmerge cannot restore them; merge from the original base"
+            )
+        target = _resolve(name, base)
+        if target is None or tuple(t.shape) != base.shapes[target]:
+            raise AdapterError(f"{ad.path}: saved base layer {name} {tuple(t.shape)} does not fit the base "
+                               f"{base.where}; is the adapter for another model?")
+        prev = rep.ops.get(target)
+        if prev and not torch.equal(prev[0].full(), t):
+            raise AdapterError(f"{target}: adapters save different original values for it; unmerge them separately")
+        if not prev:
+            rep.ops[target] = [_Op(i, "replace", 1.0, tensor=t)]
+            rep.restored.add(target)
+            rep.notes.append(f"{target} restored from the original saved in {ad.path} (its LoRA deltas are not "
+                             f"subtracted)")
+    rep.applied.append({name.rsplit(".", 1)[0] for name in ad.full})
 
 
 def _vocab_resize(base: _Base, new_shapes: dict[str, tuple[int, ...]]) -> tuple[dict, list[str]]:
@@ -365,13 +406,12 @@ def _replacements(base: _Base, adapters: list[_Adapter], unmerge: bool) -> _Repl
     rep = _Replacements(adapters=[])
     replaced_by: dict[str, str] = {}
     for i, given in enumerate(adapters):
+        if unmerge:
+            rep.adapters.append(given)
+            _restore_originals(i, given, base, rep)
+            continue
         ad = _drop_restated(given, base, rep.notes)
         rep.adapters.append(ad)
-        if ad.full and unmerge:
-            raise AdapterError(
-                f"{ad.path}: stores full tensors ({', '.join(sorted(ad.full)[:3])}) that replace base weights; "
-                f"unmerge cannot recover the values they replaced; merge from the original base instead"
-            )
         for name, t in ad.full.items():
             if name in replaced_by:
                 raise AdapterError(f"{name}: replaced by both {replaced_by[name]} and {ad.path} (modules_to_save); "
@@ -398,6 +438,9 @@ def _module_target(ad: _Adapter, mname: str, base: _Base, rep: _Replacements) ->
             + _missing_hint(wname, base)
         )
     notes = []
+    if ad.config.targets(mname) is False and wname not in base.tied:  # accepted only as a tied head
+        raise AdapterError(f"{ad.path}: LoRA module {mname!r} is not matched by target_modules and is not an "
+                           f"output head tied to the embedding (ensure_weight_tying); PEFT would ignore its weights")
     if target != wname:
         notes.append(f"{wname} is tied to {target}: {ad.path}'s delta on {mname} changes the shared tensor "
                      f"(as in PEFT, where both modules share one parameter)")
@@ -414,13 +457,18 @@ def _factor_layout(ad: _Adapter, m: LoraModule, target: str, shape: tuple[int, .
     """(fan_in_fan_out, out dim, notes) of LoRA module m on base weight `target` of `shape`,
     after checking that A, B (and the DoRA magnitude) fit it."""
     mname, cfg, notes = m.module, ad.config, []
-    if len(shape) != 2:
-        raise AdapterError(
-            f"{ad.path}: {mname}: base weight {target} has shape {shape}; only Linear, Conv1D and "
-            f"Embedding LoRA can be merged"
-        )
     r = m.A.shape[0]
-    if m.kind == "embedding":
+    if m.kind == "linear" and m.A.dim() > 2 and len(shape) == m.A.dim():  # Conv1d/2d/3d
+        want_a, want_b = (r, *shape[1:]), (shape[0], r, *([1] * (len(shape) - 2)))
+        if m.magnitude is not None:
+            raise AdapterError(f"{ad.path}: {mname}: DoRA on convolutions is not supported; merge it with PEFT")
+        fifo, out_dim = False, shape[0]
+    elif len(shape) != 2:
+        raise AdapterError(
+            f"{ad.path}: {mname}: base weight {target} has shape {shape} but A is {tuple(m.A.shape)}; only "
+            f"Linear, Conv1D, Embedding and Conv1d/2d/3d LoRA can be merged"
+        )
+    elif m.kind == "embedding":
         fifo, out_dim = False, shape[1]
         want_a, want_b = (r, shape[0]), (shape[1], r)
     else:
@@ -470,7 +518,7 @@ def _module_ops(i: int, ad: _Adapter, m: LoraModule, base: _Base,
     shape = rep.new_shapes.get(target, base.shapes[target])
     fifo, out_dim, layout_notes = _factor_layout(ad, m, target, shape, base)
     kind = "dora" if m.magnitude is not None else "lora"
-    placed = [(target, _Op(i, kind, ad.weight, module=m, fifo=fifo))]
+    placed = [] if target in rep.restored else [(target, _Op(i, kind, ad.weight, module=m, fifo=fifo))]
     bias = _bias_target(ad, m, base, out_dim)
     if bias is not None:
         placed.append((bias, _Op(i, "bias", ad.weight, module=m)))
@@ -482,7 +530,7 @@ def _lora_ops(base: _Base, rep: _Replacements, unmerge: bool) -> _LoraOps:
     modules = base.modules()
     out = _LoraOps()
     for i, ad in enumerate(rep.adapters):
-        _check_patterns(ad, base, modules)
+        out.notes.extend(_check_patterns(ad, base, modules))
         if unmerge and ad.config.use_dora:
             raise AdapterError(
                 f"{ad.path}: DoRA merges cannot be undone from the merged weights (the norm ‖W+ΔW‖ that scaled "
@@ -522,11 +570,24 @@ def _t(x: torch.Tensor, fifo: bool) -> torch.Tensor:
     return x.T if fifo else x
 
 
-def lora_delta(m: LoraModule, fifo: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
-    """PEFT's get_delta_weight in fp32, in the layout of the stored weight."""
-    a = m.A.to(device=device, dtype=torch.float32)  # (r, in) / embedding (r, vocab)
-    b = m.B.to(device=device, dtype=torch.float32)  # (out, r) / embedding (dim, r)
-    ba = (b @ a).mul_(m.scaling)  # scaled in place: the same rounding as PEFT's (B @ A) * s
+def _conv_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """PEFT's _ConvNd.get_delta_weight (groups=1): a 1x1 Conv2d as a matrix product, otherwise
+    conv(A^T, B)^T; (out, in, *kernel)."""
+    if a.dim() == 4 and tuple(a.shape[2:]) == (1, 1):
+        return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * scaling
+    conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[a.dim()]
+    return conv(a.transpose(0, 1), b).transpose(0, 1) * scaling
+
+
+def lora_delta(m: LoraModule, fifo: bool = False, device: torch.device | str = "cpu",
+               weight: float = 1.0) -> torch.Tensor:
+    """PEFT's get_delta_weight in fp32, in the layout of the stored weight; `weight` multiplies the
+    scaling first (PEFT's weighted merge: scaling *= weight, then (B @ A) * scaling)."""
+    a = m.A.to(device=device, dtype=torch.float32)  # (r, in) / embedding (r, vocab) / conv (r, in, *k)
+    b = m.B.to(device=device, dtype=torch.float32)  # (out, r) / embedding (dim, r) / conv (out, r, 1, ...)
+    if a.dim() > 2:
+        return _conv_delta(a, b, m.scaling * weight)
+    ba = (b @ a).mul_(m.scaling * weight)  # scaled in place: the same rounding as PEFT's (B @ A) * s
     if m.kind == "embedding":
         return ba.T  # (vocab, dim)
     return _t(ba, fifo)  # (out, in), Conv1D (in, out)
@@ -562,19 +623,23 @@ def _apply_ops(t: torch.Tensor, ops: Sequence[_Op], unmerge: bool, device: torch
             if inplace and base32 is op.tensor:
                 base32 = base32.clone()  # nor into the adapter's own tensor
     out = base32
-    sign = -1.0 if unmerge else 1.0
+    last = None  # adapter of the previous delta
     for op in ops:
+        if op.kind in ("lora", "bias") and inplace and last is not None and op.adapter != last \
+                and t.dtype != torch.float32 and not unmerge:
+            # PEFT merges adapter after adapter into the weight: it is rounded to its dtype in between
+            out = out.to(t.dtype).float()
         if op.kind == "lora":
-            d = lora_delta(op.lora(), op.fifo, device)
-            d = d if (op.weight == 1.0 and not unmerge) else (sign * op.weight) * d
+            d = lora_delta(op.lora(), op.fifo, device, op.weight)
             if op.lora().kind == "embedding" and not unmerge:
                 # PEFT's Embedding.merge adds get_delta_weight(...).to(weight dtype): the delta is
                 # rounded to the base dtype first (Linear adds the fp32 delta, one rounding)
                 d = d.to(t.dtype).float()
+            d = d.neg_() if unmerge else d
             out = out.add_(d) if inplace else out + d
         elif op.kind == "bias":
-            d = op.bias().to(device=device, dtype=torch.float32) * op.lora().scaling  # (out,)
-            d = d if (op.weight == 1.0 and not unmerge) else (sign * op.weight) * d
+            d = op.bias().to(device=device, dtype=torch.float32) * (op.lora().scaling * op.weight)  # (out,)
+            d = d.neg_() if unmerge else d
             out = out.add_(d) if inplace else out + d
         elif op.kind == "dora":
             merged = dora_merge(base32, op.lora(), op.fifo, lora_delta(op.lora(), op.fifo, device))
@@ -582,6 +647,8 @@ def _apply_ops(t: torch.Tensor, ops: Sequence[_Op], unmerge: bool, device: torch
                 out = merged  # bit-identical to PEFT for a lone DoRA adapter
             else:
                 out = out + op.weight * (merged - base32)
+        if op.kind != "replace":
+            last = op.adapter
     return out
 
 
@@ -696,13 +763,15 @@ def _iter_plan(idx: CheckpointIndex, plan: _Plan, progress: Progress | None) -> 
             done += 1
             if progress:
                 progress(desc, done, total)
-    for name, ops in plan.extra.items():
-        src = idx.tensors[plan.base.tied[name]]
-        # the head starts from the shared tensor's dtype; its values come from the replace op
-        yield name, _finish(name, ops[0].full().to(src.dtype), plan, ops)
-        done += 1
-        if progress:
-            progress(desc, done, total)
+        for name, ops in plan.extra.items():
+            src = plan.base.tied[name]
+            if ops:  # the head starts from the shared tensor's dtype; its values come from the replace op
+                yield name, _finish(name, ops[0].full().to(idx.tensors[src].dtype), plan, ops)
+            else:  # an untied head keeping the base values of its (replaced) source
+                yield name, _finish(name, reader.get(src), plan, None)
+            done += 1
+            if progress:
+                progress(desc, done, total)
 
 
 @contextlib.contextmanager
@@ -783,9 +852,12 @@ def _updated_config(config: dict, plan: _Plan) -> dict:
     for key, value in plan.config_updates.items():
         if key.startswith("text_config."):
             cfg["text_config"] = {**cfg["text_config"], key.split(".", 1)[1]: value}
-        elif key == "tie_word_embeddings" and isinstance(cfg.get("text_config"), dict) \
-                and "tie_word_embeddings" in cfg["text_config"] and "tie_word_embeddings" not in cfg:
-            cfg["text_config"] = {**cfg["text_config"], key: value}
+        elif key == "tie_word_embeddings":
+            # transformers reads the model's own config (top level); composite models' text models read
+            # text_config: set both where the text config has the key
+            cfg[key] = value
+            if isinstance(cfg.get("text_config"), dict) and key in cfg["text_config"]:
+                cfg["text_config"] = {**cfg["text_config"], key: value}
         else:
             cfg[key] = value
     if plan.dtype is not None:
@@ -928,6 +1000,19 @@ def _model_base(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> _Base:
     return _Base("the model", shapes, dtypes, tied, config, read=lambda n: sd[n].detach())
 
 
+def _untie_in_model(model: torch.nn.Module, plan: _Plan, sd: dict[str, torch.Tensor]) -> None:
+    """Give every head the plan unties (plan.extra, no ops) its own copy of the base values."""
+    for head in plan.extra:
+        owner, _, pname = head.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        src = sd[plan.base.tied[head]]
+        setattr(module, pname, torch.nn.Parameter(src.detach().clone(), requires_grad=src.requires_grad))
+    if plan.extra:
+        for cfg in (getattr(model, "config", None), getattr(getattr(model, "config", None), "text_config", None)):
+            if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
+                cfg.tie_word_embeddings = False
+
+
 def apply_adapters_to_model(
     model: torch.nn.Module,
     adapters: Sequence[str | Path],
@@ -963,14 +1048,16 @@ def apply_adapters_to_model(
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     plan = _build_plan(_model_base(model, sd), _load_adapters(adapters, weight_list), unmerge=unmerge,
                        dtype=None, device=dev)
-    if plan.new_shapes or plan.extra:
-        raise AdapterError("the adapter resizes or unties embeddings; merge it to disk with `surgery merge` first")
+    if plan.new_shapes or any(plan.extra.values()):
+        raise AdapterError("the adapter resizes embeddings or replaces a tied head; merge it to disk with "
+                           "`surgery merge` first")
     with torch.no_grad():
+        _untie_in_model(model, plan, sd)
         for name, ops in plan.ops.items():
             t = sd[name]
             t.data.copy_(_finish(name, t.data, plan, ops).to(t.device))
     return {
-        "changed": sorted(plan.ops),
+        "changed": sorted({*plan.ops, *plan.extra}),
         "modules": [len(a) for a in plan.applied],
         "notes": plan.notes,
     }

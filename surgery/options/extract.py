@@ -28,7 +28,7 @@ from surgery.options.base import (
 SVD_METHODS = ("auto", "exact", "randomized")
 EMBEDDING_MODES = ("lora", "full", "skip")
 OTHER_DELTA_MODES = ("full", "skip")
-BIAS_MODES = ("lora", "skip")
+BIAS_MODES = ("auto", "lora", "all", "skip")
 #: PEFT's TaskType values (peft.utils.peft_types.TaskType)
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 DEFAULT_RANK = 16  # when no rank policy is given
@@ -49,12 +49,19 @@ class ExtractOptions(Options):
     SVD: svd ("auto" | "exact" | "randomized"), niter (power iterations, >= 0), seed.
     Selection: include / exclude (regexes searched in module names), embeddings ("lora" |
         "full" | "skip"), other_deltas (norm deltas: "full" saves them whole, "skip"; default
-        "full", or "skip" with serving_safe), bias ("lora": lora_B.bias with lora_bias, "skip").
+        "full", or "skip" with serving_safe), bias: how bias deltas are written —
+            "lora": lora_B.bias (lora_bias: true; PEFT then refuses embedding LoRAs, so changed
+                    embeddings are saved whole), "all": the fine-tune's biases with PEFT's
+                    bias="all" (they replace the base's on load), "skip": left out (reported),
+            "auto" (default): "lora", or "all" when the adapter holds an embedding or expert LoRA
+                    (keeps the adapter small); with serving_safe, "skip" in that case.
     serving_safe: no modules_to_save in the adapter (some servers reject it): other_deltas
         "skip" and embeddings never saved whole (tensors whose vocabulary grew still are, with
         a note).
     Output: dtype (adapter dtype "fp32" | "fp16" | "bf16"; default the base's), task_type (a
-        PEFT TaskType, or None: loads onto any model class), overwrite.
+        PEFT TaskType; None: inferred from config.json's architectures, null when unknown),
+        overwrite.
+    Inputs: revision (a Hugging Face Hub revision for BASE / FT given as Hub ids; cache only).
     Compute: device ("auto" | "cpu" | "cuda" | "cuda:N"), threads (torch CPU threads).
 
     Raises OptionError(field=...) for any value or combination that cannot work.
@@ -79,13 +86,14 @@ class ExtractOptions(Options):
     exclude: tuple[str, ...] = ()
     embeddings: str = "lora"
     other_deltas: str | None = None
-    bias: str = "lora"
+    bias: str = "auto"
     serving_safe: bool = False
     dtype: str | None = None
     device: str = "auto"
     threads: int | None = None
     task_type: str | None = None
     overwrite: bool = False
+    revision: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude"):  # a list (or one pattern) is accepted; stored as a tuple
@@ -120,6 +128,9 @@ class ExtractOptions(Options):
         device_name(self.device, "device", extra=("auto",))
         positive_int(self.threads, "threads", allow_none=True)
         one_of(self.task_type, TASK_TYPES, "task_type", allow_none=True)
+        require(self.revision is None or (isinstance(self.revision, str) and self.revision.strip() != ""
+                                          and "\n" not in self.revision), "revision",
+                f"must be a branch, tag or commit of the Hub repository, got {self.revision!r}")
 
     def _validate_policy(self) -> None:
         given = [n for n in ("rank", "energy", "budget") if getattr(self, n) is not None]

@@ -31,7 +31,7 @@ def render_extract(res, top: int | None = 20) -> str:
     rows = sorted(res.modules, key=lambda m: -m.rel_error)
     shown = rows if top is None else rows[:top]
     lines = [table(
-        [[m.module, m.kind, f"{m.shape[0]}x{m.shape[1]}", m.rank, human_count(m.params),
+        [[m.module, m.kind, "x".join(str(d) for d in m.shape), m.rank, human_count(m.params),
           f"{m.rel_change:.2e}", f"{m.rel_error:.4f}", f"{100 * m.energy_kept:.2f}%"] for m in shown],
         ["module", "kind", "shape", "rank", "params", "|d|/|W|", "rel err", "energy"], "lllrrrrr")]
     if len(rows) > len(shown):
@@ -43,9 +43,14 @@ def render_extract(res, top: int | None = 20) -> str:
         f" overall relative error {res.overall_rel_error:.4f}; {res.seconds:.1f} s"
     )
     for s in res.skipped:
-        lines.append(f"skipped {s['tensor']}: {s['why']}")
+        share = f" ({100 * s['share']:.2f}% of the delta)" if s.get("share") else ""
+        lines.append(f"skipped {s['tensor']}: {s['why']}{share}")
+    if res.left_out_share:
+        lines.append(f"left out: {100 * res.left_out_share:.2f}% of the delta (‖Δ_skipped‖² / ‖Δ‖²)")
     for n in res.notes:
         lines.append(f"note: {n}")
+    for w in res.warnings:
+        lines.append(f"warning: {w}")
     return "\n".join(lines)
 
 
@@ -55,11 +60,13 @@ _REFINE_FIELDS = ("calibration", "steps", "lr", "warmup", "batch_size", "max_len
 
 def _run_refine(base, ft, out, opts: ExtractOptions, ropts, prog):
     """extract_lora into a temporary directory, then refine with FT as the teacher (surgery.ops.refine)."""
+    from surgery.io.hub import resolve_model
     from surgery.ops.extract import extract_lora
     from surgery.ops.refine import extract_and_refine
 
-    ex = opts.replace(overwrite=False)
-    return extract_and_refine(base, ft, out, ropts, progress=prog,
+    ex = opts.replace(overwrite=False)  # Hub ids: extract records the id, refine reads the cached snapshot
+    rbase, rft = resolve_model(base, opts.revision), resolve_model(ft, opts.revision)
+    return extract_and_refine(rbase, rft, out, ropts, progress=prog,
                               extract=lambda tmp: extract_lora(base, ft, tmp, ex, progress=prog))
 
 
@@ -77,16 +84,19 @@ def _run_refine(base, ft, out, opts: ExtractOptions, ropts, prog):
 @click.option("--include", multiple=True, metavar="REGEX", help="Only modules matching this regex (repeatable).")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip modules matching this regex (repeatable).")
 @click.option("--embeddings", type=click.Choice(EMBEDDING_MODES), default="lora", show_default=True)
+@click.option("--revision", help="Hub revision (branch, tag, commit) for BASE / FT given as Hub ids (from the cache).")
 @click.option("--other-deltas", type=click.Choice(OTHER_DELTA_MODES),
               help="Norm deltas: saved whole (modules_to_save) or skipped. [default: full; skip with --serving-safe]")
-@click.option("--bias", type=click.Choice(BIAS_MODES), default="lora", show_default=True,
-              help="Bias deltas as lora_B.bias (lora_bias: true) or skipped.")
+@click.option("--bias", type=click.Choice(BIAS_MODES), default="auto", show_default=True,
+              help="Bias deltas: lora_B.bias (lora), the fine-tune's biases with PEFT bias='all' (all), skipped, "
+              "or auto: lora unless an embedding/expert LoRA forbids it, then all.")
 @click.option("--serving-safe", is_flag=True,
               help="No modules_to_save (some servers reject it): norm deltas skipped, embeddings never saved whole.")
 @dtype_option(help="Adapter dtype (default: the base's).")
 @device_option()
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--task-type", help="PEFT task_type to record, e.g. CAUSAL_LM (default null: any model class loads it).")
+@click.option("--task-type", help="PEFT task_type to record, e.g. CAUSAL_LM (default: inferred from config.json's "
+              "architectures; null when unknown).")
 @click.option("--report", type=click.Path(path_type=str), help="Write the full report as JSON here.")
 @overwrite_option("an existing output directory")
 @json_option(help="Print the report as JSON on stdout.")
