@@ -690,3 +690,212 @@ def test_cli_bad_budget_is_usage_error(tiny_bert, tiny_bert_ft, tmp_path, bad):
                                  "--budget", bad])
     assert r.exit_code == 2 and "budget" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- PEFT interop
+
+
+@pytest.mark.parametrize("config,task", [
+    ({"architectures": ["GPT2LMHeadModel"]}, "CAUSAL_LM"), ({"architectures": ["LlamaForCausalLM"]}, "CAUSAL_LM"),
+    ({"architectures": ["BertForSequenceClassification"]}, "SEQ_CLS"),
+    ({"architectures": ["BertForTokenClassification"]}, "TOKEN_CLS"),
+    ({"architectures": ["BertForQuestionAnswering"]}, "QUESTION_ANS"),
+    ({"architectures": ["T5ForConditionalGeneration"]}, "SEQ_2_SEQ_LM"),
+    ({"architectures": ["BertModel"]}, "FEATURE_EXTRACTION"),
+    ({"architectures": ["ViTForImageClassification"]}, None), ({"architectures": ["NoSuchModel"]}, None), ({}, None),
+])
+def test_infer_task_type(config, task):
+    from surgery.ops.extract import infer_task_type
+
+    assert infer_task_type(config) == task
+
+
+def test_task_type_and_absolute_base_path_let_auto_peft_load(tiny_llama, tiny_llama_ft, tmp_path, monkeypatch):
+    import peft
+
+    root = Path(tiny_llama).parent.parent
+    monkeypatch.chdir(root)  # the inputs given relative to the working directory
+    res = extract_lora("fixtures/tiny-llama", "fixtures/tiny-llama-ft", tmp_path / "ad", rank=FULL, svd="exact")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert res.task_type == cfg["task_type"] == "CAUSAL_LM"
+    assert Path(cfg["base_model_name_or_path"]).is_absolute()
+    assert Path(cfg["base_model_name_or_path"]) == Path(tiny_llama).resolve()
+    monkeypatch.chdir(tmp_path)  # AutoPeftModel finds the base from anywhere
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        am = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "ad"), dtype=torch.float32).eval()
+    y_ft = outputs(hf_model(tiny_llama_ft, causal=True, fp32=True))
+    assert max_diff(outputs(am), y_ft) <= BF16_TOL
+    # The option overrides the inference.
+    extract_lora(tiny_llama, tiny_llama_ft, tmp_path / "fe", rank=2, task_type="FEATURE_EXTRACTION")
+    assert json.loads((tmp_path / "fe" / "adapter_config.json").read_text())["task_type"] == "FEATURE_EXTRACTION"
+
+
+def test_default_bias_keeps_embeddings_lora_and_writes_biases_all(tiny_bert, tiny_bert_ft, tmp_path):
+    """bias='auto': beside an embedding LoRA the bias deltas go with PEFT's bias='all' (small), the
+    embeddings stay LoRAs; PEFT reproduces the fine-tune unmerged and merged."""
+    res = extract_lora(tiny_bert, tiny_bert_ft, tmp_path / "ad", rank=FULL, svd="exact")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["bias"] == "all" and cfg["lora_bias"] is False
+    assert {"embedding", "linear"} == {m.kind for m in res.modules}
+    assert not any("embeddings" in n and "LayerNorm" not in n for n in res.full)
+    truth = true_deltas(tiny_bert, tiny_bert_ft)
+    assert res.bias_params == sum(t.numel() for k, t in truth.items() if k.endswith(".bias") and "LayerNorm" not in k
+                                  and t.any())
+    assert res.left_out_share == 0.0 and not res.skipped
+    y_ft = outputs(hf_model(tiny_bert_ft, causal=False))
+    pm = peft_model(tiny_bert, tmp_path / "ad", causal=False)
+    assert max_diff(outputs(pm), y_ft) <= FP32_TOL
+    assert max_diff(outputs(pm.merge_and_unload()), y_ft) <= FP32_TOL
+    # The old default saved the embeddings whole: at a working rank, a larger adapter.
+    new = extract_lora(tiny_bert, tiny_bert_ft, tmp_path / "new", rank=4)
+    old = extract_lora(tiny_bert, tiny_bert_ft, tmp_path / "old", rank=4, bias="lora")
+    assert "embeddings.word_embeddings.weight" in old.full and "embeddings.word_embeddings.weight" not in new.full
+    size = (tmp_path / "new" / "adapter_model.safetensors").stat().st_size
+    assert size < 0.8 * (tmp_path / "old" / "adapter_model.safetensors").stat().st_size
+
+
+def test_skipped_deltas_report_their_share(tiny_bert, tiny_bert_ft, tmp_path):
+    res = extract_lora(tiny_bert, tiny_bert_ft, tmp_path / "ad", rank=FULL, svd="exact", bias="skip")
+    truth = true_deltas(tiny_bert, tiny_bert_ft)
+    total = sum(float(t.double().pow(2).sum()) for t in truth.values())
+    biases = {k for k, t in truth.items() if k.endswith(".bias") and "LayerNorm" not in k and t.any()}
+    assert {s["tensor"] for s in res.skipped} == biases
+    want = sum(float(truth[k].double().pow(2).sum()) for k in biases) / total
+    assert math.isclose(res.left_out_share, want, rel_tol=1e-4) and 0 < want < 1
+    assert math.isclose(sum(s["share"] for s in res.skipped), res.left_out_share, rel_tol=1e-9)
+    # Negative control: the dropped biases are visible in the outputs.
+    assert max_diff(outputs(peft_model(tiny_bert, tmp_path / "ad", causal=False)),
+                    outputs(hf_model(tiny_bert_ft, causal=False))) > FP32_TOL
+
+
+def test_changes_all_left_out_is_not_no_differences(tiny_bert, tmp_path):
+    ft = _edited_ft(tiny_bert, tmp_path / "ft", lambda t: t.update(
+        {"pooler.dense.bias": t["pooler.dense.bias"] + 0.1}))
+    with pytest.raises(SurgeryError, match=r"every change .* is left out \(1 tensors; pooler.dense.bias: bias='skip'"):
+        extract_lora(tiny_bert, ft, tmp_path / "ad", rank=2, bias="skip")
+    # A bias-only change is extracted (a zero rank-1 LoRA carries lora_B.bias), never "no differences".
+    res = extract_lora(tiny_bert, ft, tmp_path / "ok", rank=2)
+    sd = load_file(tmp_path / "ok" / "adapter_model.safetensors")
+    assert torch.allclose(sd["base_model.model.pooler.dense.lora_B.bias"], torch.full((32,), 0.1), atol=1e-6)
+    assert not sd["base_model.model.pooler.dense.lora_A.weight"].any()
+    assert any("only its bias changed" in n for n in res.notes)
+
+
+def test_norm_module_saved_with_every_tensor_and_head_as_linear(tmp_path):
+    """modules_to_save holds a norm's weight AND unchanged bias; GPT-NeoX's embed_out is a Linear."""
+    from fixtures.zoo import build_model
+
+    base = build_model("gpt2", tmp_path / "b")
+    t = load_dir(base)
+    t["transformer.h.0.ln_1.weight"] = t["transformer.h.0.ln_1.weight"] + 0.05
+    ft = write_model(tmp_path / "f", t, base)
+    extract_lora(base, ft, tmp_path / "ad", rank=2)
+    sd = load_file(tmp_path / "ad" / "adapter_model.safetensors")
+    assert torch.equal(sd["base_model.model.transformer.h.0.ln_1.bias"], t["transformer.h.0.ln_1.bias"])
+    assert torch.equal(sd["base_model.model.transformer.h.0.ln_1.weight"], t["transformer.h.0.ln_1.weight"])
+    assert "base_model.model.transformer.h.1.ln_1.weight" not in sd  # unchanged modules stay out
+
+    neox = build_model("gpt-neox", tmp_path / "nb")
+    t = load_dir(neox)
+    gen = torch.Generator().manual_seed(0)
+    t["embed_out.weight"] = t["embed_out.weight"] + 0.05 * torch.randn(96, 2, generator=gen) @ torch.randn(
+        2, 32, generator=gen)
+    ft = write_model(tmp_path / "nf", t, neox)
+    res = extract_lora(neox, ft, tmp_path / "nad", rank=2)
+    sd = load_file(tmp_path / "nad" / "adapter_model.safetensors")
+    assert {"base_model.model.lm_head.lora_A.weight", "base_model.model.lm_head.lora_B.weight"} == set(sd)
+    assert [(m.module, m.kind) for m in res.modules] == [("lm_head", "linear")]
+
+
+def _without(src: Path, out: Path, drop: set[str]) -> Path:
+    """A copy of a model directory whose model.safetensors lacks the tensors in `drop`."""
+    shutil.copytree(src, out)
+    tensors = {k: v for k, v in load_file(out / "model.safetensors").items() if k not in drop}
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_minilm_ft_without_position_ids_buffer(minilm_dir, minilm_ft, tmp_path):
+    """A sentence-transformers fine-tune saved by newer transformers drops the int position_ids
+    buffer: not a weight, noted, extraction goes on. A missing weight still stops it."""
+    ft = _without(minilm_ft, tmp_path / "ft", {"embeddings.position_ids"})
+    res = extract_lora(minilm_dir, ft, tmp_path / "ad", rank=4)
+    assert any(n.startswith("embeddings.position_ids: only in BASE") and "buffer" in n for n in res.notes)
+    assert len(res.modules) >= 36
+    bad = _without(minilm_ft, tmp_path / "bad", {"embeddings.position_ids", "pooler.dense.bias"})
+    with pytest.raises(CheckpointError, match=r"different tensors \(missing from FT: \['pooler.dense.bias'\]"):
+        extract_lora(minilm_dir, bad, tmp_path / "ad2", rank=4)
+
+
+def test_minilm_default_adapter_is_small(minilm_dir, minilm_ft, tmp_path):
+    """The default (rank 16, bias='auto') keeps the word embeddings a LoRA: the adapter is a few %
+    of the model, not the 55 % that saving them whole (bias='lora') costs — which warns."""
+    res = extract_lora(minilm_dir, minilm_ft, tmp_path / "ad")
+    model = (Path(minilm_dir) / "model.safetensors").stat().st_size
+    size = (tmp_path / "ad" / "adapter_model.safetensors").stat().st_size
+    assert size < 0.10 * model and not res.warnings, (size / model, res.warnings)
+    old = extract_lora(minilm_dir, minilm_ft, tmp_path / "old", bias="lora")
+    assert (tmp_path / "old" / "adapter_model.safetensors").stat().st_size > 0.4 * model
+    assert old.warnings and "largest: embeddings.word_embeddings.weight (whole) 5" in old.warnings[0]
+
+
+def test_pack_experts_matches_peft_param_wrapper_layout():
+    """PEFT's ParamWrapper reads A (r·E, in) as (E, r, in) and B (out, r·E) as (out, r, E)."""
+    from surgery.ops.extract import pack_experts
+
+    gen = torch.Generator().manual_seed(0)
+    E, r, n_out, n_in = 3, 2, 5, 4
+    factors = [(torch.randn(r, n_in, generator=gen), torch.randn(n_out, r, generator=gen)) for _ in range(E)]
+    A, B = pack_experts(factors, rank=r + 1)  # one zero-padded rank too
+    wA, wB = A.reshape(E, -1, n_in), B.reshape(n_out, -1, E)
+    delta = torch.einsum("o r e, e r i -> e o i", wB, wA)  # PEFT, (experts, out, in) parameters
+    for e, (a, b) in enumerate(factors):
+        torch.testing.assert_close(delta[e], b @ a)
+    # Negative control: B laid out expert-major (the natural reshape) is not PEFT's layout.
+    wrong = torch.cat([torch.nn.functional.pad(b, (0, 1)) for _, b in factors], 1).reshape(n_out, -1, E)
+    assert not torch.allclose(torch.einsum("o r e, e r i -> e o i", wrong, wA), delta)
+
+
+def test_mixtral_experts_under_budget_and_energy(tmp_path):
+    """Fused MoE experts (target_parameters) under the budget and energy policies: one rank per
+    expert stack, PEFT loads without a warning and reproduces the rank-2-per-expert fine-tune."""
+    from peft import PeftModel
+
+    from fixtures.zoo import make_model
+
+    base_m = make_model("mixtral")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base_m.save_pretrained(tmp_path / "b")
+    ft_m = make_model("mixtral")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in ft_m.named_parameters():
+            if "experts" in name:  # (E, d1, d2): a rank-2 delta on every expert
+                p += 0.05 * torch.einsum("eir,erj->eij", torch.randn(p.shape[0], p.shape[1], 2, generator=gen),
+                                         torch.randn(p.shape[0], 2, p.shape[2], generator=gen)) / p.shape[2] ** 0.5
+        ids = torch.randint(3, 90, (2, 9), generator=gen)
+        want = ft_m(input_ids=ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ft_m.save_pretrained(tmp_path / "f")
+    for kw in ({"energy": 0.999}, {"budget": "6000"}):
+        res = extract_lora(tmp_path / "b", tmp_path / "f", tmp_path / "ad", overwrite=True, **kw)
+        assert {m.kind for m in res.modules} == {"experts"} and all(m.rank >= 2 for m in res.modules), kw
+        if "budget" in kw:
+            assert res.adapter_params <= 6000
+        cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+        assert cfg["target_modules"] == [] and len(cfg["target_parameters"]) == 4
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pm = PeftModel.from_pretrained(make_model("mixtral"), str(tmp_path / "ad")).eval()
+        assert not [w for w in caught if "peft" in (w.filename or "")], kw
+        with torch.no_grad():
+            got = pm(input_ids=ids).logits
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-4, kw
+    # Negative control: rank 1 cannot hold a rank-2 expert delta.
+    extract_lora(tmp_path / "b", tmp_path / "f", tmp_path / "r1", rank=1)
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(make_model("mixtral"), str(tmp_path / "r1")).eval()(input_ids=ids).logits
+    assert float((got - want).abs().max() / want.abs().max()) > 1e-3

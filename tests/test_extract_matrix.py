@@ -154,12 +154,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert err <= 1e-4, f"{what}: relative max difference {err:.3g} to the fine-tune"
 
 
-_OPEN = {"mixtral-linears", "mixtral-experts"}  # MoE expert LoRA (target_parameters): not reproduced yet, issue #11
-_PARAMS = [pytest.param(c, marks=pytest.mark.xfail(reason="MoE expert LoRA not reproduced in PEFT yet", strict=False))
-           if c.id in _OPEN else c for c in XCASES]
-
-
-@pytest.mark.parametrize("case", _PARAMS, ids=[c.id for c in XCASES])
+@pytest.mark.parametrize("case", XCASES, ids=[c.id for c in XCASES])
 def test_extracted_adapter_loads_in_peft_and_reproduces(case: XCase, tmp_path: Path) -> None:
     from peft import PeftModel
 

@@ -282,7 +282,7 @@ def test_attention_setting_restored(tmp_path):
 
 
 def test_ir_version_is_clamped(monkeypatch, exports, tmp_path):
-    import surgery.onnx.export as ex
+    import surgery.onnx.files as ex
     from surgery.onnx.decoder import save_decoder
 
     _, r = exports("llama")

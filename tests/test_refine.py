@@ -112,7 +112,7 @@ def unseen() -> list[str]:
 @pytest.fixture(scope="module")
 def bert_svd(tiny_bert, tiny_bert_ft, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bert") / "svd"
-    extract_lora(tiny_bert, tiny_bert_ft, out, rank=2)
+    extract_lora(tiny_bert, tiny_bert_ft, out, rank=2, bias="lora")  # the extract default before bias="auto"
     return out
 
 
@@ -240,10 +240,11 @@ def test_causal_lm_kl(tiny_llama, tiny_llama_ft, calib, unseen, tmp_path):
 @pytest.mark.parametrize("bias", ["lora", "skip"])
 def test_gpt2_conv1d_tied_head(tiny_gpt2, tiny_gpt2_ft, calib, unseen, tmp_path, bias):
     """Conv1D (fan_in_fan_out) and the tied wte/lm_head: with --bias lora the embeddings are saved
-    whole (full tensors loaded into the student); with --bias skip wte gets an embedding LoRA whose
-    delta also reaches the tied head, as in the merged model."""
+    whole (full tensors loaded into the student); with --bias skip (and serving_safe, without which a
+    changed tied embedding is saved whole) wte gets an embedding LoRA whose delta also reaches the
+    tied head, as in the merged model."""
     svd = tmp_path / "svd"
-    ex = extract_lora(tiny_gpt2, tiny_gpt2_ft, svd, rank=2, bias=bias)
+    ex = extract_lora(tiny_gpt2, tiny_gpt2_ft, svd, rank=2, bias=bias, serving_safe=bias == "skip")
     assert ("transformer.wte.weight" in ex.full) == (bias == "lora")
     res = refine_adapter(tiny_gpt2, svd, tmp_path / "ref",
                          teacher=tiny_gpt2_ft, calibration=calib, steps=20, lr=LR, batch_size=8)
@@ -272,8 +273,26 @@ def test_refine_peft_written_adapter(tiny_bert, tiny_bert_ft, tiny_bert_lora, ca
     peft_model(tiny_bert, tmp_path / "ref", False)  # loads
 
 
+def test_refine_keeps_peft_bias_all(tiny_bert, tiny_bert_ft, calib, tmp_path):
+    """extract's default beside embedding LoRAs writes bias deltas with PEFT's bias='all': refine
+    keeps them as such (frozen), not as modules_to_save."""
+    from safetensors.torch import load_file
+
+    extract_lora(tiny_bert, tiny_bert_ft, tmp_path / "svd", rank=2)
+    res = refine_adapter(tiny_bert, tmp_path / "svd", tmp_path / "ref", teacher=tiny_bert_ft, calibration=calib,
+                         steps=20, lr=1e-3, batch_size=8)
+    assert res.after.loss < res.before.loss
+    ca, cb = (json.loads((d / "adapter_config.json").read_text()) for d in (tmp_path / "svd", tmp_path / "ref"))
+    assert ca == cb and ca["bias"] == "all"
+    a, b = load_file(tmp_path / "svd" / "adapter_model.safetensors"), load_file(tmp_path / "ref" / "adapter_model.safetensors")
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a if k.endswith(".bias"))  # frozen
+    assert any(not torch.equal(a[k], b[k]) for k in a if ".lora_" in k)  # trained
+    peft_model(tiny_bert, tmp_path / "ref", False)  # loads
+
+
 def test_extract_and_refine_api(tiny_bert, tiny_bert_ft, calib, tmp_path):
-    ex, res = extract_and_refine(tiny_bert, tiny_bert_ft, tmp_path / "out", calibration=calib, extract={"rank": 2},
+    ex, res = extract_and_refine(tiny_bert, tiny_bert_ft, tmp_path / "out", calibration=calib, extract={"rank": 2, "bias": "lora"},
                                  steps=10, lr=LR, batch_size=8)
     assert ex.out == tmp_path / "out" and res.out == tmp_path / "out"
     assert res.after.loss < res.before.loss
@@ -325,7 +344,7 @@ def test_cli(tiny_bert, tiny_bert_ft, bert_svd, calib, tmp_path):
 
     r = CliRunner()
     res = r.invoke(cli, ["extract-lora", str(tiny_bert), str(tiny_bert_ft), "-o", str(tmp_path / "a"), "--rank", "2",
-                         "--refine", "--calibration", str(calib), "--refine-steps", "10", "--refine-lr", "0.01",
+                         "--bias", "lora", "--refine", "--calibration", str(calib), "--refine-steps", "10", "--refine-lr", "0.01",
                          "--refine-batch", "8", "--report", str(tmp_path / "rep.json"), "-q"])
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "rep.json").read_text())

@@ -758,15 +758,17 @@ def _other_row(p: TensorPlan, pair: _Pair, bias_form: str) -> Row:
                delta_sq=dsq)
 
 
-def _spectra(p: TensorPlan, d: torch.Tensor, cap: int | None, svd: _SVDSettings) -> dict[str, tuple]:
-    if p.action == "experts":
-        out = {}
-        for e in range(d.shape[0]):
-            res = truncated_svd(d[e], cap, name=f"{p.name}[{e}]", **svd.kw())
-            out[f"{p.name}#{e}"] = (res.S, *res.shape)
-        return out
-    res = truncated_svd(_orient(d, p.kind), cap, name=p.name, **svd.kw())
-    return {p.name: (res.S, *res.shape)}
+def _spectra(p: TensorPlan, d: torch.Tensor, cap: int | None, svd: _SVDSettings) -> tuple:
+    """(S, m, n) for the budget allocator. An expert stack shares one rank (PEFT's layout): its
+    rank-k step costs E·(m + n) and gains Σ_e σ_{e,k}², so it enters as one module of that spectrum."""
+    if p.action != "experts":
+        res = truncated_svd(_orient(d, p.kind), cap, name=p.name, **svd.kw())
+        return (res.S, *res.shape)
+    spectra = [truncated_svd(d[e], cap, name=f"{p.name}[{e}]", **svd.kw()).S for e in range(d.shape[0])]
+    k = min(len(s) for s in spectra)
+    S = torch.stack([s[:k].double() ** 2 for s in spectra]).sum(0).sqrt()  # (k,)
+    E, m, n = d.shape
+    return (S, E * m, E * n)
 
 
 def _budget_ranks(plan: ExtractPlan, budget: int, pair: _Pair, svd: _SVDSettings,
@@ -777,7 +779,7 @@ def _budget_ranks(plan: ExtractPlan, budget: int, pair: _Pair, svd: _SVDSettings
     spectra: dict[str, tuple] = {}
     for i, p in enumerate(lora):
         d = pair.delta(p)[0]
-        spectra.update(_spectra(p, d, plan.cap, svd))
+        spectra[p.name] = _spectra(p, d, plan.cap, svd)
         del d
         if progress:
             progress("spectra", i + 1, len(lora))
@@ -789,8 +791,8 @@ def _lora_row(p: TensorPlan, plan: ExtractPlan, pair: _Pair, opts: ExtractOption
     d, total, wsq = pair.delta(p)
     dtype = parse_dtype(opts.dtype) or (pair.base_idx.tensors[p.sources[0] if p.sources else p.name].dtype)
     if p.action == "experts":
-        br = None if ranks is None else [ranks[f"{p.name}#{e}"] for e in range(d.shape[0])]
-        k = plan.cap if br is None else max(br) or None
+        br = None if ranks is None else [ranks[p.name]] * d.shape[0]
+        k = plan.cap if ranks is None else max(ranks[p.name], 1)
         return decompose_experts(p, d, total, wsq, k, opts, dtype, svd, plan.experts[p.target], br)
     rank = None if ranks is None else ranks[p.name]
     k = plan.cap if rank is None else rank
@@ -866,6 +868,31 @@ def _collect(rows: list[Row], plan: ExtractPlan, pair: _Pair, out_dtype: torch.d
     return _Adapter(modules, whole, skipped, notes, params, biases)
 
 
+def _common_rank(ad: _Adapter) -> int:
+    """The adapter's `r` as write_adapter picks it: the most common rank (ties: the smaller)."""
+    ranks = [m.rank for m in ad.modules.values()] + [p.rank for p in ad.params.values()]
+    return min(set(ranks), key=lambda r: (-ranks.count(r), r))
+
+
+def _pad_params(ad: _Adapter) -> list[str]:
+    """Expert LoRAs below the adapter's common rank are zero-padded to it: PEFT warns about any
+    rank_pattern key for a target parameter (it checks them against module names only)."""
+    if not ad.params:
+        return []
+    r = _common_rank(ad)
+    for name, p in list(ad.params.items()):
+        if p.rank < r:
+            E = p.experts
+            A = p.A.reshape(E, p.rank, -1)  # (E, r_p, in)
+            B = p.B.reshape(p.B.shape[0], p.rank, E)  # (out, r_p, E)
+            A = torch.cat([A, A.new_zeros(E, r - p.rank, A.shape[2])], 1).reshape(E * r, -1)
+            B = torch.cat([B, B.new_zeros(B.shape[0], r - p.rank, E)], 1).reshape(B.shape[0], r * E)
+            ad.params[name] = dataclasses.replace(p, A=A.contiguous(), B=B.contiguous())
+    high = sorted(n for n, p in ad.params.items() if p.rank > r)
+    return [f"{n}: rank {ad.params[n].rank} > r={r}; PEFT 0.21 applies it but warns that its rank_pattern key "
+            "matched no module" for n in high[:3]]
+
+
 def _tied_heads(ad: _Adapter, tied: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Tied output heads: an embedding saved whole takes its head along (modules_to_save with
     ensure_weight_tying), so PEFT's unmerged model changes the logits exactly as the fine-tune."""
@@ -886,10 +913,11 @@ def _carrier(ad: _Adapter, plan: ExtractPlan, pair: _Pair) -> tuple[dict[str, Lo
     if ad.modules or ad.params:
         return ad.modules, []
     taken = {n.rsplit(".", 1)[0] for n in ad.whole}
-    for kind in ("linear", "conv1d"):
+    # a module whose checkpoint name is its own first (readers that do not map names can place it)
+    for kind, renamed in (("linear", False), ("conv1d", False), ("linear", True), ("conv1d", True)):
         for p in plan.tensors:
-            if p.kind == kind and p.target.endswith(".weight") and p.module not in taken and not p.grown \
-                    and p.action in ("lora", "skip"):
+            if p.kind == kind and bool(p.param) == renamed and p.target.endswith(".weight") \
+                    and p.module not in taken and not p.grown and p.action in ("lora", "skip"):
                 shape = pair.base_idx.tensors[p.name].shape
                 z = _zero_lora(p.module, kind, shape, pair.base_idx.tensors[p.name].dtype)
                 return {p.module: z}, [f"{p.module}: a zero rank-1 LoRA (no effect) carries the adapter; "
@@ -932,16 +960,17 @@ def _share_notes(rows: list[Row], ad: _Adapter, whole: Mapping[str, torch.Tensor
         left += sq
         if total and sq:
             s["share"] = sq / total
+    parts = {f"{n} (LoRA)": m.A.numel() + m.B.numel() for n, m in ad.modules.items()}
+    parts.update({f"{n} (expert LoRA)": p.A.numel() + p.B.numel() for n, p in ad.params.items()})
+    parts.update({f"{n} (whole)": t.numel() for n, t in whole.items()})
+    size = sum(parts.values()) + sum(t.numel() for t in ad.biases.values())
     warnings = []
-    lora = sum(m.A.numel() + m.B.numel() for m in ad.modules.values()) + sum(
-        p.A.numel() + p.B.numel() for p in ad.params.values())
-    size = lora + sum(t.numel() for t in whole.values()) + sum(t.numel() for t in ad.biases.values())
     if model_params and size > SIZE_WARNING_SHARE * model_params:
-        big = sorted(whole.items(), key=lambda kv: -kv[1].numel())[:3]
-        why = (f"; saved whole: {', '.join(f'{n} ({t.numel() / model_params:.0%})' for n, t in big)}" if big
-               else "; lower the rank or use energy / budget")
+        big = sorted(parts.items(), key=lambda kv: -kv[1])[:3]
+        largest = ", ".join(f"{n} {k / model_params:.1%}" for n, k in big)
         warnings.append(f"the adapter holds {size / model_params:.0%} of the model's parameters (over "
-                        f"{SIZE_WARNING_SHARE:.0%}){why}")
+                        f"{SIZE_WARNING_SHARE:.0%}); largest: {largest}; lower the rank, use energy / budget, or "
+                        "keep embeddings as LoRAs")
     return (left / total if total else 0.0), warnings
 
 
@@ -980,7 +1009,7 @@ def assemble(plan: ExtractPlan, rows: list[Row], opts: ExtractOptions, inputs: _
     heads, tied_notes = _tied_heads(ad, plan.tied)
     whole = {**ad.whole, **heads}
     ad.modules, carrier_notes = _carrier(ad, plan, pair)
-    notes = list(plan.notes) + ad.notes + tied_notes + carrier_notes
+    notes = list(plan.notes) + ad.notes + tied_notes + carrier_notes + _pad_params(ad)
     if opts.serving_safe and whole:
         notes.append(f"serving_safe: {len(whole)} tensor(s) saved whole in modules_to_save anyway "
                      "(a grown vocabulary cannot be a LoRA)")
@@ -1041,6 +1070,11 @@ def _inputs(base: str | Path, ft: str | Path, revision: str | None) -> _Inputs:
     b, f = resolve_model(base, revision), resolve_model(ft, revision)
     ref = str(base) if is_hub_id(base) else str(Path(base).resolve())
     return _Inputs(b, f, ref, revision)
+
+
+def _numel(p: TensorPlan, idx: CheckpointIndex) -> int:
+    """Elements of a planned tensor (a fused parameter: of all its checkpoint tensors)."""
+    return sum(idx.tensors[s].numel for s in p.sources) if p.sources else idx.tensors[p.name].numel
 
 
 @contextlib.contextmanager
@@ -1110,8 +1144,8 @@ def extract_lora(
     with _threads(opts.threads), LazyReader(base_idx) as rb, LazyReader(ft_idx) as rf:
         pair = _Pair(base_idx, ft_idx, rb, rf)
         plan = plan_extraction(pair, opts)
-        big = max(plan.tensors, key=lambda p: base_idx.tensors[p.name].numel)  # each delta is held in fp32
-        check_fits(4 * base_idx.tensors[big.name].numel, f"the fp32 delta of {escape_name(big.name, 200)}")
+        big = max(plan.tensors, key=lambda p: _numel(p, base_idx))  # each delta is held in fp32
+        check_fits(4 * _numel(big, base_idx), f"the fp32 delta of {escape_name(big.name, 200)}")
         rows = decompose(plan, pair, opts, svd, progress)
         return assemble(plan, rows, opts, inputs, out, pair, _options_report(opts, svd.device), t0)
 

@@ -742,10 +742,27 @@ def _save(out: Path, cfg: LoraAdapterConfig, modules: Mapping[str, LoraModule], 
         a, b = next(it), next(it)
         refined[name] = LoraModule(name, m.kind, a.cpu().to(m.A.dtype).contiguous(), b.cpu().to(m.B.dtype).contiguous(),
                                    m.bias, None, m.scaling)
-    extra = {k: v for k, v in cfg.raw.items() if k not in _CONFIG_COMPUTED}
-    write_adapter(out, refined, full_tensors=full, base_model_name_or_path=cfg.base_model_name_or_path,
+    extra = {k: v for k, v in cfg.raw.items() if k not in _CONFIG_COMPUTED and k != "bias"}
+    whole, biases = _split_biases(cfg, full)
+    write_adapter(out, refined, full_tensors=whole, base_model_name_or_path=cfg.base_model_name_or_path,
                   task_type=cfg.task_type, fan_in_fan_out=bool(cfg.fan_in_fan_out), extra_config=extra,
-                  overwrite=overwrite, inputs=inputs)
+                  overwrite=overwrite, inputs=inputs, bias_tensors=biases or None)
+
+
+def _split_biases(cfg: LoraAdapterConfig, full: Mapping[str, torch.Tensor],
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The adapter's whole tensors split into modules_to_save tensors and PEFT bias='all' /
+    'lora_only' biases (saved under their own module, which may also carry a LoRA)."""
+    mts = [str(m) for m in cfg.raw.get("modules_to_save") or []]
+    if cfg.raw.get("bias", "none") == "none":
+        return dict(full), {}
+    whole: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}
+    for name, t in full.items():
+        owner = name.rsplit(".", 1)[0]
+        in_mts = any(owner == m or owner.endswith("." + m) for m in mts)
+        (biases if name.endswith(".bias") and not in_mts else whole)[name] = t
+    return whole, biases
 
 
 # ----------------------------------------------------------------------------- refine
