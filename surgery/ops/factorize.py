@@ -48,6 +48,7 @@ from surgery.core.hf import (
     load_pretrained,
     model_from_config,
     quiet,
+    refuse_quantized,
     resolve_device,
     torch_threads,
 )
@@ -152,6 +153,7 @@ def factorize(
     device = resolve_device(opts.device)
     out = Path(out)
     idx = open_model(model, "MODEL")
+    refuse_quantized(model, idx.config)  # its config would go into the output, which would not load
     result = FactorizeResult(out=out, modules=[], params_before=idx.total_params)
     targets = _targets(idx, opts, model, result.skipped)
     with torch_threads(opts.threads):

@@ -54,7 +54,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from surgery.core.hf import parse_dtype, resolve_device, torch_threads
+from surgery.core.hf import parse_dtype, refuse_quantized, resolve_device, torch_threads
 from surgery.core.layers import (
     PROJECTION_KINDS,
     check_includes_match,
@@ -234,6 +234,7 @@ def init_lora(
     check_output_path(out, opts.overwrite, [Path(model)])
     device = resolve_device(opts.device)
     idx = open_model(model, "MODEL")
+    refuse_quantized(model, idx.config)  # OUT/residual would carry its quantization_config and not load
     shard_bytes = input_shard_size(idx) if opts.shard_size is None else parse_size(opts.shard_size)
     result = InitResult(out=out, method=opts.method, rank=cast(int, opts.rank), alpha=opts.lora_alpha,
                         scaling=opts.scaling, modules=[], adapter_dtype=opts.adapter_dtype)
@@ -273,8 +274,8 @@ def _targets(idx: CheckpointIndex, opts: InitLoraOptions, model, skipped: list[d
                               f"use rank <= {min(shape)} or exclude '{escape_name(module_of(n), 200)}'", field="rank")
         targets[n] = k
     if not targets:
-        raise OptionError(f"no Linear/Conv1D weight of {escape_name(model)} is selected; check include/exclude",
-                          field="include")
+        raise OptionError(f"no non-empty Linear/Conv1D weight of {escape_name(model)} is selected; check "
+                          "include/exclude", field="include")
     _check_memory(idx, targets, opts)
     return targets
 
