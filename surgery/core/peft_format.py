@@ -58,15 +58,9 @@ from typing import Any
 
 import torch
 
-try:  # Python 3.11+: the regex parser the guard reads (re._parser / re._constants)
-    from re import _constants as _sre  # type: ignore[attr-defined,unused-ignore]
-    from re import _parser as _re_parser  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - older Pythons
-    import sre_constants as _sre  # type: ignore[no-redef,unused-ignore]
-    import sre_parse as _re_parser  # type: ignore[no-redef,unused-ignore]
-
 from surgery.errors import AdapterError
 from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, load_json, open_checkpoint
+from surgery.options.patterns import check_regex
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's order of preference
@@ -216,50 +210,16 @@ MAX_RANK = 1 << 24  # far above any real LoRA rank; bigger values are typos or c
 MAX_REGEX_CHARS = 1000
 
 
-def _unbounded(items) -> bool:
-    """Does this parsed regex (re._parser items) contain an unbounded repeat (*, +, {n,})?"""
-    for op, av in items:
-        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
-            if av[1] == _sre.MAXREPEAT or _unbounded(av[2]):
-                return True
-        elif op in (_sre.SUBPATTERN, _sre.ATOMIC_GROUP):
-            if _unbounded(av[-1]):
-                return True
-        elif op == _sre.BRANCH and any(_unbounded(b) for b in av[1]):
-            return True
-    return False
-
-
-def _nested_repeat(items) -> bool:
-    """A repeat whose body holds an unbounded repeat, e.g. `(a*)*` or `([a-z.]*)+X`: catastrophic
-    backtracking on a long module name."""
-    for op, av in items:
-        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
-            if (av[1] > 1 and _unbounded(av[2])) or _nested_repeat(av[2]):
-                return True
-        elif op in (_sre.SUBPATTERN, _sre.ATOMIC_GROUP):
-            if _nested_repeat(av[-1]):
-                return True
-        elif op == _sre.BRANCH and any(_nested_repeat(b) for b in av[1]):
-            return True
-    return False
-
-
 def _check_regex(text: str, where: str, what: str, wrap: Callable[[str], str]) -> None:
-    """A valid pattern that cannot backtrack catastrophically (local guard: refuses nested
-    unbounded repeats and patterns over MAX_REGEX_CHARS before anything is matched)."""
-    if len(text) > MAX_REGEX_CHARS:
-        raise AdapterError(f"{where}: {what} is {len(text)} characters long (limit {MAX_REGEX_CHARS}); "
-                           f"shorten the pattern")
+    """A valid pattern (also as PEFT wraps it) that cannot backtrack catastrophically: the shared
+    guard (surgery.options.patterns.check_regex) refuses nested quantifiers and over-long patterns
+    before anything is matched."""
+    check_regex(text, f"{where}: {what}", error=AdapterError, max_length=MAX_REGEX_CHARS)
     try:
         re.compile(wrap(text))
-        parsed = _re_parser.parse(text)
     except (re.error, RecursionError, OverflowError) as e:
         raise AdapterError(f"{where}: {what} {text!r} is not a valid regular expression ({e}); "
                            f"fix the pattern") from None
-    if _nested_repeat(list(parsed)):
-        raise AdapterError(f"{where}: {what} {text!r} nests an unbounded repeat inside a repeat (catastrophic "
-                           f"backtracking); rewrite it without nested * / +")
 
 
 def _bad(where: str, data: dict, key: str, want: str) -> AdapterError:
