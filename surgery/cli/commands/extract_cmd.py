@@ -17,19 +17,18 @@ from ..util import (
     echo_json,
     human_count,
     json_option,
+    note_lines,
     out_option,
     overwrite_option,
+    plot_option,
     progress_bar,
     quiet_option,
-    note_lines,
-    plot_option,
     shown_line,
     table,
     threads_option,
     warning_lines,
 )
 from .refine_cmd import build_refine_options, refine_flags, render_refine
-
 
 EXTRACT_HEADERS = ["module", "kind", "shape (out x in)", "rank", "params", "|d|/|W|", "rel. error |d-BA|/|d|",
                    "energy kept (%)"]
