@@ -16,7 +16,7 @@ from typing import Any
 
 from surgery.errors import OutputError
 
-__all__ = ["write_card", "render_card", "options_dict", "CARD_NAME", "LIBRARIES"]
+__all__ = ["write_card", "render_card", "options_dict", "read_card_kind", "CARD_NAME", "LIBRARIES"]
 
 CARD_NAME = "README.md"
 
@@ -128,3 +128,26 @@ def write_card(out_dir: str | Path, kind: str, base: str | None, options: Mappin
         tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write the model card {escape_name(path)} ({e.strerror or e})") from None
     return path
+
+
+def read_card_kind(directory: str | Path) -> str | None:
+    """The surgery kind a directory's model card names ("merge", "extract-lora", ...), or None when it
+    has no card, or a card surgery did not write (its YAML tags lack "surgery").
+
+    Example:
+        >>> read_card_kind("out/merged")
+        'merge'
+    """
+    p = Path(directory) / CARD_NAME
+    try:
+        with open(p, encoding="utf-8", errors="replace") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if not head.startswith("---"):
+        return None
+    yaml = head.split("\n---", 1)[0]
+    tags = [t.strip().strip('"') for t in re.findall(r"^- (.+)$", yaml, flags=re.M)]
+    if "surgery" not in tags:
+        return None
+    return next((t for t in tags if t in LIBRARIES), "surgery")
