@@ -235,3 +235,17 @@ def shown_line(shown: int, total: int, what: str = "modules", order: str = "wors
 def plot_option(what: str):
     return click.option("--plot", "plot", type=click.Path(path_type=str), help=f"Draw {what} (PNG/SVG/PDF; needs "
                         "matplotlib, the 'plot' extra).")
+
+
+def check_plot(plot: str | None, overwrite: bool, inputs, ctx: click.Context | None = None) -> None:
+    """Validate a --plot path before any work (surgery.report.plots.check_plot_path): a bad file
+    name is a usage error (exit 2) naming --plot; an input or an existing file is the library's error."""
+    if not plot:
+        return
+    from surgery.errors import OptionError
+    from surgery.report.plots import check_plot_path
+
+    try:
+        check_plot_path(plot, overwrite, [p for p in inputs if p is not None])
+    except OptionError as e:
+        raise click.UsageError(f"--plot: {str(e).removeprefix('plot ')}", ctx=ctx) from None

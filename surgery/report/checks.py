@@ -98,7 +98,7 @@ def rounding_delta_warning(rel_changes: Sequence[tuple[str, float]], base_dtype:
         return None
     eps = max(DTYPE_EPS.get(base_dtype, 0.0), DTYPE_EPS.get(ft_dtype, 0.0))
     noise = [m for m, rc in rel_changes if 0 < rc <= eps]
-    if not eps or 2 * len(noise) < len(rel_changes):
+    if not eps or 2 * len(noise) <= len(rel_changes):
         return None
     coarse = base_dtype if DTYPE_EPS.get(base_dtype, 0) >= DTYPE_EPS.get(ft_dtype, 0) else ft_dtype
     return (f"{len(noise)} of {len(rel_changes)} modules differ by no more than {coarse} rounding "

@@ -9,6 +9,7 @@ from surgery.options.analyze import DEFAULT_RANKS, EXACT_MAX, RANDOMIZED_CAP, An
 from ..main import cli
 from ..util import (
     build_options,
+    check_plot,
     device_option,
     echo_json,
     human_count,
@@ -128,10 +129,9 @@ def analyze_cmd(ctx, model, base, plot, overwrite, as_json, quiet, **fields):
     """
     opts = build_options(AnalyzeOptions, ctx, **fields)
     from surgery.io import escape_name
-    from surgery.ops.analyze import analyze, check_plot_path, plot_spectra
+    from surgery.ops.analyze import analyze, plot_spectra
 
-    if plot:  # fail before the SVDs, not after; never into MODEL or BASE
-        check_plot_path(plot, overwrite, [p for p in (model, base) if p is not None])
+    check_plot(plot, overwrite, [model, base], ctx)  # fail before the SVDs, not after; never into MODEL or BASE
     with progress_bar(not quiet) as prog:
         res = analyze(model, base, opts, progress=prog)
     if plot:

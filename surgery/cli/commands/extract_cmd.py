@@ -12,6 +12,7 @@ from surgery.options.extract import BIAS_MODES, EMBEDDING_MODES, OTHER_DELTA_MOD
 from ..main import cli
 from ..util import (
     build_options,
+    check_plot,
     device_option,
     dtype_option,
     echo_json,
@@ -135,10 +136,7 @@ def extract_cmd(ctx, base, ft, out, report, plot, as_json, quiet, refine, **fiel
         from surgery.io import check_report_path
 
         check_report_path(report, [Path(base), Path(ft)], opts.overwrite)
-    if plot:
-        from surgery.report.plots import check_plot_path
-
-        check_plot_path(plot, opts.overwrite, [base, ft])
+    check_plot(plot, opts.overwrite, [base, ft], ctx)
     ropts = build_refine_options(ctx) if refine else None  # usage errors (exit 2) before any work
     ref = None
     with progress_bar(not quiet) as prog:

@@ -17,6 +17,7 @@ from surgery.options.refine import OBJECTIVES, RefineOptions
 from ..main import cli
 from ..util import (
     build_options,
+    check_plot,
     device_option,
     echo_json,
     human_bytes,
@@ -151,10 +152,7 @@ def refine_cmd(ctx, base, adapter, teacher, out, report, plot, as_json, quiet, *
     from surgery.ops.refine import refine_adapter
 
     inputs = [p for p in (base, adapter, teacher, opts.calibration) if p]
-    if plot:
-        from surgery.report.plots import check_plot_path
-
-        check_plot_path(plot, opts.overwrite, inputs)
+    check_plot(plot, opts.overwrite, inputs, ctx)
     # the library checks OUT and REPORT against every input (the calibration file too) and each
     # other before any work, and writes the report with OUT (a full disk fails before OUT is touched)
     with progress_bar(not quiet) as prog:
