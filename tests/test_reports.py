@@ -198,7 +198,8 @@ def test_analyze_table_headers(tiny_bert, tiny_bert_ft):
 
     text = render_analyze(analyze(tiny_bert_ft, tiny_bert, ranks=[2, 8]))
     assert "d kept r=8 (%)" in text and "dE@" not in text and "r for 90%" in text
-    assert "randomized top-k" not in text  # the SVD policy is in --json, not a footnote on every run
+    svd = [ln for ln in text.splitlines() if "SVD" in ln]  # one line, not a 3-line footnote on every run
+    assert len(svd) == 1 and "power iterations" not in text
 
 
 # ----------------------------------------------------------------------------- 3. warnings

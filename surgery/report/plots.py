@@ -27,13 +27,13 @@ DELTA_ENERGIES = (0.90, 0.95, 0.99)
 
 
 def _pyplot():
-    if importlib.util.find_spec("matplotlib") is None:
-        raise SurgeryError(NO_MATPLOTLIB)
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SurgeryError(NO_MATPLOTLIB) from None
     return plt
 
 
@@ -164,8 +164,8 @@ def _spectrum_panels(ax_s: Any, ax_e: Any, rows: list[tuple[str, Any]], ranks: S
     ax_s.set_ylabel(r"$\sigma_i / \sigma_1$")
     ax_e.set_ylabel(f"energy kept ({which})")
     ax_e.set_ylim(0, 1.02)
-    for e in DELTA_ENERGIES if which == "delta" else ():
-        ax_e.axhline(e, color="grey", lw=0.5, ls=":")
+    for level in DELTA_ENERGIES if which == "delta" else ():
+        ax_e.axhline(level, color="grey", lw=0.5, ls=":")
     ncol = 1 if len(rows) <= 6 else 2
     handles, labels = ax_s.get_legend_handles_labels()
     if len(rows) > 12:  # a legend of first and last only: the colours go in order

@@ -87,9 +87,9 @@ def render_analyze(res) -> str:
     what = "delta" if res.base is not None else "weight"
     lines.append(f"{len(res.modules)} matrices. 'kept r=N (%)': share of the {what}'s energy (squared Frobenius "
                  "norm) its top-N singular values keep; stable rank |M|_F^2/s1^2; eff. rank: Roy & Vetterli (2007)")
-    if any(not (m.delta or m.weight).spectrum_complete for m in res.modules):
-        lines.append("~: from the top-k singular values only (randomized SVD); the SVD policy is in --json "
-                     "(method_note)")
+    approx = any(not (m.delta or m.weight).spectrum_complete for m in res.modules)
+    lines.append("SVD: exact for small matrices, randomized top-k for large ones" + (
+        "; '~': from the top-k singular values only" if approx else "") + " (the policy: method_note in --json)")
     return "\n".join(lines)
 
 
