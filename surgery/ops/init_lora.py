@@ -79,6 +79,7 @@ from surgery.io import (
     parse_size,
 )
 from surgery.options.init import INIT_METHODS, InitLoraOptions
+from surgery.report.cards import options_dict, write_card
 
 __all__ = ["InitLoraOptions", "InitModule", "InitResult", "init_factors", "init_lora", "input_shard_size", "METHODS"]
 
@@ -250,7 +251,17 @@ def init_lora(
         # no wall-clock time in the file: the same inputs give byte-identical outputs
         info = {k: v for k, v in result.to_json().items() if k not in ("out", "seconds")}
         (tmp / "init.json").write_text(json.dumps(info, indent=2) + "\n")
+        _card(tmp, result, opts, model)
     return result
+
+
+def _card(tmp: Path, res: InitResult, opts: InitLoraOptions, model: str | Path) -> None:
+    """The output's model card (README.md at OUT), written into the temporary directory before its rename."""
+    summary = {"LoRA modules": len(res.modules), "LoRA parameters": res.adapter_params,
+               "method": res.method, "rank": res.rank, "scaling (alpha / r)": res.scaling,
+               "largest reconstruction error |W - (W_res + s B A)| / |W|": f"{res.max_rel_error:.3g}",
+               "modules skipped": len(res.skipped)}
+    write_card(tmp, "init-lora", str(model), options_dict(opts), summary, inputs=[model], tags=["lora", res.method])
 
 
 def _targets(idx: CheckpointIndex, opts: InitLoraOptions, model, skipped: list[dict]) -> dict[str, str]:
