@@ -43,7 +43,6 @@ patterns and shapes runs before the first byte is written.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import time
@@ -54,7 +53,7 @@ from typing import Any
 
 import torch
 
-from surgery.core.hf import DTYPE_NAMES, DTYPES, parse_dtype, resolve_device
+from surgery.core.hf import DTYPE_NAMES, DTYPES, parse_dtype, resolve_device, torch_threads
 from surgery.core.names import NameMap, name_map
 from surgery.core.peft_format import TOKENS_DELTA, LoraAdapterConfig, LoraModule, read_adapter
 from surgery.core.tensors import all_finite, count_non_finite
@@ -953,20 +952,6 @@ def _iter_plan(idx: CheckpointIndex, plan: _Plan, progress: Progress | None) -> 
                 progress(desc, done, total)
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set to n for the block (unchanged when None), then restored."""
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def merged_state_dict_iter(
     base: str | Path,
     adapters: Sequence[str | Path],
@@ -994,7 +979,7 @@ def merged_state_dict_iter(
         >>> sd = dict(merged_state_dict_iter("base/", ["lora/"], weights=[0.5]))  # doctest: +SKIP
     """
     opts = _options(options, fields)
-    with _torch_threads(opts.threads):
+    with torch_threads(opts.threads):
         idx, plan = _prepare(base, adapters, opts)
     return _iter_plan(idx, plan, progress)
 
@@ -1154,13 +1139,26 @@ def merge(
     opts.check_adapters(len(adapters))
     inputs = [Path(base), *map(Path, adapters)]
     check_output_path(Path(out), opts.overwrite, inputs)
-    with _torch_threads(opts.threads):
+    with torch_threads(opts.threads):
         idx, plan = _prepare(base, adapters, opts)
         size = opts.shard_size or _default_shard_size(idx, plan)
         with ShardedWriter(out, shard_size=size, overwrite=opts.overwrite, inputs=inputs) as w:
             changed = _write(idx, plan, w, progress)
+            _write_card(w, base, opts, plan, changed, inputs)
             nbytes = w.total_size
     return _result(Path(out), idx, plan, changed, nbytes, time.perf_counter() - t0)
+
+
+def _write_card(w: ShardedWriter, base: str | Path, opts: MergeOptions, plan: _Plan, changed: list[str],
+                inputs: list[Path]) -> None:
+    """A model card (README.md) inside the output before its rename: what was merged, and how."""
+    from surgery.report.cards import options_dict, write_card
+
+    assert w.tmp_dir is not None  # inside the writer's block
+    summary = {("adapters unmerged" if plan.unmerge else "adapters merged"):
+               ", ".join(f"{ad.path} (weight {ad.weight:g})" for ad in plan.adapters),
+               "tensors changed": len(changed)}
+    write_card(w.tmp_dir, "merge", str(base), options_dict(opts), summary, inputs=inputs, tags=["lora"])
 
 
 def _result(out: Path, idx: CheckpointIndex, plan: _Plan, changed: list[str], nbytes: int,
