@@ -315,7 +315,8 @@ def test_inspect_result_is_the_json_document(tiny_llama):
     r = CliRunner().invoke(cli, ["inspect", str(tiny_llama), "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout) == json.loads(json.dumps(info.to_json()))
     assert list(info.to_json()) == ["path", "kind", "format", "shards", "tensor_count", "parameters", "bytes",
-                                    "bytes_by_dtype", "config", "tied", "groups", "tensors"]
+                                    "bytes_by_dtype", "config", "tied", "groups", "tensors",
+                                    "what", "produced_by", "details"]  # what the directory is (#17)
 
 
 # ----------------------------------------------------------------------------- shared helpers
