@@ -333,3 +333,17 @@ def test_wrapper_runs_prefill_with_empty_cache():
         ref = model(input_ids=args[0], attention_mask=args[1], position_ids=args[2]).logits
     assert len(present) == 2 * lay.num_layers and present[0].shape == (2, lay.num_kv_heads, 4, lay.head_dim)
     torch.testing.assert_close(logits, ref)
+
+
+def test_legacy_exporter_fallback(monkeypatch, tmp_path):
+    import surgery.onnx.decoder as dec
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("dynamo refused this model")
+
+    monkeypatch.setattr(dec, "_export_dynamo", refuse)
+    r = export_decoder_with_past(tiny("llama"), tmp_path / "legacy", new_tokens=4)
+    assert r.exporter == "legacy" and "dynamo refused this model" in r.exporter_note
+    assert r.status == "ok" and r.validation.passed
+    dims = _io_dims(r.model_path)
+    assert dims["attention_mask"] == [BATCH, TOTAL] and dims["past_key_values.1.value"][2] == PAST

@@ -259,6 +259,17 @@ def _compare_step(name: str, step: int, past_len: int, ref: np.ndarray, got: np.
 # ----------------------------------------------------------------------------- entry point
 
 
+def make_session(path: Path, device: str, threads: int | None = None):
+    """check.make_session (CUDA only when the provider really loads): (session, provider, note).
+
+    surgery.onnx.export is imported first: export.py and check.py import each other, and only
+    that order loads."""
+    import surgery.onnx.export  # noqa: F401
+    from surgery.onnx.check import make_session as make
+
+    return make(path, device, threads)
+
+
 def _read_manifest(onnx_dir: Path) -> dict[str, Any]:
     path = onnx_dir / MANIFEST_FILE
     if not path.is_file():
@@ -324,8 +335,6 @@ def validate_generation(model: Any, onnx_dir: str | Path, *,
         >>> report.passed, report.provider
         (True, 'CPUExecutionProvider')
     """
-    from surgery.onnx.check import make_session
-
     onnx_dir = Path(onnx_dir)
     if not (onnx_dir / MODEL_FILE).is_file():
         raise CheckpointError(f"{onnx_dir} has no {MODEL_FILE}; export the model with export_decoder_with_past first")
