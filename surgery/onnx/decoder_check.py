@@ -260,11 +260,7 @@ def _compare_step(name: str, step: int, past_len: int, ref: np.ndarray, got: np.
 
 
 def make_session(path: Path, device: str, threads: int | None = None):
-    """check.make_session (CUDA only when the provider really loads): (session, provider, note).
-
-    surgery.onnx.export is imported first: export.py and check.py import each other, and only
-    that order loads."""
-    import surgery.onnx.export  # noqa: F401
+    """check.make_session (CUDA only when the provider really loads): (session, provider, note)."""
     from surgery.onnx.check import make_session as make
 
     return make(path, device, threads)
