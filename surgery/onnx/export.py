@@ -34,6 +34,7 @@ import torch
 from surgery.errors import OptionError, ValidationError
 from surgery.io import atomic_output_dir, check_output_path
 from surgery.onnx.check import benchmark_onnx, validate_onnx
+from surgery.onnx.decoder import DecoderExport
 from surgery.onnx.exporters import export_graph
 from surgery.onnx.files import check_symbolic, load_onnx, max_ir_version_supported
 from surgery.onnx.model import Prepared, prepare, prepare_module
@@ -203,8 +204,13 @@ def _load(model_dir: str | Path | None, model: torch.nn.Module | None, inputs: S
 def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: ExportOptions | None = None, *,
                 model: torch.nn.Module | None = None, inputs: Sequence[InputSpec] | None = None,
                 outputs: Mapping[str, Mapping[int, str]] | None = None, progress: Progress | None = None,
-                **fields: Any) -> ExportResult:
+                **fields: Any) -> ExportResult | DecoderExport:
     """Export a model to OUT_DIR/model.onnx (+ model.onnx.data), validated against PyTorch.
+
+    A causal LM with task "auto" (cache=True) or "text-generation-with-past" is exported with its
+    KV cache instead (surgery.onnx.generation.export_generation: Optimum's layout, validated by
+    greedy generation) and a DecoderExport is returned; task "text-generation" / "causal-lm" or
+    cache=False gives the logits-only graph (for scoring).
 
     Args:
         model_dir: a Hugging Face model directory (None with `model=`).
@@ -215,7 +221,7 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: Expo
         progress: callback(stage, step, total) after each phase.
 
     Returns:
-        The ExportResult (also written as OUT_DIR/manifest.json).
+        The ExportResult (also written as OUT_DIR/manifest.json); a DecoderExport for a with-past export.
 
     Raises:
         OptionError: a bad option (naming its field).
@@ -229,11 +235,17 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: Expo
         res = export_onnx("fixtures/tiny-bert", "out/onnx", optimize=True, device="cpu")
         res.status, [row.max_abs_diff for row in res.validation]
     """
+    from surgery.onnx.generation import export_generation, logits_only_task, with_past
+
     opts = ExportOptions.build(options, **fields)
     out_dir = Path(out_dir)
-    tick = _ticker(progress, opts)
     input_paths = [Path(p) for p in ([model_dir] if model_dir is not None else []) + list(opts.adapters)]
     check_output_path(out_dir, opts.overwrite, input_paths)  # refuse before the (slow) model load
+    if model is None and with_past(model_dir, opts):  # a causal LM for generation: with its KV cache
+        with _torch_threads(opts.threads):
+            return export_generation(model_dir, out_dir, opts, progress)  # type: ignore[arg-type]
+    opts = logits_only_task(opts)
+    tick = _ticker(progress, opts)
     with _torch_threads(opts.threads):
         prep = _load(model_dir, model, inputs, outputs, opts)
         tick("load")
