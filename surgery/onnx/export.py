@@ -227,7 +227,7 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: Expo
         OptionError: a bad option (naming its field).
         CheckpointError / AdapterError / OutputError: unusable model, adapter or output location.
         SurgeryError: both exporters failed.
-        ValidationError: an ONNX output differs from PyTorch beyond atol + rtol*|ref| (or
+        ValidationError: an ONNX output differs from PyTorch beyond atol*scale + rtol*|ref| (or
             onnxruntime cannot run a file). Raised after the files and a manifest with status
             "failed" landed; `e.report` is the ExportResult with every validation row.
 

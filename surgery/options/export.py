@@ -41,8 +41,9 @@ ONNX_DTYPES = ("fp32", "fp16")
 # and every onnxruntime since 1.14 runs it.
 DEFAULT_OPSET = 18
 MIN_OPSET = 14  # scaled_dot_product_attention / trilu need >= 14
-# Default tolerances per weight dtype. A value passes when |onnx - torch| <= atol + rtol*|torch|
-# (numpy.allclose). fp16 weights keep ~3 significant digits, and errors add up over layers.
+# Default tolerances per weight dtype. A value passes when |onnx - torch| <= atol*scale + rtol*|torch|,
+# scale = max |torch| of that output (atol is relative to the output's magnitude)
+# fp16 weights keep ~3 significant digits, and errors add up over layers.
 TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-3}, "fp16": {"atol": 1e-1, "rtol": 5e-2}}
 
 #: keyword names of the earlier export_onnx API -> field names

@@ -101,7 +101,7 @@ def render_export(res) -> str:
 @device_option("Execution provider for validation (auto: CUDA when it really loads, else CPU).")
 @click.option("--optimize/--no-optimize", default=False, show_default=True,
               help="Also save an optimised graph (model_optimized.onnx), validated the same way.")
-@click.option("--atol", type=float, help="Absolute tolerance (default fp32 1e-4, fp16 1e-1).")
+@click.option("--atol", type=float, help="Tolerance relative to each output's max |value| (default fp32 1e-4, fp16 1e-1).")
 @click.option("--rtol", type=float, help="Relative tolerance (default fp32 1e-3, fp16 5e-2).")
 @click.option("--validate/--no-validate", "validation", default=True, show_default=True,
               help="Compare onnxruntime with PyTorch (--no-validate: not recommended).")
