@@ -527,18 +527,16 @@ def export_decoder_with_past(model: Any, out_dir: str | Path, *, dtype: str = "f
         dtype: "fp32" or "fp16" (weights, cache and logits); opset: default export.DEFAULT_OPSET.
         validate: run validate_generation (new_tokens per prompt, on device "auto" | "cpu" | "cuda").
         tokenizer: a tokenizer (save_pretrained) or a directory whose tokenizer files are copied.
-        progress: optional callback(stage, step, total).
-        atol, rtol, threads: validate_generation's tolerances (default by dtype) and onnxruntime threads.
-        manifest_extra: more keys for manifest.json (export_onnx adds task, source, adapters).
+        progress: optional callback(stage, step, total). atol, rtol, threads: for validate_generation.
+        manifest_extra: more keys for manifest.json (export_onnx adds source, adapters).
 
     Returns:
         DecoderExport: paths, layout, exporter used, validation report, manifest.
 
     Raises:
-        OptionError (bad dtype/opset/model), CheckpointError (directory cannot be loaded),
-        SurgeryError (cache is not key/value tensors, e.g. Mamba; both exporters failed),
-        ValidationError (generation differs; files and a "failed" manifest are written first, and
-        the error's .report is the GenerationReport).
+        OptionError (bad dtype/opset/model), CheckpointError (directory cannot be loaded), SurgeryError
+        (cache is not key/value tensors, e.g. Mamba; both exporters failed), ValidationError (generation
+        differs; files and a "failed" manifest are written first; .report is the GenerationReport).
 
     Example:
         >>> m = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -207,10 +207,8 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: Expo
                 **fields: Any) -> ExportResult | DecoderExport:
     """Export a model to OUT_DIR/model.onnx (+ model.onnx.data), validated against PyTorch.
 
-    A causal LM with task "auto" (cache=True) or "text-generation-with-past" is exported with its
-    KV cache instead (surgery.onnx.generation.export_generation: Optimum's layout, validated by
-    greedy generation) and a DecoderExport is returned; task "text-generation" / "causal-lm" or
-    cache=False gives the logits-only graph (for scoring).
+    A causal LM (task "auto" with cache=True, or "text-generation-with-past") is exported with its KV
+    cache instead (onnx.generation.export_generation, validated by greedy generation): a DecoderExport.
 
     Args:
         model_dir: a Hugging Face model directory (None with `model=`).
@@ -221,7 +219,7 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: Expo
         progress: callback(stage, step, total) after each phase.
 
     Returns:
-        The ExportResult (also written as OUT_DIR/manifest.json); a DecoderExport for a with-past export.
+        The ExportResult (also written as OUT_DIR/manifest.json), or the DecoderExport (with past).
 
     Raises:
         OptionError: a bad option (naming its field).

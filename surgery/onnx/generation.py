@@ -175,7 +175,8 @@ def _torch_generate(model: Any, prompt: Sequence[int], new: int, device: torch.d
 
 
 def benchmark_generation(onnx_dir: str | Path, model: Any, *, device: str = "auto", threads: int | None = None,
-                         contexts: Sequence[int] = CONTEXTS, new_tokens: int = BENCH_NEW_TOKENS) -> list[dict[str, Any]]:
+                         contexts: Sequence[int] = CONTEXTS,
+                         new_tokens: int = BENCH_NEW_TOKENS) -> list[dict[str, Any]]:
     """Prefill latency and per-token decode latency: the with-past graph on onnxruntime (IOBinding on
     CUDA when it really loads) vs PyTorch eager `generate` with its cache, greedy, batch 1.
 

@@ -48,8 +48,9 @@ def render_generation(res) -> str:
     from surgery.io import escape_name
 
     m = res.manifest
+    side = ", ".join(m["files"]["side_files"] + ["genai_config.json"])
     lines = [f"exported {escape_name(res.model_path)} with its KV cache (text-generation-with-past, {res.dtype}) "
-             f"with the {res.exporter} exporter; side files: {', '.join(m['files']['side_files'] + ['genai_config.json'])}"]
+             f"with the {res.exporter} exporter; side files: {side}"]
     v = res.validation
     if v is not None:
         w = v.worst
@@ -101,7 +102,8 @@ def render_export(res) -> str:
 @device_option("Execution provider for validation (auto: CUDA when it really loads, else CPU).")
 @click.option("--optimize/--no-optimize", default=False, show_default=True,
               help="Also save an optimised graph (model_optimized.onnx), validated the same way.")
-@click.option("--atol", type=float, help="Tolerance relative to each output's max |value| (default fp32 1e-4, fp16 1e-1).")
+@click.option("--atol", type=float,
+              help="Tolerance relative to each output's max |value| (default fp32 1e-4, fp16 1e-1).")
 @click.option("--rtol", type=float, help="Relative tolerance (default fp32 1e-3, fp16 5e-2).")
 @click.option("--validate/--no-validate", "validation", default=True, show_default=True,
               help="Compare onnxruntime with PyTorch (--no-validate: not recommended).")
