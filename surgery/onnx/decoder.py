@@ -516,9 +516,8 @@ def _export_model(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
 def export_decoder_with_past(model: Any, out_dir: str | Path, *, dtype: str = "fp32", opset: int | None = None,
                              validate: bool = True, new_tokens: int = 16, device: str = "auto",
                              tokenizer: Any = None, overwrite: bool = False,
-                             progress: Progress | None = None, atol: float | None = None,
-                             rtol: float | None = None, threads: int | None = None,
-                             manifest_extra: dict[str, Any] | None = None) -> DecoderExport:
+                             progress: Progress | None = None, atol: float | None = None, rtol: float | None = None,
+                             threads: int | None = None, manifest_extra: dict[str, Any] | None = None) -> DecoderExport:
     """Export a causal LM with its KV cache to OUT_DIR/model.onnx (Optimum's text-generation-with-past).
 
     Args:
@@ -527,8 +526,8 @@ def export_decoder_with_past(model: Any, out_dir: str | Path, *, dtype: str = "f
         dtype: "fp32" or "fp16" (weights, cache and logits); opset: default export.DEFAULT_OPSET.
         validate: run validate_generation (new_tokens per prompt, on device "auto" | "cpu" | "cuda").
         tokenizer: a tokenizer (save_pretrained) or a directory whose tokenizer files are copied.
-        progress: optional callback(stage, step, total). atol, rtol, threads: for validate_generation.
-        manifest_extra: more keys for manifest.json (export_onnx adds source, adapters).
+        progress: callback(stage, step, total). atol, rtol, threads: for validate_generation.
+        manifest_extra: more manifest.json keys.
 
     Returns:
         DecoderExport: paths, layout, exporter used, validation report, manifest.

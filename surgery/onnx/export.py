@@ -37,6 +37,7 @@ from surgery.onnx.check import benchmark_onnx, validate_onnx
 from surgery.onnx.decoder import DecoderExport
 from surgery.onnx.exporters import export_graph
 from surgery.onnx.files import check_symbolic, load_onnx, max_ir_version_supported
+from surgery.onnx.generation import export_generation, logits_only_task, with_past
 from surgery.onnx.model import Prepared, prepare, prepare_module
 from surgery.onnx.optimize import optimize_graph, to_fp16
 from surgery.onnx.spec import (
@@ -207,8 +208,8 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: Expo
                 **fields: Any) -> ExportResult | DecoderExport:
     """Export a model to OUT_DIR/model.onnx (+ model.onnx.data), validated against PyTorch.
 
-    A causal LM (task "auto" with cache=True, or "text-generation-with-past") is exported with its KV
-    cache instead (onnx.generation.export_generation, validated by greedy generation): a DecoderExport.
+    A causal LM (task "auto" + cache, or "text-generation-with-past") is exported with its KV cache: see
+    onnx.generation.export_generation (validated by greedy generation; returns a DecoderExport).
 
     Args:
         model_dir: a Hugging Face model directory (None with `model=`).
@@ -233,15 +234,12 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: Expo
         res = export_onnx("fixtures/tiny-bert", "out/onnx", optimize=True, device="cpu")
         res.status, [row.max_abs_diff for row in res.validation]
     """
-    from surgery.onnx.generation import export_generation, logits_only_task, with_past
-
     opts = ExportOptions.build(options, **fields)
     out_dir = Path(out_dir)
     input_paths = [Path(p) for p in ([model_dir] if model_dir is not None else []) + list(opts.adapters)]
     check_output_path(out_dir, opts.overwrite, input_paths)  # refuse before the (slow) model load
     if model is None and with_past(model_dir, opts):  # a causal LM for generation: with its KV cache
-        with _torch_threads(opts.threads):
-            return export_generation(model_dir, out_dir, opts, progress)  # type: ignore[arg-type]
+        return export_generation(model_dir, out_dir, opts, progress)  # type: ignore[arg-type]
     opts = logits_only_task(opts)
     tick = _ticker(progress, opts)
     with _torch_threads(opts.threads):

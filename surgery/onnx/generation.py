@@ -83,16 +83,22 @@ def export_generation(model_dir: str | Path, out_dir: str | Path, opts: ExportOp
         raise OptionError(f"optimize applies to the logits-only graph; the {WITH_PAST_TASK} export writes one graph "
                           "(set cache=False, or task 'text-generation', for an optimised logits-only graph)",
                           field="optimize")
-    model, _, _ = load_hf_model(model_dir, "causal-lm", opts.adapters, allow_random_head=opts.allow_random_head)
-    extra = {"source": str(model_dir), "adapters": [str(a) for a in opts.adapters], "benchmark": []}
-    result = export_decoder_with_past(
-        model, out_dir, dtype=opts.dtype, opset=opts.opset, validate=opts.validation, device=opts.device,
-        tokenizer=Path(model_dir), overwrite=opts.overwrite, progress=progress, atol=opts.atol, rtol=opts.rtol,
-        threads=opts.threads, manifest_extra=extra)
-    if opts.benchmark:
-        rows = benchmark_generation(result.out_dir, model, device=opts.device, threads=opts.threads)
-        result.manifest["benchmark"] = rows
-        _rewrite_manifest(result.out_dir, result.manifest)
+    old_threads = torch.get_num_threads()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    try:
+        model, _, _ = load_hf_model(model_dir, "causal-lm", opts.adapters, allow_random_head=opts.allow_random_head)
+        extra = {"source": str(model_dir), "adapters": [str(a) for a in opts.adapters], "benchmark": []}
+        result = export_decoder_with_past(
+            model, out_dir, dtype=opts.dtype, opset=opts.opset, validate=opts.validation, device=opts.device,
+            tokenizer=Path(model_dir), overwrite=opts.overwrite, progress=progress, atol=opts.atol,
+            rtol=opts.rtol, threads=opts.threads, manifest_extra=extra)
+        if opts.benchmark:
+            rows = benchmark_generation(result.out_dir, model, device=opts.device, threads=opts.threads)
+            result.manifest["benchmark"] = rows
+            _rewrite_manifest(result.out_dir, result.manifest)
+    finally:
+        torch.set_num_threads(old_threads)
     return result
 
 
