@@ -94,7 +94,8 @@ def _merge(base: Path, ft: Path, lora: Path, out: Path, ex: Any, progress: Progr
 
 def _export(merged: Path, out: Path, opts: DemoOptions, progress: Progress | None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    exp = export_onnx(merged, out, optimize=opts.optimize, overwrite=True, progress=progress)
+    # logits-only for causal LMs too (the demo's validation rows and optimised file, as before the with-past default)
+    exp = export_onnx(merged, out, optimize=opts.optimize, overwrite=True, progress=progress, cache=False)
     return {"out": str(out), "status": exp.status, "exporter": exp.exporter, "provider": exp.provider,
             "provider_note": exp.provider_note, "seconds": time.perf_counter() - t0,
             "validation": [r.__dict__ for r in exp.validation]}
