@@ -46,6 +46,7 @@ _API = {
     "OptionError": "surgery.errors",
     "OutputError": "surgery.errors",
     "ValidationError": "surgery.errors",
+    "ResourceError": "surgery.errors",
 }
 
 __all__ = ["__version__", *_API]

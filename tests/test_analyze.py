@@ -168,7 +168,7 @@ def test_cli_table_json_and_plot(tiny_bert, tiny_bert_ft, tmp_path):
     r = CliRunner().invoke(cli, ["analyze", str(tiny_bert_ft), "--base", str(tiny_bert), "--ranks", "2,4",
                                  "--budget", "3%", "-q"])
     assert r.exit_code == 0, r.output
-    assert "r90" in r.stdout and "rec.rank" in r.stdout and "encoder.layer.1.output.dense" in r.stdout
+    assert "r for 90%" in r.stdout and "recommended r" in r.stdout and "encoder.layer.1.output.dense" in r.stdout
     assert "randomized" in r.stdout  # the SVD policy is stated
     r = CliRunner().invoke(cli, ["analyze", str(tiny_bert), "--json", "-q", "--plot", str(tmp_path / "s.png")])
     assert r.exit_code == 0, r.output
@@ -179,7 +179,7 @@ def test_cli_table_json_and_plot(tiny_bert, tiny_bert_ft, tmp_path):
     r = CliRunner().invoke(cli, ["analyze", str(tiny_bert), "-q", "--plot", str(tmp_path / "s.png")])
     assert r.exit_code == 1 and "already exists" in r.stderr
     r = CliRunner().invoke(cli, ["analyze", str(tiny_bert), "-q", "--plot", str(tmp_path / "s.txt")])
-    assert r.exit_code == 1 and ".png" in r.stderr
+    assert r.exit_code == 2 and ".png" in r.stderr and "--plot" in r.stderr  # a usage error naming the flag
 
 
 def test_cli_bad_input(tiny_bert, tmp_path):

@@ -594,7 +594,7 @@ def test_adapter_given_as_base(tiny_bert_lora, tiny_bert_ft, tmp_path):
 def test_deterministic_bytes(tiny_bert, tiny_bert_ft, tmp_path, svd):
     kw = dict(rank=3, svd=svd, bias="skip", seed=5)
     runs = [tree_digest(extract_lora(tiny_bert, tiny_bert_ft, tmp_path / f"ad{i}", **kw).out) for i in range(2)]
-    assert runs[0] == runs[1] and set(runs[0]) == {"adapter_model.safetensors", "adapter_config.json"}
+    assert runs[0] == runs[1] and set(runs[0]) == {"adapter_model.safetensors", "adapter_config.json", "README.md"}
     if svd == "randomized":  # negative control: another seed draws another sketch
         other = extract_lora(tiny_bert, tiny_bert_ft, tmp_path / "ad-seed", **{**kw, "seed": 6})
         assert tree_digest(other.out)["adapter_model.safetensors"] != runs[0]["adapter_model.safetensors"]
@@ -676,7 +676,7 @@ def test_cli_json_report_summary_and_inputs_unchanged(tiny_llama, tiny_llama_ft,
     r = run_cli(["extract-lora", tiny_llama, tiny_llama_ft, "-o", tmp_path / "ad2", "--rank", "4", "-q"])
     assert r.exit_code == 0, r.output
     assert re.search(r"^wrote .*ad2: 16 LoRA modules, overall relative error \d\.\d{4}$", r.stdout, re.M), r.stdout
-    assert "rel err" in r.stderr and "LoRA params" in r.stderr  # the table goes to stderr
+    assert "rel. error" in r.stderr and "LoRA params" in r.stderr  # the table goes to stderr
     assert (tree_digest(tiny_llama), tree_digest(tiny_llama_ft)) == before
 
 

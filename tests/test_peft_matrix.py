@@ -103,16 +103,23 @@ def _cases() -> list[Case]:
         Case("gpt2-resized-save-emb", "gpt2", dict(target_modules=["c_attn"], r=4, lora_alpha=8, fan_in_fan_out=True,
                                                    modules_to_save=["wte"]), resize=104),
         Case("llama-trainable-tokens", "llama", dict(target_modules=["q_proj"], r=4, lora_alpha=8,
-                                                      trainable_token_indices=[3, 5, 7]),
-             # not implemented yet: the saved per-index rows (token_adapter.trainable_tokens_delta) are refused
-             expect="refuse"),
+                                                      trainable_token_indices=[3, 5, 7])),
+        Case("llama-tied-trainable-tokens", "llama-tied", dict(target_modules=["q_proj"], r=4, lora_alpha=8,
+                                                                trainable_token_indices=[3, 5, 7])),
         Case("mixtral-targets", "mixtral", dict(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8)),
         # PEFT turns all-linear on fused MoE experts into target_parameters (ParamWrapper LoRA on
-        # experts.gate_up_proj / down_proj): not implemented yet, refused ("target_parameters is set")
-        Case("mixtral-all-linear", "mixtral", dict(target_modules="all-linear", r=4, lora_alpha=8), expect="refuse"),
+        # experts.gate_up_proj / down_proj, router gate.weight), with a rank/alpha pattern for gate_up_proj
+        Case("mixtral-all-linear", "mixtral", dict(target_modules="all-linear", r=4, lora_alpha=8)),
         Case("mixtral-target-parameters", "mixtral", dict(target_modules=[], r=4, lora_alpha=8,
-                                                           target_parameters=["experts.gate_up_proj"]),
-             expect="refuse"),  # target_parameters (ParamWrapper) not implemented yet
+                                                           target_parameters=["experts.gate_up_proj"])),
+        Case("mixtral-target-parameters-both", "mixtral", dict(target_modules=["q_proj"], r=2, lora_alpha=4,
+                                                                use_rslora=True,
+                                                                target_parameters=["experts.gate_up_proj",
+                                                                                   "experts.down_proj"])),
+        Case("mixtral-target-parameters-weighted", "mixtral", dict(target_modules=[], r=4, lora_alpha=8,
+                                                                    target_parameters=["experts.down_proj"]),
+             extra=[dict(target_modules=[], r=2, lora_alpha=2, target_parameters=["experts.down_proj"])],
+             weights=[0.7, 0.3]),
         Case("bert-cls-seqcls", "bert-cls", dict(target_modules=["query", "value"], r=4, lora_alpha=8,
                                                   modules_to_save=["classifier"])),
         Case("bert-all-linear", "bert", dict(target_modules="all-linear", r=4, lora_alpha=8)),

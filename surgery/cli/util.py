@@ -186,3 +186,66 @@ def device_option(help: str = "Where the math runs: auto = cuda when one is avai
 def threads_option():
     return click.option("--threads", type=click.IntRange(min=1), default=None,
                         help="CPU threads for torch (default: torch's own choice).")
+
+
+# ----------------------------------------------------------------------------- report helpers
+
+
+def flagify(text: str, ctx: click.Context | None = None) -> str:
+    """A library message with option fields in backquotes (`max_rank`) -> the command's flags (--max-rank).
+
+    Example:
+        >>> flagify("raise `max_rank`")
+        'raise --max-rank'
+    """
+    import re
+
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: _flag_of(ctx, m.group(1)), text)
+
+
+def warning_lines(warnings, ctx: click.Context | None = None) -> list[str]:
+    """'warning: ...' lines, each warning once, fields named by their flags."""
+    from surgery.io import escape_name
+    from surgery.report.checks import dedupe
+
+    return [f"warning: {escape_name(flagify(w, ctx))}" for w in dedupe(warnings)]
+
+
+def note_lines(notes, ctx: click.Context | None = None) -> list[str]:
+    """'note: ...' lines, each note once (in first order), fields named by their flags."""
+    from surgery.io import escape_name
+    from surgery.report.checks import dedupe
+
+    return [f"note: {escape_name(flagify(n, ctx))}" for n in dedupe(notes)]
+
+
+def shown_line(shown: int, total: int, what: str = "modules", order: str = "worst first",
+               where: str = "--report FILE / --json") -> str | None:
+    """The line saying that a table is a summary (None when it shows everything).
+
+    Example:
+        >>> shown_line(20, 36)
+        '(a summary: 20 of 36 modules shown, worst first; all of them in --report FILE / --json)'
+    """
+    if shown >= total:
+        return None
+    return f"(a summary: {shown} of {total} {what} shown, {order}; all of them in {where})"
+
+
+def plot_option(what: str):
+    return click.option("--plot", "plot", type=click.Path(path_type=str), help=f"Draw {what} (PNG/SVG/PDF; needs "
+                        "matplotlib, the 'plot' extra).")
+
+
+def check_plot(plot: str | None, overwrite: bool, inputs, ctx: click.Context | None = None) -> None:
+    """Validate a --plot path before any work (surgery.report.plots.check_plot_path): a bad file
+    name is a usage error (exit 2) naming --plot; an input or an existing file is the library's error."""
+    if not plot:
+        return
+    from surgery.errors import OptionError
+    from surgery.report.plots import check_plot_path
+
+    try:
+        check_plot_path(plot, overwrite, [p for p in inputs if p is not None])
+    except OptionError as e:
+        raise click.UsageError(f"--plot: {str(e).removeprefix('plot ')}", ctx=ctx) from None

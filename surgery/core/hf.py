@@ -109,13 +109,29 @@ def config_dict(path: str | Path, cfg: Mapping[str, Any] | None = None) -> dict[
     if cfg.get("auto_map"):
         raise CheckpointError(f"{escape_name(path)}: the model needs custom code (auto_map); surgery never runs "
                               "remote code")
-    quant = cfg.get("quantization_config")
+    refuse_quantized(path, cfg)
+    return dict(cfg)
+
+
+def refuse_quantized(path: str | Path, cfg: Mapping[str, Any] | None) -> None:
+    """Refuse a model whose config.json has a quantization_config: transformers would need
+    bitsandbytes / optimum / ... to load it, and its packed integer weights are not the
+    matrices surgery works on.
+
+    Raises:
+        CheckpointError: one line naming the quantization method and the fix.
+
+    Example:
+        >>> refuse_quantized("m/", {"quantization_config": {"quant_method": "gptq"}})
+        Traceback (most recent call last):
+        surgery.errors.CheckpointError: m/: a quantized model (quantization_config, quant_method 'gptq'); ...
+    """
+    quant = (cfg or {}).get("quantization_config")
     if quant:
         method = quant.get("quant_method", "unknown") if isinstance(quant, Mapping) else "unknown"
         raise CheckpointError(f"{escape_name(path)}: a quantized model (quantization_config, quant_method "
                               f"'{escape_name(method, 40)}'); surgery works on unquantized weights: use the original "
                               "model, or dequantize it first")
-    return dict(cfg)
 
 
 def architecture_class(architectures: Any, default: str = "AutoModel") -> type:

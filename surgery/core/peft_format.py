@@ -51,22 +51,16 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-try:  # Python 3.11+: the regex parser the guard reads (re._parser / re._constants)
-    from re import _constants as _sre  # type: ignore[attr-defined,unused-ignore]
-    from re import _parser as _re_parser  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - older Pythons
-    import sre_constants as _sre  # type: ignore[no-redef,unused-ignore]
-    import sre_parse as _re_parser  # type: ignore[no-redef,unused-ignore]
-
 from surgery.errors import AdapterError
 from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, load_json, open_checkpoint
+from surgery.options.patterns import check_regex
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's order of preference
@@ -216,50 +210,16 @@ MAX_RANK = 1 << 24  # far above any real LoRA rank; bigger values are typos or c
 MAX_REGEX_CHARS = 1000
 
 
-def _unbounded(items) -> bool:
-    """Does this parsed regex (re._parser items) contain an unbounded repeat (*, +, {n,})?"""
-    for op, av in items:
-        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
-            if av[1] == _sre.MAXREPEAT or _unbounded(av[2]):
-                return True
-        elif op in (_sre.SUBPATTERN, _sre.ATOMIC_GROUP):
-            if _unbounded(av[-1]):
-                return True
-        elif op == _sre.BRANCH and any(_unbounded(b) for b in av[1]):
-            return True
-    return False
-
-
-def _nested_repeat(items) -> bool:
-    """A repeat whose body holds an unbounded repeat, e.g. `(a*)*` or `([a-z.]*)+X`: catastrophic
-    backtracking on a long module name."""
-    for op, av in items:
-        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT):
-            if (av[1] > 1 and _unbounded(av[2])) or _nested_repeat(av[2]):
-                return True
-        elif op in (_sre.SUBPATTERN, _sre.ATOMIC_GROUP):
-            if _nested_repeat(av[-1]):
-                return True
-        elif op == _sre.BRANCH and any(_nested_repeat(b) for b in av[1]):
-            return True
-    return False
-
-
 def _check_regex(text: str, where: str, what: str, wrap: Callable[[str], str]) -> None:
-    """A valid pattern that cannot backtrack catastrophically (local guard: refuses nested
-    unbounded repeats and patterns over MAX_REGEX_CHARS before anything is matched)."""
-    if len(text) > MAX_REGEX_CHARS:
-        raise AdapterError(f"{where}: {what} is {len(text)} characters long (limit {MAX_REGEX_CHARS}); "
-                           f"shorten the pattern")
+    """A valid pattern (also as PEFT wraps it) that cannot backtrack catastrophically: the shared
+    guard (surgery.options.patterns.check_regex) refuses nested quantifiers and over-long patterns
+    before anything is matched."""
+    check_regex(text, f"{where}: {what}", error=AdapterError, max_length=MAX_REGEX_CHARS)
     try:
         re.compile(wrap(text))
-        parsed = _re_parser.parse(text)
     except (re.error, RecursionError, OverflowError) as e:
         raise AdapterError(f"{where}: {what} {text!r} is not a valid regular expression ({e}); "
                            f"fix the pattern") from None
-    if _nested_repeat(list(parsed)):
-        raise AdapterError(f"{where}: {what} {text!r} nests an unbounded repeat inside a repeat (catastrophic "
-                           f"backtracking); rewrite it without nested * / +")
 
 
 def _bad(where: str, data: dict, key: str, want: str) -> AdapterError:
@@ -348,10 +308,11 @@ def _check_layers(data: dict, where: str) -> None:
         raise _bad(where, data, "layers_to_transform", "an integer, a list of integers or null")
 
 
-def _check_supported(data: dict, where: str) -> None:
-    """Options whose saved tensors are not plain LoRA factors against the unmodified base."""
+def _check_supported(data: dict, where: str, allow: Collection[str] = ()) -> None:
+    """Options whose saved tensors are not plain LoRA factors against the unmodified base
+    (those in `allow` are accepted: the caller handles them)."""
     for key, why in _UNSUPPORTED_OPTIONS.items():
-        if data.get(key):
+        if data.get(key) and key not in allow:
             raise AdapterError(f"{where}: {key} is set ({why}); only plain LoRA / rsLoRA / DoRA adapters are supported")
     init = data.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_MUTATING_INITS):
@@ -361,12 +322,14 @@ def _check_supported(data: dict, where: str) -> None:
         )
 
 
-def parse_adapter_config(data: dict, where: str = CONFIG_NAME) -> LoraAdapterConfig:
+def parse_adapter_config(data: dict, where: str = CONFIG_NAME, *, allow: Collection[str] = ()) -> LoraAdapterConfig:
     """Validate an adapter_config.json dict.
 
     Args:
         data: the parsed JSON.
         where: names the config in error messages (a path, usually).
+        allow: options otherwise refused that the caller handles ("target_parameters",
+            "trainable_token_indices").
 
     Returns:
         LoraAdapterConfig (`raw` keeps every key of `data`).
@@ -385,7 +348,7 @@ def parse_adapter_config(data: dict, where: str = CONFIG_NAME) -> LoraAdapterCon
     patterns = _parse_patterns(data, where)
     _check_module_options(data, where)
     _check_layers(data, where)
-    _check_supported(data, where)
+    _check_supported(data, where, allow)
     mts = data.get("modules_to_save")
     return LoraAdapterConfig(
         **scalars, target_modules=data.get("target_modules"),
@@ -396,7 +359,7 @@ def parse_adapter_config(data: dict, where: str = CONFIG_NAME) -> LoraAdapterCon
     )
 
 
-def read_adapter_config(path: str | Path) -> LoraAdapterConfig:
+def read_adapter_config(path: str | Path, *, allow: Collection[str] = ()) -> LoraAdapterConfig:
     """Read and validate <dir>/adapter_config.json (or the file itself)."""
     p = Path(path)
     if p.is_dir():
@@ -405,7 +368,7 @@ def read_adapter_config(path: str | Path) -> LoraAdapterConfig:
         raise AdapterError(f"{p}: not found; an adapter directory needs adapter_config.json "
                            f"(PEFT save_pretrained writes it)")
     data = load_json(p, error=AdapterError)  # one line for unreadable / invalid / oversized JSON
-    return parse_adapter_config(data, str(p))
+    return parse_adapter_config(data, str(p), allow=allow)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -504,6 +467,8 @@ def _full_tensor_name(key: str, cfg: LoraAdapterConfig, lora_modules: set[str]) 
     parts = key.split(".")
     if len(parts) < 2:
         return None
+    if key.endswith(TOKENS_DELTA) and cfg.raw.get("trainable_token_indices"):
+        return key
     # `<adapted module>.base_layer.<param>`: embedding base layers, lora_only biases
     if ".base_layer." in key:
         owner, _, param = key.partition(".base_layer.")
@@ -580,7 +545,7 @@ def _sort_keys(idx: CheckpointIndex, cfg: LoraAdapterConfig, where: Path) -> _Sa
 
 
 def read_adapter(
-    path: str | Path,
+    path: str | Path, *, allow: Collection[str] = ()
 ) -> tuple[LoraAdapterConfig, dict[str, LoraModule], dict[str, torch.Tensor]]:
     """Read a PEFT LoRA adapter directory.
 
@@ -588,6 +553,11 @@ def read_adapter(
 
     Args:
         path: the adapter directory (adapter_config.json + adapter_model.safetensors or .bin).
+        allow: options otherwise refused. "target_parameters": LoRAs on raw parameters come back as
+            LoraModule(kind="param") keyed by PEFT's module key (``<owner>[.base_layer...]``;
+            scaling 1.0: the caller resolves the parameter, its rank and scaling).
+            "trainable_token_indices": each ``<module>.token_adapter.trainable_tokens_delta`` comes
+            back among the full tensors under that name.
 
     Returns:
         (config, {module name: LoraModule}, {base tensor name: full tensor}).
@@ -600,13 +570,16 @@ def read_adapter(
         >>> cfg, modules, full = read_adapter("fixtures/tiny-llama-lora")  # doctest: +SKIP
     """
     root = Path(path)
-    cfg = read_adapter_config(root)
+    cfg = read_adapter_config(root, allow=allow)
     if not any((root / n).is_file() for n in WEIGHT_NAMES):
         raise AdapterError(f"{root}: no adapter_model.safetensors or adapter_model.bin beside adapter_config.json")
     idx = open_checkpoint(root)  # CheckpointError for corrupt files and pickles that carry code
     where = idx.shards[0]
     keys = _sort_keys(idx, cfg, where)
-    for module, (kind, s) in keys.modules.items():
+    for module, (kind, s) in list(keys.modules.items()):
+        if _param_wrapper(cfg, module):
+            keys.modules[module] = ("param", s)
+            continue
         _check_module(cfg, where, module, kind, {slot: idx.tensors[k].shape for slot, k in s.items()},
                       {slot: idx.tensors[k].dtype for slot, k in s.items()})
 
@@ -620,6 +593,24 @@ def read_adapter(
         for name, key in keys.full.items():
             tensors[name] = reader.get(key)
     return cfg, out, tensors
+
+
+TOKENS_DELTA = ".token_adapter.trainable_tokens_delta"
+
+
+def _param_wrapper(cfg: LoraAdapterConfig, module: str) -> bool:
+    """Whether saved module key `module` is a PEFT ParamWrapper (a target_parameters LoRA): nested
+    ones are saved under ``.base_layer``; the outermost one on a module target_modules does not take."""
+    targets = cfg.raw.get("target_parameters") or []
+    if not targets:
+        return False
+    stripped = module.replace(".base_layer", "")
+    if stripped != module:
+        return True
+    if cfg.targets(module) is True:
+        return False
+    owners = [t.rpartition(".")[0] for t in targets]
+    return any(o == "" or stripped == o or stripped.endswith("." + o) for o in owners)
 
 
 def _check_factors(cfg: LoraAdapterConfig, module: str, shapes: dict, dtypes: dict) -> str | None:

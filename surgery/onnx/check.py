@@ -21,6 +21,7 @@ import torch
 
 from surgery.core.hf import resolve_device
 from surgery.errors import CheckpointError, ValidationError
+from surgery.io.guards import escape_name
 from surgery.onnx.files import first_line, ort
 from surgery.onnx.model import default_input_sets, make_inputs, wrap
 from surgery.onnx.spec import IOSpec, ValidationReport, ValidationRow
@@ -71,7 +72,7 @@ def make_session(path: str | Path, device: str = "auto", threads: int | None = N
     try:
         sess = rt.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # noqa: BLE001
-        raise ValidationError(f"onnxruntime cannot load {Path(path).name} ({first_line(e)}); "
+        raise ValidationError(f"onnxruntime cannot load {escape_name(Path(path).name)} ({first_line(e)}); "
                               f"try a lower opset") from None
     used = sess.get_providers()[0]
     if len(providers) > 1 and used != CUDA:
@@ -146,7 +147,7 @@ def _check_set(sess: Any, file: str, wrapper: torch.nn.Module, spec: IOSpec, set
     try:
         got = sess.run(list(spec.outputs), feed)
     except Exception as e:  # noqa: BLE001
-        raise ValidationError(f"onnxruntime failed to run {file} on input set '{set_name}' "
+        raise ValidationError(f"onnxruntime failed to run {escape_name(file)} on input set '{set_name}' "
                               f"({first_line(e)}); the graph does not accept these shapes") from None
     rows = []
     for (name, axes), ref, g in zip(spec.outputs.items(), refs, got, strict=False):
@@ -185,7 +186,7 @@ def validate_onnx(onnx_path: str | Path, torch_model: torch.nn.Module, task: str
     """
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
-        raise CheckpointError(f"{onnx_path} does not exist; export the model first")
+        raise CheckpointError(f"{escape_name(onnx_path)} does not exist; export the model first")
     opts = ExportOptions(dtype=dtype, device=device, atol=atol, rtol=rtol, threads=threads)
     wrapper, spec = wrap(torch_model, task, spec)
     wrapper.eval()

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from surgery.errors import CheckpointError, OptionError, SurgeryError, ValidationError
-from surgery.io import atomic_output_dir, check_output_path
+from surgery.io import atomic_output_dir, check_output_path, escape_name
 from surgery.onnx.decoder_check import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -486,7 +486,8 @@ def _load(model: Any) -> tuple[torch.nn.Module, Path | None]:
 
     path = Path(model)
     if not path.is_dir():
-        raise CheckpointError(f"model directory {path} does not exist; pass a Hugging Face model directory")
+        raise CheckpointError(f"model directory {escape_name(path)} does not exist; pass a Hugging Face model "
+                              "directory")
     cls = architecture_class(config_dict(path).get("architectures"), "AutoModelForCausalLM")
     if not hasattr(cls, "generate"):
         cls = AutoModelForCausalLM
@@ -570,7 +571,8 @@ def export_decoder_with_past(model: Any, out_dir: str | Path, *, dtype: str = "f
     result = DecoderExport(out_dir, out_dir / MODEL_FILE, out_dir / DATA_FILE if data else None, dtype, layout,
                            exporter, note, manifest["status"], report, manifest, export_s)
     if report is not None and not report.passed:
-        raise ValidationError(f"{report.failure_message()}; files left in {out_dir} (manifest status 'failed')",
+        raise ValidationError(f"{report.failure_message()}; files left in {escape_name(out_dir)} (manifest status "
+                              "'failed')",
                               report=report)
     return result
 

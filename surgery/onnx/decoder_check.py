@@ -23,7 +23,6 @@ Eos is masked to -inf on both sides (min_new_tokens = new_tokens), so every run 
 from __future__ import annotations
 
 import copy
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from surgery.errors import CheckpointError, OptionError, ValidationError
+from surgery.io.guards import escape_name, load_json
 
 #: names and layout of Optimum's `text-generation-with-past` (and onnxruntime-genai's templates)
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
@@ -271,10 +271,9 @@ def _read_manifest(onnx_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return load_json(path)  # the strict reader: a JSON bomb or duplicate keys read as no manifest
+    except CheckpointError:
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _eos_ids(model) -> list[int]:
@@ -333,7 +332,7 @@ def validate_generation(model: Any, onnx_dir: str | Path, *,
     """
     onnx_dir = Path(onnx_dir)
     if not (onnx_dir / MODEL_FILE).is_file():
-        raise CheckpointError(f"{onnx_dir} has no {MODEL_FILE}; export the model with export_decoder_with_past first")
+        raise CheckpointError(f"{escape_name(onnx_dir)} has no {MODEL_FILE}; export it with export_decoder_with_past")
     if not isinstance(new_tokens, int) or new_tokens < 1:
         raise OptionError(f"new_tokens must be an integer ≥ 1, got {new_tokens!r}", field="new_tokens")
     sess, provider, note = make_session(onnx_dir / MODEL_FILE, device, threads)

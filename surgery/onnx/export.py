@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from surgery.errors import OptionError, ValidationError
-from surgery.io import atomic_output_dir, check_output_path
+from surgery.io import atomic_output_dir, check_output_path, escape_name
 from surgery.onnx.check import benchmark_onnx, validate_onnx
 from surgery.onnx.decoder import DecoderExport
 from surgery.onnx.exporters import export_graph
@@ -259,6 +259,7 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: Expo
             _write_manifest(tmp, result)
             shutil.rmtree(tmp / ".scratch", ignore_errors=True)
     if result.failed:  # after the files landed, for inspection
-        raise ValidationError(f"{result.failure_message()}; files left in {out_dir} (manifest status 'failed')",
+        raise ValidationError(f"{result.failure_message()}; files left in {escape_name(out_dir)} (manifest status "
+                              "'failed')",
                               report=result)
     return result

@@ -12,6 +12,7 @@ import torch
 
 from surgery.core.hf import quiet
 from surgery.errors import SurgeryError
+from surgery.io.guards import escape_name
 from surgery.onnx.files import check_symbolic, first_line, load_onnx, patch_header, remove_model, save_onnx
 from surgery.onnx.model import Prepared, make_inputs
 from surgery.onnx.spec import EXPORT_BATCH, EXPORT_SEQ, IOSpec, data_file
@@ -97,6 +98,6 @@ def export_graph(prep: Prepared, path: Path, opset: int, scratch: Path) -> tuple
     except SurgeryError:
         raise
     except Exception as e2:  # noqa: BLE001
-        raise SurgeryError(f"ONNX export of {prep.source} failed with both exporters: dynamo ({reason}); "
+        raise SurgeryError(f"ONNX export of {escape_name(prep.source)} failed with both exporters: dynamo ({reason}); "
                            f"legacy ({first_line(e2)}); try another opset or report the model type") from None
     return "legacy", f"dynamo export failed ({reason}); used the legacy TorchScript exporter"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import ValidationError
+from surgery.io.guards import escape_name
 from surgery.onnx.spec import IOSpec, data_file
 
 
@@ -29,7 +30,7 @@ def first_line(e: BaseException) -> str:
     if e.__cause__ is not None and type(e).__name__ in ("TorchExportError", "ConversionError"):
         e = e.__cause__
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+    return f"{type(e).__name__}: {escape_name(text[0], 200) if text else ''}"
 
 
 # ----------------------------------------------------------------------------- IR version
@@ -170,12 +171,13 @@ def check_symbolic(path: Path, spec: IOSpec) -> dict[str, dict[str, list]]:
     for kind, name, axes in wanted:
         dims = gio[kind + "s"].get(name)
         if dims is None:
-            raise ValidationError(f"{path.name} has no graph {kind} named '{name}'; the export lost it")
+            raise ValidationError(f"{escape_name(path.name)} has no graph {kind} named '{escape_name(name)}'; the "
+                                  "export lost it")
         for axis, dim_name in axes.items():
             if axis >= len(dims) or not isinstance(dims[axis], str):
                 got = dims[axis] if axis < len(dims) else "missing"
                 raise ValidationError(
-                    f"{path.name}: {kind} '{name}' axis {axis} ({dim_name}) is fixed to {got}, not symbolic; "
-                    f"the export specialised it (a shape-dependent branch in the model?)"
+                    f"{escape_name(path.name)}: {kind} '{escape_name(name)}' axis {axis} ({dim_name}) is fixed to "
+                    f"{got}, not symbolic; the export specialised it (a shape-dependent branch in the model?)"
                 )
     return gio

@@ -244,7 +244,8 @@ def hf_spec(model: torch.nn.Module, config: Any, task: str) -> tuple[IOSpec, dic
     transformers model, and the fixed keyword arguments its forward gets: (spec, extra)."""
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     if vocab < 1:
-        raise CheckpointError(f"config of {config.model_type} has no vocab_size; export-onnx handles token models only")
+        raise CheckpointError(f"config of {escape_name(config.model_type, 80)} has no vocab_size; export-onnx handles "
+                              "token models only")
     params = inspect.signature(model.forward).parameters
     inputs = [InputSpec("input_ids", ("batch", "sequence"), torch.int64, 0, vocab)]
     if "attention_mask" in params:

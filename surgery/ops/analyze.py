@@ -29,8 +29,6 @@ are kept (at most k floats per module).
 from __future__ import annotations
 
 import math
-import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,9 +42,8 @@ from surgery.core.hf import resolve_device, torch_threads
 from surgery.core.layers import check_includes_match, matrix_tensors, module_filter, module_of, open_model, oriented
 from surgery.core.lowrank import SVDResult, allocate_budget, parse_budget, truncated_svd
 from surgery.core.tensors import check_finite, check_fits, matrix_bytes
-from surgery.errors import CheckpointError, OptionError, OutputError, SurgeryError
+from surgery.errors import CheckpointError, OptionError
 from surgery.io import CheckpointIndex, LazyReader, escape_name
-from surgery.io.guards import check_output_file
 from surgery.options.analyze import DEFAULT_RANKS, EXACT_MAX, RANDOMIZED_CAP, AnalyzeOptions
 
 __all__ = ["AnalyzeOptions", "AnalyzeResult", "ModuleAnalysis", "SpectrumStats", "analyze", "effective_rank",
@@ -335,98 +332,6 @@ class _Null:
 
 
 # ----------------------------------------------------------------------------- plot
+# The figure lives in surgery.report.plots (matplotlib imported when drawn); re-exported here.
 
-
-def layer_type(module: str) -> str:
-    """Module name with layer indices replaced by '*': groups the same layer across blocks."""
-    return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", module)
-
-
-def check_plot_path(path: str | Path, overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> Path:
-    """Validate a plot path before any work: known extension, matplotlib there, never an input
-    or inside an input directory (a model directory as the working directory), its directory
-    there, not there unless overwrite.
-
-    Args:
-        path: the plot file.
-        overwrite: whether an existing file may be replaced.
-        inputs: the checkpoints analysed (MODEL, BASE).
-
-    Raises:
-        OptionError: not .png / .svg / .pdf.
-        OutputError: equal to or inside an input, exists (and overwrite is false), a directory,
-            or its directory is missing.
-        SurgeryError: matplotlib is not installed.
-
-    Example:
-        >>> check_plot_path("spectra.png", inputs=["fixtures/tiny-bert"])
-        PosixPath('spectra.png')
-    """
-    import importlib.util
-
-    path = Path(path)
-    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise OptionError(f"plot {escape_name(path)}: use a .png, .svg or .pdf file name", field="plot")
-    if importlib.util.find_spec("matplotlib") is None:
-        raise SurgeryError(_NO_MATPLOTLIB)
-    return check_output_file(path, inputs=inputs, overwrite=overwrite, what="plot")
-
-
-_NO_MATPLOTLIB = "plotting needs matplotlib, which is not installed; pip install 'surgery[plot]'"
-
-
-def plot_spectra(result: AnalyzeResult, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Per layer type: normalised singular values (log scale) and the cumulative energy curve
-    of each layer — of the delta when the analysis has a BASE, else of the weights. PNG/SVG/PDF
-    by extension; written to a temporary sibling and renamed. The path is checked again
-    (check_plot_path), against the checkpoints the result names."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SurgeryError(_NO_MATPLOTLIB) from None
-    path = check_plot_path(path, overwrite, [p for p in (result.model, result.base) if p is not None])
-    groups: dict[str, list[ModuleAnalysis]] = {}
-    for m in result.modules:
-        groups.setdefault(layer_type(m.module), []).append(m)
-    which = "delta" if result.base is not None else "weight"
-    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 2.6 * len(groups)), squeeze=False)
-    for row, (gname, mods) in enumerate(groups.items()):
-        ax_s, ax_e = axes[row]
-        for m in mods:
-            st = m.delta if which == "delta" else m.weight
-            if st is None:
-                continue
-            S = torch.tensor(st.singular_values, dtype=torch.float64)
-            if not len(S) or float(S[0]) == 0.0:
-                continue
-            x = torch.arange(1, len(S) + 1)
-            label = m.module if len(mods) <= 12 else None
-            ax_s.semilogy(x, (S / S[0]).clamp_min(1e-12), lw=0.9, label=label)
-            total = st.norm ** 2
-            ax_e.plot(torch.cat([torch.zeros(1), x]), torch.cat([torch.zeros(1), S.pow(2).cumsum(0) / total]), lw=0.9)
-        ax_s.set_title(f"{gname} ({which}): sigma_i / sigma_1", fontsize=8)
-        ax_e.set_title(f"{gname} ({which}): energy kept at rank r", fontsize=8)
-        ax_e.set_ylim(0, 1.02)
-        for e in DELTA_ENERGIES if which == "delta" else ():
-            ax_e.axhline(e, color="grey", lw=0.5, ls=":")
-        for ax in (ax_s, ax_e):
-            ax.tick_params(labelsize=7)
-            ax.set_xlabel("rank", fontsize=7)
-    fig.suptitle(escape_name(result.model) + (f" - {escape_name(result.base)}" if result.base else ""), fontsize=9)
-    fig.tight_layout()
-    tmp = path.parent / f".{path.stem}.surgery-tmp-{os.getpid()}{path.suffix}"
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException as e:  # KeyboardInterrupt too: no temporary file left
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise OutputError(f"cannot write the plot {escape_name(path)} ({e.strerror or e}); nothing was "
-                              "written") from None
-        raise
-    finally:
-        plt.close(fig)
-    return path
+from surgery.report.plots import check_plot_path, layer_type, plot_spectra  # noqa: E402

@@ -49,6 +49,8 @@ from surgery.errors import CheckpointError, OptionError, SurgeryError
 from surgery.io import CheckpointIndex, LazyReader, check_output_path, escape_name, open_checkpoint
 from surgery.io.hub import is_hub_id, resolve_model
 from surgery.options.extract import ExtractOptions, parse_budget
+from surgery.report.cards import write_card
+from surgery.report.checks import capped_energy_warning, rounding_delta_warning
 
 Progress = Callable[[str, int, int], None]
 _ROW_BLOCK = 1 << 20  # elements per block when reading a delta
@@ -974,6 +976,33 @@ def _share_notes(rows: list[Row], ad: _Adapter, whole: Mapping[str, torch.Tensor
     return (left / total if total else 0.0), warnings
 
 
+def _stored_dtype(idx: CheckpointIndex, names: list[str]) -> str:
+    """The dtype most of NAMES are stored in ("float32", "bfloat16", ...)."""
+    counts: dict[str, int] = {}
+    for n in names:
+        info = idx.tensors.get(n)
+        if info is not None:
+            key = str(info.dtype).removeprefix("torch.")
+            counts[key] = counts.get(key, 0) + 1
+    return max(counts, key=counts.__getitem__) if counts else ""
+
+
+def quality_warnings(rows: list[Row], plan: ExtractPlan, pair: _Pair, opts: ExtractOptions) -> list[str]:
+    """Warnings when the adapter is poor by its own measure: energy targets cut short by the rank
+    cap (field `max_rank`), a delta that is mostly the rounding of a coarser stored dtype."""
+    reports = [r.report for r in rows if r.report is not None]
+    out = []
+    capped = capped_energy_warning([(m.module, m.rank, m.energy_kept) for m in reports], opts.energy, plan.cap)
+    if capped:
+        out.append(capped)
+    names = [r.name for r in rows if r.report is not None]
+    rounding = rounding_delta_warning([(m.module, m.rel_change) for m in reports],
+                                      _stored_dtype(pair.base_idx, names), _stored_dtype(pair.ft_idx, names))
+    if rounding:
+        out.append(rounding)
+    return out
+
+
 def _tokenizer_files(inputs: _Inputs, plan: ExtractPlan) -> tuple[Path, list[str]] | None:
     """FT's tokenizer files when the vocabulary grew: AutoPeftModel resizes the base to them."""
     if not any(p.grown for p in plan.tensors) or not inputs.ft.is_dir():
@@ -1031,10 +1060,11 @@ def assemble(plan: ExtractPlan, rows: list[Row], opts: ExtractOptions, inputs: _
                   inputs=[inputs.base, inputs.ft], extra_config=extra or None, target_parameters=ad.params or None,
                   bias_tensors=ad.biases or None, copy_files=_tokenizer_files(inputs, plan))
     left_share, warnings = _share_notes(rows, ad, whole, plan.model_params)
+    warnings += quality_warnings(rows, plan, pair, opts)
     sq_err, sq_tot = sum(r.sq_err for r in rows), sum(r.sq_tot for r in rows)
     reports = [r.report for r in rows if r.report is not None]
     lora_bias = sum(m.bias.numel() for m in ad.modules.values() if m.bias is not None)
-    return ExtractResult(
+    result = ExtractResult(
         out=out, modules=reports, full=list(whole), skipped=ad.skipped, notes=notes,
         adapter_params=sum(m.params for m in reports) + lora_bias,
         full_params=sum(t.numel() for t in ad.whole.values()), model_params=plan.model_params,
@@ -1043,6 +1073,26 @@ def assemble(plan: ExtractPlan, rows: list[Row], opts: ExtractOptions, inputs: _
         bias_params=sum(t.numel() for t in ad.biases.values()), left_out_share=left_share,
         task_type=plan.task_type, warnings=warnings,
     )
+    _card(result, inputs, report_options)
+    return result
+
+
+def _card(res: ExtractResult, inputs: _Inputs, options: dict | None) -> None:
+    """The adapter's model card (README.md), written into the finished adapter directory."""
+    opts = {k: v for k, v in (options or {}).items() if k != "device"}
+    worst = max(res.modules, key=lambda m: m.rel_error, default=None)
+    share = 100 * (res.adapter_params + res.full_params) / max(res.model_params, 1)
+    summary = {"LoRA modules": len(res.modules), "LoRA parameters": res.adapter_params,
+               "tensors saved whole": len(res.full),
+               "share of the model's parameters": f"{share:.2f}%",
+               "overall relative error |delta - BA| / |delta|": round(res.overall_rel_error, 6),
+               "share of the delta left out": f"{100 * res.left_out_share:.2f}%"}
+    if worst is not None:
+        summary["worst module"] = f"{worst.module}: relative error {worst.rel_error:.4f}, energy kept " \
+                                  f"{100 * worst.energy_kept:.2f}%"
+    summary.update({f"warning {i + 1}": w.replace("`", "") for i, w in enumerate(res.warnings)})
+    write_card(res.out, "extract-lora", inputs.base_ref, opts, summary, inputs=[inputs.base, inputs.ft],
+               tags=["lora"])
 
 
 # ----------------------------------------------------------------------------- entry point

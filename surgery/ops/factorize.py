@@ -48,6 +48,7 @@ from surgery.core.hf import (
     load_pretrained,
     model_from_config,
     quiet,
+    refuse_quantized,
     resolve_device,
     torch_threads,
 )
@@ -67,6 +68,8 @@ from surgery.errors import CheckpointError, OptionError, SurgeryError
 from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, escape_name, load_json, open_checkpoint, parse_size
 from surgery.ops.analyze import spectrum
 from surgery.options.factorize import FactorizeOptions
+from surgery.report.cards import options_dict, write_card
+from surgery.report.checks import capped_energy_warning, output_cosine_warning
 
 __all__ = ["FactorizeOptions", "FactorizeResult", "FactorModule", "factorize", "load_factorized", "output_check",
            "factored_linear", "sample_inputs", "last_hidden", "compare_hidden", "savings"]
@@ -98,6 +101,7 @@ class FactorizeResult:
     params_after: int = 0
     output_check: dict | None = None  # {"max_abs_diff", "cosine_mean", "cosine_min", "inputs"} or {"skipped": why}
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # the result is poor by its own measure (see _warnings)
 
     @property
     def params_saved(self) -> int:
@@ -152,6 +156,7 @@ def factorize(
     device = resolve_device(opts.device)
     out = Path(out)
     idx = open_model(model, "MODEL")
+    refuse_quantized(model, idx.config)  # its config would go into the output, which would not load
     result = FactorizeResult(out=out, modules=[], params_before=idx.total_params)
     targets = _targets(idx, opts, model, result.skipped)
     with torch_threads(opts.threads):
@@ -166,8 +171,35 @@ def factorize(
         result.params_after = idx.total_params - sum(m.params_before - m.params_after for m in result.modules)
         if opts.evaluate:
             result.output_check = output_check(model, out)
+    result.warnings = _warnings(result, opts)
+    _card(result, opts, model)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _card(res: FactorizeResult, opts: FactorizeOptions, model: str | Path) -> None:
+    """The output's model card (README.md, replacing any copied from MODEL), written after the output check."""
+    oc = res.output_check or {}
+    summary: dict[str, Any] = {
+        "layers factorised": len(res.modules), "layers kept dense": len(res.skipped),
+        "parameters": f"{res.params_before} -> {res.params_after} (saved "
+                      f"{100 * res.params_saved / max(res.params_before, 1):.1f}%)",
+        "largest relative error |W - BA| / |W|": round(max((m.rel_error for m in res.modules), default=0.0), 6),
+        "smallest energy kept": f"{100 * min((m.energy_kept for m in res.modules), default=1.0):.2f}%",
+    }
+    if "cosine_mean" in oc:
+        summary["output cosine to the original (mean / min)"] = f"{oc['cosine_mean']:.5f} / {oc['cosine_min']:.5f}"
+    summary.update({f"warning {i + 1}": w.replace("`", "") for i, w in enumerate(res.warnings)})
+    write_card(res.out, "factorize", str(model), options_dict(opts), summary, inputs=[model], tags=["low-rank"])
+
+
+def _warnings(result: FactorizeResult, opts: FactorizeOptions) -> list[str]:
+    """Energy targets cut short by max_rank; an output cosine to the original below 0.99."""
+    policy = f"rank {opts.rank}" if opts.rank is not None else f"energy {opts.energy:g}"
+    found = [capped_energy_warning([(m.module, m.rank, m.energy_kept) for m in result.modules], opts.energy,
+                                   opts.max_rank if opts.rank is None else None, "layers"),
+             output_cosine_warning(result.output_check, policy)]
+    return [w for w in found if w]
 
 
 def _targets(idx: CheckpointIndex, opts: FactorizeOptions, model, skipped: list[dict]) -> dict[str, str]:

@@ -54,7 +54,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from surgery.core.hf import parse_dtype, resolve_device, torch_threads
+from surgery.core.hf import parse_dtype, refuse_quantized, resolve_device, torch_threads
 from surgery.core.layers import (
     PROJECTION_KINDS,
     check_includes_match,
@@ -79,6 +79,7 @@ from surgery.io import (
     parse_size,
 )
 from surgery.options.init import INIT_METHODS, InitLoraOptions
+from surgery.report.cards import options_dict, write_card
 
 __all__ = ["InitLoraOptions", "InitModule", "InitResult", "init_factors", "init_lora", "input_shard_size", "METHODS"]
 
@@ -234,6 +235,7 @@ def init_lora(
     check_output_path(out, opts.overwrite, [Path(model)])
     device = resolve_device(opts.device)
     idx = open_model(model, "MODEL")
+    refuse_quantized(model, idx.config)  # OUT/residual would carry its quantization_config and not load
     shard_bytes = input_shard_size(idx) if opts.shard_size is None else parse_size(opts.shard_size)
     result = InitResult(out=out, method=opts.method, rank=cast(int, opts.rank), alpha=opts.lora_alpha,
                         scaling=opts.scaling, modules=[], adapter_dtype=opts.adapter_dtype)
@@ -249,7 +251,17 @@ def init_lora(
         # no wall-clock time in the file: the same inputs give byte-identical outputs
         info = {k: v for k, v in result.to_json().items() if k not in ("out", "seconds")}
         (tmp / "init.json").write_text(json.dumps(info, indent=2) + "\n")
+        _card(tmp, result, opts, model)
     return result
+
+
+def _card(tmp: Path, res: InitResult, opts: InitLoraOptions, model: str | Path) -> None:
+    """The output's model card (README.md at OUT), written into the temporary directory before its rename."""
+    summary = {"LoRA modules": len(res.modules), "LoRA parameters": res.adapter_params,
+               "method": res.method, "rank": res.rank, "scaling (alpha / r)": res.scaling,
+               "largest reconstruction error |W - (W_res + s B A)| / |W|": f"{res.max_rel_error:.3g}",
+               "modules skipped": len(res.skipped)}
+    write_card(tmp, "init-lora", str(model), options_dict(opts), summary, inputs=[model], tags=["lora", res.method])
 
 
 def _targets(idx: CheckpointIndex, opts: InitLoraOptions, model, skipped: list[dict]) -> dict[str, str]:
@@ -273,8 +285,8 @@ def _targets(idx: CheckpointIndex, opts: InitLoraOptions, model, skipped: list[d
                               f"use rank <= {min(shape)} or exclude '{escape_name(module_of(n), 200)}'", field="rank")
         targets[n] = k
     if not targets:
-        raise OptionError(f"no Linear/Conv1D weight of {escape_name(model)} is selected; check include/exclude",
-                          field="include")
+        raise OptionError(f"no non-empty Linear/Conv1D weight of {escape_name(model)} is selected; check "
+                          "include/exclude", field="include")
     _check_memory(idx, targets, opts)
     return targets
 

@@ -43,7 +43,6 @@ patterns and shapes runs before the first byte is written.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import time
@@ -54,8 +53,9 @@ from typing import Any
 
 import torch
 
-from surgery.core.hf import DTYPE_NAMES, DTYPES, parse_dtype, resolve_device
-from surgery.core.peft_format import LoraAdapterConfig, LoraModule, read_adapter
+from surgery.core.hf import DTYPE_NAMES, DTYPES, parse_dtype, resolve_device, torch_threads
+from surgery.core.names import NameMap, name_map
+from surgery.core.peft_format import TOKENS_DELTA, LoraAdapterConfig, LoraModule, read_adapter
 from surgery.core.tensors import all_finite, count_non_finite
 from surgery.errors import AdapterError, CheckpointError, OptionError, ValidationError
 from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, TensorInfo, check_output_path, open_checkpoint
@@ -126,8 +126,10 @@ class _Op:
     kind: str                 # "lora" | "dora" | "bias" | "replace"
     weight: float
     module: LoraModule | None = None
-    fifo: bool = False        # weight stored (in, out) (GPT-2 Conv1D)
-    tensor: torch.Tensor | None = None  # replacement ("replace")
+    fifo: bool = False        # weight stored (in, out) (GPT-2 Conv1D); "param": an is_transposed expert stack
+    tensor: torch.Tensor | None = None  # replacement ("replace"), saved rows ("rows")
+    experts: int = 1          # "param": experts in the stack (1: a 2-D parameter)
+    index: list[int] | None = None  # "rows": the token indices the saved rows replace
 
     def lora(self) -> LoraModule:
         """The module of a "lora" / "dora" / "bias" op (the plan always sets it for those)."""
@@ -159,6 +161,15 @@ class _Base:
     tied: dict[str, str]      # head name (not stored) -> stored source name
     config: dict | None
     read: Callable[[str], torch.Tensor] | None = None  # stored tensor by name (for equality checks)
+    names: NameMap | None = None  # checkpoint names <-> the model's (None: the same)
+
+    def checkpoint_name(self, name: str) -> str:
+        """The stored name of a tensor named as in the model in memory (PEFT's names): ViT's
+        ``layers.0.attention.q_proj.weight`` is ``encoder.layer.0.attention.attention.query.weight`` on
+        disk. Itself when the names agree, or for a fused parameter (see `fusion_of`)."""
+        if self.names is None or self.names.identity:
+            return name
+        return self.names.checkpoint_name(name) or name
 
     def same_as_stored(self, name: str, t: torch.Tensor) -> bool:
         """A full tensor that only restates the base (PEFT saves embedding base layers) is a no-op."""
@@ -168,8 +179,12 @@ class _Base:
         return torch.equal(self.read(src), t.to(self.dtypes[src]))
 
     def modules(self) -> set[str]:
+        """Every module name of the model in memory (what target_modules and patterns match)."""
         out: set[str] = set()
-        for name in [*self.shapes, *self.tied]:
+        names = [*self.shapes, *self.tied]
+        if self.names is not None and not self.names.identity:
+            names = [self.names.module_name(n) for n in names]
+        for name in names:
             parts = name.split(".")
             out.update(".".join(parts[:i]) for i in range(1, len(parts)))
         return out
@@ -182,6 +197,13 @@ class _Adapter:
     modules: dict[str, LoraModule]
     full: dict[str, torch.Tensor]
     weight: float
+    origin: dict[str, str] = field(default_factory=dict)  # stored module name -> PEFT's (where they differ)
+    params: dict[str, LoraModule] = field(default_factory=dict)  # target_parameters: PEFT module key -> LoRA
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # trainable tokens: module -> saved rows
+
+    def peft_name(self, module: str) -> str:
+        """The module name PEFT keys this adapter by (the model's in-memory name)."""
+        return self.origin.get(module, module)
 
 
 @dataclass
@@ -197,6 +219,7 @@ class _Plan:
     dtype: torch.dtype | None
     device: torch.device
     applied: list[set[str]]             # per adapter: modules applied
+    fused: dict[str, str] = field(default_factory=dict)  # stored source -> fused parameter the ops change
 
 
 @dataclass
@@ -438,7 +461,7 @@ def _module_target(ad: _Adapter, mname: str, base: _Base, rep: _Replacements) ->
             + _missing_hint(wname, base)
         )
     notes = []
-    if ad.config.targets(mname) is False and wname not in base.tied:  # accepted only as a tied head
+    if ad.config.targets(ad.peft_name(mname)) is False and wname not in base.tied:  # accepted only as a tied head
         raise AdapterError(f"{ad.path}: LoRA module {mname!r} is not matched by target_modules and is not an "
                            f"output head tied to the embedding (ensure_weight_tying); PEFT would ignore its weights")
     if target != wname:
@@ -544,6 +567,22 @@ def _lora_ops(base: _Base, rep: _Replacements, unmerge: bool) -> _LoraOps:
     return out
 
 
+def _in_checkpoint_names(ad: _Adapter, base: _Base) -> _Adapter:
+    """The adapter with its modules and full tensors renamed from PEFT's (in-memory) names to the
+    base checkpoint's stored names, so that the merged model keeps the names it was saved with."""
+    if base.names is None or base.names.identity:
+        return ad
+    modules: dict[str, LoraModule] = {}
+    origin: dict[str, str] = {}
+    for name, m in ad.modules.items():
+        stored = base.checkpoint_name(f"{name}.weight").removesuffix(".weight")
+        modules[stored] = replace(m, module=stored) if stored != name else m
+        if stored != name:
+            origin[stored] = name
+    full = {base.checkpoint_name(n): t for n, t in ad.full.items()}
+    return replace(ad, modules=modules, full=full, origin=origin)
+
+
 def _build_plan(
     base: _Base,
     adapters: list[_Adapter],
@@ -553,17 +592,142 @@ def _build_plan(
     device: torch.device,
 ) -> _Plan:
     """Every check on keys, patterns and shapes, from headers and adapter tensors; nothing written."""
+    adapters = [_in_checkpoint_names(ad, base) for ad in adapters]
     rep = _replacements(base, adapters, unmerge)
     lora = _lora_ops(base, rep, unmerge)
     ops = {name: list(replace_ops) for name, replace_ops in rep.ops.items()}  # replacements apply first
     for name, op in lora.placed:
         ops.setdefault(name, []).append(op)
     applied = [full | mods for full, mods in zip(rep.applied, lora.applied, strict=True)]
+    fused = _param_and_token_ops(base, rep.adapters, unmerge, ops, applied)
     return _Plan(base, rep.adapters, ops, rep.extra, rep.new_shapes, rep.config_updates,
-                 list(dict.fromkeys(rep.notes + lora.notes)), unmerge, dtype, device, applied)
+                 list(dict.fromkeys(rep.notes + lora.notes)), unmerge, dtype, device, applied, fused)
+
+
+# ------------------------------------------------- target_parameters (ParamWrapper) and trainable tokens
+
+
+def _param_order(base: _Base) -> list[str]:
+    """Every parameter of the model in memory in registration order (the order PEFT wraps them in)."""
+    model = base.names.model if base.names is not None else None
+    if model is not None:
+        return [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    names = list(base.shapes)
+    return [base.names.module_name(n) for n in names] if base.names is not None else names
+
+
+def _resolve_param(ad: _Adapter, key: str, order: list[str]) -> str:
+    """The parameter PEFT's ParamWrapper saved under `key` (``<owner>[.base_layer]*``) wraps: the
+    owner's targeted parameters in registration order, the first innermost."""
+    owner, depth = key.replace(".base_layer", ""), key.count(".base_layer")
+    targets = ad.config.raw.get("target_parameters") or []
+    mine = [p for p in order if p.rpartition(".")[0] == owner
+            and (p in targets or any(p.endswith("." + t) for t in targets))]
+    if depth >= len(mine):
+        raise AdapterError(f"{ad.path}: LoRA saved under {key!r}: target_parameters {targets} match {len(mine)} "
+                           f"parameter(s) of {owner!r} in the base; is the adapter for another model?")
+    return mine[len(mine) - 1 - depth]
+
+
+def _param_slot(ad: _Adapter, param: str, base: _Base) -> tuple[str, tuple[int, ...], bool, str | None]:
+    """(name the ops are keyed by, shape, is_transposed, fused-from-sources marker) of a parameter."""
+    nm, model = base.names, base.names.model if base.names is not None else None
+    fusion = nm.fusion_of(param) if nm is not None else None
+    owner = model.get_submodule(param.rpartition(".")[0]) if model is not None else None
+    transposed = bool(getattr(owner, "is_transposed", False))
+    if fusion is not None and model is not None:
+        return param, tuple(model.get_parameter(param).shape), transposed, fusion.sources[0]
+    stored = base.checkpoint_name(param)
+    if stored not in base.shapes:
+        raise AdapterError(f"{ad.path}: target parameter {param!r} is not in the base {base.where}; "
+                           f"is the adapter for another model?")
+    return stored, base.shapes[stored], transposed, None
+
+
+def _param_op(i: int, ad: _Adapter, key: str, order: list[str], base: _Base) -> tuple[str, _Op, str | None]:
+    """Adapter i's op for one ParamWrapper LoRA, after checking its factors against the parameter."""
+    m = ad.params[key]
+    param = _resolve_param(ad, key, order)
+    target, shape, transposed, source = _param_slot(ad, param, base)
+    r = ad.config.rank_for(param)
+    if len(shape) == 3:
+        experts, (out_f, in_f) = shape[0], (shape[2], shape[1]) if transposed else shape[1:]
+    elif len(shape) == 2:
+        experts, (out_f, in_f) = 1, shape
+    else:
+        raise AdapterError(f"{ad.path}: target parameter {param} has shape {shape}; PEFT wraps 2-D and 3-D ones only")
+    want_a, want_b = (r * experts, in_f), (out_f, r * experts)
+    if tuple(m.A.shape) != want_a or tuple(m.B.shape) != want_b:
+        raise AdapterError(f"{ad.path}: {param}: A {tuple(m.A.shape)} / B {tuple(m.B.shape)} do not fit the parameter "
+                           f"{shape} at r={r} (expected A {want_a}, B {want_b}); is the adapter for another model?")
+    mod = replace(m, module=param, scaling=ad.config.scaling_for(param))
+    return target, _Op(i, "param", ad.weight, module=mod, fifo=transposed, experts=experts), source
+
+
+def _token_indices(ad: _Adapter, module: str) -> list[int]:
+    spec = ad.config.raw.get("trainable_token_indices")
+    if isinstance(spec, dict):
+        spec = next((v for k, v in spec.items() if module == k or module.endswith("." + k)), None)
+    if not isinstance(spec, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+        raise AdapterError(f"{ad.path}: trainable_token_indices gives no list of token ids for {module}")
+    return spec
+
+
+def _token_op(i: int, ad: _Adapter, module: str, base: _Base, unmerge: bool) -> tuple[str, _Op]:
+    """Adapter i's op for one trainable-tokens delta: the saved rows replace those rows."""
+    rows, index = ad.tokens[module], _token_indices(ad, module)
+    if unmerge:
+        raise AdapterError(f"{ad.path}: trainable tokens of {module} replace rows whose base values are not in the "
+                           f"adapter, so unmerge cannot restore them; merge from the original base")
+    if ad.weight != 1.0:
+        raise OptionError(f"{ad.path}: trainable tokens of {module} replace rows; they cannot be scaled, use "
+                          f"weight 1", field="weights")
+    target = _resolve(base.checkpoint_name(f"{module}.weight"), base)
+    if target is None:
+        raise AdapterError(f"{ad.path}: trainable tokens on {module!r}, which has no weight in the base {base.where}")
+    shape = base.shapes[target]
+    if tuple(rows.shape) != (len(index), shape[-1]) or not all(0 <= j < shape[0] for j in index):
+        raise AdapterError(f"{ad.path}: trainable tokens of {module}: rows {tuple(rows.shape)} for indices {index} "
+                           f"do not fit {target} {shape}; is the adapter for another model?")
+    return target, _Op(i, "rows", 1.0, tensor=rows, index=list(index))
+
+
+def _param_and_token_ops(base: _Base, adapters: list[_Adapter], unmerge: bool, ops: dict[str, list[_Op]],
+                         applied: list[set[str]]) -> dict[str, str]:
+    """Phase: target_parameters LoRAs and trainable tokens into `ops` (rows first, as PEFT loads
+    them before merging); returns stored source -> fused parameter for stacks built on the fly."""
+    fused: dict[str, str] = {}
+    order = _param_order(base) if any(ad.params for ad in adapters) else []
+    for i, ad in enumerate(adapters):
+        for module in ad.tokens:
+            target, op = _token_op(i, ad, module, base, unmerge)
+            ops.setdefault(target, []).insert(0, op)
+            applied[i].add(module)
+        for key in ad.params:
+            target, op, source = _param_op(i, ad, key, order, base)
+            ops.setdefault(target, []).append(op)
+            applied[i].add(key)
+            if source is not None and base.names is not None:
+                fused.update(dict.fromkeys(base.names.fusion_of(target).sources, target))  # type: ignore[union-attr]
+    return fused
 
 
 # ----------------------------------------------------------------------------- math
+
+
+def param_delta(m: LoraModule, experts: int, transposed: bool, device: torch.device | str = "cpu",
+                weight: float = 1.0) -> torch.Tensor:
+    """PEFT's ParamWrapper.get_delta_weight in fp32: a 2-D parameter as a Linear; an expert stack
+    (E, out, in) from A (r*E, in), B (out, r*E) by PEFT's einsum ((E, in, out) when is_transposed)."""
+    a = m.A.to(device=device, dtype=torch.float32)
+    b = m.B.to(device=device, dtype=torch.float32)
+    if experts == 1:
+        return (b @ a) * (m.scaling * weight)
+    a3 = a.reshape(experts, -1, a.shape[-1])
+    b3 = b.reshape(b.shape[0], -1, experts)
+    eq = "o r e, e r i -> e i o" if transposed else "o r e, e r i -> e o i"
+    return torch.einsum(eq, b3, a3) * (m.scaling * weight)
+
 
 
 def _t(x: torch.Tensor, fifo: bool) -> torch.Tensor:
@@ -617,6 +781,9 @@ def _apply_ops(t: torch.Tensor, ops: Sequence[_Op], unmerge: bool, device: torch
     if inplace and base32 is t:
         base32 = t.clone()  # never write into the reader's buffer
     for op in ops:
+        if op.kind == "rows":  # PEFT's index_copy of the saved rows, in the weight's dtype: exact
+            rows = op.full().to(device=device, dtype=t.dtype).float()
+            base32 = base32.index_copy(0, torch.tensor(op.index, device=device), rows)
         if op.kind == "replace":
             s = op.full().to(device=device, dtype=torch.float32)
             base32 = s if op.weight == 1.0 else base32 + op.weight * (s - base32)
@@ -625,7 +792,7 @@ def _apply_ops(t: torch.Tensor, ops: Sequence[_Op], unmerge: bool, device: torch
     out = base32
     last = None  # adapter of the previous delta
     for op in ops:
-        if op.kind in ("lora", "bias") and inplace and last is not None and op.adapter != last \
+        if op.kind in ("lora", "bias", "param") and inplace and last is not None and op.adapter != last \
                 and t.dtype != torch.float32 and not unmerge:
             # PEFT merges adapter after adapter into the weight: it is rounded to its dtype in between
             out = out.to(t.dtype).float()
@@ -635,6 +802,10 @@ def _apply_ops(t: torch.Tensor, ops: Sequence[_Op], unmerge: bool, device: torch
                 # PEFT's Embedding.merge adds get_delta_weight(...).to(weight dtype): the delta is
                 # rounded to the base dtype first (Linear adds the fp32 delta, one rounding)
                 d = d.to(t.dtype).float()
+            d = d.neg_() if unmerge else d
+            out = out.add_(d) if inplace else out + d
+        elif op.kind == "param":  # PEFT casts the delta to the parameter's dtype, then adds
+            d = param_delta(op.lora(), op.experts, op.fifo, device, op.weight).to(t.dtype).float()
             d = d.neg_() if unmerge else d
             out = out.add_(d) if inplace else out + d
         elif op.kind == "bias":
@@ -647,7 +818,7 @@ def _apply_ops(t: torch.Tensor, ops: Sequence[_Op], unmerge: bool, device: torch
                 out = merged  # bit-identical to PEFT for a lone DoRA adapter
             else:
                 out = out + op.weight * (merged - base32)
-        if op.kind != "replace":
+        if op.kind not in ("replace", "rows"):
             last = op.adapter
     return out
 
@@ -712,8 +883,10 @@ def _load_adapters(adapters: Sequence[str | Path], weights: list[float]) -> list
         if not p.is_dir():
             raise AdapterError(f"{p}: not an adapter directory "
                                f"(expected adapter_config.json + adapter_model.safetensors)")
-        cfg, modules, full = read_adapter(p)
-        out.append(_Adapter(str(path), cfg, modules, _normalize_full(p, full), w))
+        cfg, modules, full = read_adapter(p, allow=("target_parameters", "trainable_token_indices"))
+        tokens = {n.removesuffix(TOKENS_DELTA): full.pop(n) for n in list(full) if n.endswith(TOKENS_DELTA)}
+        params = {n: modules.pop(n) for n in list(modules) if modules[n].kind == "param"}
+        out.append(_Adapter(str(path), cfg, modules, _normalize_full(p, full), w, params=params, tokens=tokens))
     return out
 
 
@@ -729,6 +902,7 @@ def _base_from_index(idx: CheckpointIndex) -> _Base:
         tied=dict(idx.tied),
         config=idx.config,
         read=read,
+        names=name_map(idx.config, idx.tensors),
     )
 
 
@@ -757,9 +931,13 @@ def _iter_plan(idx: CheckpointIndex, plan: _Plan, progress: Progress | None) -> 
     total = len(idx.tensors) + len(plan.extra)
     desc = "unmerge" if plan.unmerge else "merge"
     done = 0
+    cache: dict[str, torch.Tensor] = {}
     with LazyReader(idx) as reader:
         for name, t in reader.iter():
-            yield name, _finish(name, t, plan, plan.ops.get(name))
+            if name in plan.fused:
+                yield name, _fused_tensor(name, reader, plan, cache)
+            else:
+                yield name, _finish(name, t, plan, plan.ops.get(name))
             done += 1
             if progress:
                 progress(desc, done, total)
@@ -772,20 +950,6 @@ def _iter_plan(idx: CheckpointIndex, plan: _Plan, progress: Progress | None) -> 
             done += 1
             if progress:
                 progress(desc, done, total)
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set to n for the block (unchanged when None), then restored."""
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def merged_state_dict_iter(
@@ -815,7 +979,7 @@ def merged_state_dict_iter(
         >>> sd = dict(merged_state_dict_iter("base/", ["lora/"], weights=[0.5]))  # doctest: +SKIP
     """
     opts = _options(options, fields)
-    with _torch_threads(opts.threads):
+    with torch_threads(opts.threads):
         idx, plan = _prepare(base, adapters, opts)
     return _iter_plan(idx, plan, progress)
 
@@ -875,11 +1039,16 @@ def _write_planned(w: ShardedWriter, idx: CheckpointIndex, plan: _Plan, changed:
     """Planned-mode loop: merged tensors are written whole; untouched ones are copied a
     block of rows at a time (checked for NaN/inf on the way), never held whole."""
     desc = "unmerge" if plan.unmerge else "merge"
+    cache: dict[str, torch.Tensor] = {}
     with LazyReader(idx) as reader:
         order = reader.order()
         for done, name in enumerate(order, 1):
             info = idx.tensors[name]
             ops = plan.ops.get(name)
+            if name in plan.fused:
+                w.add(name, _fused_tensor(name, reader, plan, cache))
+                changed.append(name)
+                continue
             same_dtype = plan.dtype is None or not info.dtype.is_floating_point or plan.dtype == info.dtype
             if ops or not same_dtype or len(info.shape) == 0:
                 w.add(name, _finish(name, reader.get(name), plan, ops))
@@ -889,6 +1058,22 @@ def _write_planned(w: ShardedWriter, idx: CheckpointIndex, plan: _Plan, changed:
                 w.add_blocks(name, tuple(info.shape), info.dtype, _row_blocks(reader, name, info, plan))
             if progress:
                 progress(desc, done, len(order))
+
+
+def _fused_tensor(name: str, reader: LazyReader, plan: _Plan, cache: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A stored tensor that transformers fuses into a parameter the adapters change (per-expert
+    ``w1/w3`` into ``experts.gate_up_proj``): the first of its sources builds the fused parameter by
+    transformers' own conversion, merges it and splits it back; the others are served from `cache`
+    (memory: one fused parameter's tensors in flight)."""
+    if name not in cache:
+        nm, target = plan.base.names, plan.fused[name]
+        fusion = nm.fusion_of(target) if nm is not None else None
+        if nm is None or fusion is None:
+            raise TypeError(f"{name}: planned as fused but the base has no fusion for {target}")
+        built = fusion.combine(reader.get)
+        built[target] = _finish(target, built[target], plan, plan.ops[target])
+        cache.update(nm.split(built))
+    return _finish(name, cache.pop(name), plan, None)
 
 
 def _row_blocks(reader: LazyReader, name: str, info: TensorInfo, plan: _Plan) -> Iterator[torch.Tensor]:
@@ -954,13 +1139,26 @@ def merge(
     opts.check_adapters(len(adapters))
     inputs = [Path(base), *map(Path, adapters)]
     check_output_path(Path(out), opts.overwrite, inputs)
-    with _torch_threads(opts.threads):
+    with torch_threads(opts.threads):
         idx, plan = _prepare(base, adapters, opts)
         size = opts.shard_size or _default_shard_size(idx, plan)
         with ShardedWriter(out, shard_size=size, overwrite=opts.overwrite, inputs=inputs) as w:
             changed = _write(idx, plan, w, progress)
+            _write_card(w, base, opts, plan, changed, inputs)
             nbytes = w.total_size
     return _result(Path(out), idx, plan, changed, nbytes, time.perf_counter() - t0)
+
+
+def _write_card(w: ShardedWriter, base: str | Path, opts: MergeOptions, plan: _Plan, changed: list[str],
+                inputs: list[Path]) -> None:
+    """A model card (README.md) inside the output before its rename: what was merged, and how."""
+    from surgery.report.cards import options_dict, write_card
+
+    assert w.tmp_dir is not None  # inside the writer's block
+    summary = {("adapters unmerged" if plan.unmerge else "adapters merged"):
+               ", ".join(f"{ad.path} (weight {ad.weight:g})" for ad in plan.adapters),
+               "tensors changed": len(changed)}
+    write_card(w.tmp_dir, "merge", str(base), options_dict(opts), summary, inputs=inputs, tags=["lora"])
 
 
 def _result(out: Path, idx: CheckpointIndex, plan: _Plan, changed: list[str], nbytes: int,

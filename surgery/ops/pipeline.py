@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from surgery.io import LazyReader, open_checkpoint
+from surgery.io import LazyReader, check_output_path, open_checkpoint
 from surgery.onnx.export import ExportResult, export_onnx
 from surgery.onnx.model import load_hf_model
 from surgery.ops.extract import extract_lora
@@ -118,6 +118,8 @@ def run_pipeline(base: str | Path, ft: str | Path, workdir: str | Path, options:
         "weights_vs_ft", "outputs_vs_ft"}, "export": {..., "validation": [rows]}, "seconds"}.
 
     Raises:
+        OutputError: an output (lora/, merged/, onnx/ under WORKDIR) is or holds BASE or FT, or lies
+            inside one; checked before the first phase.
         OptionError, CheckpointError, OutputError: as the phases do; ValidationError when the
         ONNX export fails validation (its files stay in workdir/onnx).
 
@@ -129,6 +131,8 @@ def run_pipeline(base: str | Path, ft: str | Path, workdir: str | Path, options:
     base, ft, workdir = Path(base), Path(ft), Path(workdir)
     t0 = time.perf_counter()
     lora, merged, onnx_dir = workdir / "lora", workdir / "merged", workdir / "onnx"
+    for out in (lora, merged, onnx_dir):  # every output against both inputs before the first phase runs
+        check_output_path(out, True, [base, ft])
     ex, extract_report = _extract(base, ft, lora, opts, progress)
     merge_report = _merge(base, ft, lora, merged, ex, progress)
     export_report = _export(merged, onnx_dir, opts, progress)

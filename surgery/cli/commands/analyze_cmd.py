@@ -9,11 +9,13 @@ from surgery.options.analyze import DEFAULT_RANKS, EXACT_MAX, RANDOMIZED_CAP, An
 from ..main import cli
 from ..util import (
     build_options,
+    check_plot,
     device_option,
     echo_json,
     human_count,
     json_option,
     overwrite_option,
+    plot_option,
     progress_bar,
     quiet_option,
     table,
@@ -51,7 +53,7 @@ def _weight_table(res) -> str:
              f"{m.weight.stable_rank:.1f}",
              ("" if m.weight.spectrum_complete else "~") + f"{m.weight.effective_rank:.1f}",
              *[_pct(m.weight.energy[r]) for r in rk]] for m in res.modules]
-    head = ["module", "kind", "shape", "|W|", "stable", "eff.rank", *[f"E@{r}%" for r in rk]]
+    head = ["module", "kind", "shape", "|W|_F", "stable rank", "eff. rank", *[f"kept r={r} (%)" for r in rk]]
     return table(rows, head, "lllrrr" + "r" * len(rk))
 
 
@@ -67,8 +69,8 @@ def _delta_table(res) -> str:
         if res.budget is not None:
             row.append(m.recommended_rank)
         rows.append(row)
-    head = ["module", "shape", "|d|/|W|", "d stable", "d eff.rank", *[f"dE@{r}%" for r in rk],
-            "r90", "r95", "r99"] + (["rec.rank"] if res.budget is not None else [])
+    head = ["module", "shape", "|d|/|W|", "d stable rank", "d eff. rank", *[f"d kept r={r} (%)" for r in rk],
+            "r for 90%", "r for 95%", "r for 99%"] + (["recommended r"] if res.budget is not None else [])
     return table(rows, head, "llrrr" + "r" * (len(rk) + 3 + (res.budget is not None)))
 
 
@@ -82,8 +84,12 @@ def render_analyze(res) -> str:
     from surgery.io import escape_name
 
     lines += [f"skipped {escape_name(sk['tensor'], 200)}: {sk['why']}" for sk in res.skipped]
-    lines.append(f"{len(res.modules)} matrices; effective rank: {res.effective_rank_definition}")
-    lines.append(res.method_note)
+    what = "delta" if res.base is not None else "weight"
+    lines.append(f"{len(res.modules)} matrices. 'kept r=N (%)': share of the {what}'s energy (squared Frobenius "
+                 "norm) its top-N singular values keep; stable rank |M|_F^2/s1^2; eff. rank: Roy & Vetterli (2007)")
+    approx = any(not (m.delta or m.weight).spectrum_complete for m in res.modules)
+    lines.append("SVD: exact for small matrices, randomized top-k for large ones" + (
+        "; '~': from the top-k singular values only" if approx else "") + " (the policy: method_note in --json)")
     return "\n".join(lines)
 
 
@@ -101,8 +107,7 @@ def render_analyze(res) -> str:
               help="Singular values computed by the randomized SVD.")
 @click.option("--niter", type=int, default=4, show_default=True, help="Power iterations (randomized SVD).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
-@click.option("--plot", "plot", type=click.Path(path_type=str),
-              help="Draw spectra and energy curves per layer type (PNG/SVG/PDF).")
+@plot_option("the singular values and the energy kept per rank, one panel pair per layer type")
 @overwrite_option("an existing --plot file")
 @json_option(help="Print the full result (spectra included) as JSON.")
 @quiet_option()
@@ -124,10 +129,9 @@ def analyze_cmd(ctx, model, base, plot, overwrite, as_json, quiet, **fields):
     """
     opts = build_options(AnalyzeOptions, ctx, **fields)
     from surgery.io import escape_name
-    from surgery.ops.analyze import analyze, check_plot_path, plot_spectra
+    from surgery.ops.analyze import analyze, plot_spectra
 
-    if plot:  # fail before the SVDs, not after; never into MODEL or BASE
-        check_plot_path(plot, overwrite, [p for p in (model, base) if p is not None])
+    check_plot(plot, overwrite, [model, base], ctx)  # fail before the SVDs, not after; never into MODEL or BASE
     with progress_bar(not quiet) as prog:
         res = analyze(model, base, opts, progress=prog)
     if plot:

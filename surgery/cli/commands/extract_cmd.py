@@ -12,45 +12,54 @@ from surgery.options.extract import BIAS_MODES, EMBEDDING_MODES, OTHER_DELTA_MOD
 from ..main import cli
 from ..util import (
     build_options,
+    check_plot,
     device_option,
     dtype_option,
     echo_json,
     human_count,
     json_option,
+    note_lines,
     out_option,
     overwrite_option,
+    plot_option,
     progress_bar,
     quiet_option,
+    shown_line,
     table,
     threads_option,
+    warning_lines,
 )
 from .refine_cmd import build_refine_options, refine_flags, render_refine
 
+EXTRACT_HEADERS = ["module", "kind", "shape (out x in)", "rank", "params", "|d|/|W|", "rel. error |d-BA|/|d|",
+                   "energy kept (%)"]
 
-def render_extract(res, top: int | None = 20) -> str:
+
+def render_extract(res, top: int | None = 20, ctx: click.Context | None = None) -> str:
+    """The stderr report of an ExtractResult: the TOP worst modules (a summary, said so), grouped
+    skips, notes and warnings (each once). The full list is the JSON report."""
+    from surgery.report.checks import group_skips
+
     rows = sorted(res.modules, key=lambda m: -m.rel_error)
     shown = rows if top is None else rows[:top]
     lines = [table(
         [[m.module, m.kind, "x".join(str(d) for d in m.shape), m.rank, human_count(m.params),
-          f"{m.rel_change:.2e}", f"{m.rel_error:.4f}", f"{100 * m.energy_kept:.2f}%"] for m in shown],
-        ["module", "kind", "shape", "rank", "params", "|d|/|W|", "rel err", "energy"], "lllrrrrr")]
-    if len(rows) > len(shown):
-        lines.append(f"... {len(rows) - len(shown)} more modules (worst first; full list with --report)")
+          f"{m.rel_change:.2e}", f"{m.rel_error:.4f}", f"{100 * m.energy_kept:.2f}"] for m in shown],
+        EXTRACT_HEADERS, "lllrrrrr")]
+    more = shown_line(len(shown), len(rows), "modules", "worst relative error first")
+    if more:
+        lines.append(more)
     share = 100 * (res.adapter_params + res.full_params) / max(res.model_params, 1)
     lines.append(
         f"{len(res.modules)} LoRA modules, {human_count(res.adapter_params)} LoRA params"
         f" + {human_count(res.full_params)} saved whole ({len(res.full)} tensors) = {share:.2f}% of the model;"
         f" overall relative error {res.overall_rel_error:.4f}; {res.seconds:.1f} s"
     )
-    for s in res.skipped:
-        share = f" ({100 * s['share']:.2f}% of the delta)" if s.get("share") else ""
-        lines.append(f"skipped {s['tensor']}: {s['why']}{share}")
+    lines += group_skips(res.skipped)
     if res.left_out_share:
-        lines.append(f"left out: {100 * res.left_out_share:.2f}% of the delta (‖Δ_skipped‖² / ‖Δ‖²)")
-    for n in res.notes:
-        lines.append(f"note: {n}")
-    for w in res.warnings:
-        lines.append(f"warning: {w}")
+        lines.append(f"left out: {100 * res.left_out_share:.2f}% of the delta (|d_skipped|^2 / |d|^2)")
+    lines += note_lines(res.notes, ctx)
+    lines += warning_lines(res.warnings, ctx)
     return "\n".join(lines)
 
 
@@ -98,14 +107,15 @@ def _run_refine(base, ft, out, opts: ExtractOptions, ropts, prog):
 @click.option("--task-type", help="PEFT task_type to record, e.g. CAUSAL_LM (default: inferred from config.json's "
               "architectures; null when unknown).")
 @click.option("--report", type=click.Path(path_type=str), help="Write the full report as JSON here.")
-@overwrite_option("an existing output directory")
+@plot_option("a layer x module heatmap of each module's relative error and energy kept")
+@overwrite_option("an existing output directory (and --report / --plot file)")
 @json_option(help="Print the report as JSON on stdout.")
 @quiet_option()
 @threads_option()
 @click.option("--refine", is_flag=True, help="Then train the factors to match FT's outputs on --calibration text.")
 @refine_flags(prefix=True)
 @click.pass_context
-def extract_cmd(ctx, base, ft, out, report, as_json, quiet, refine, **fields):
+def extract_cmd(ctx, base, ft, out, report, plot, as_json, quiet, refine, **fields):
     """Compress the delta FT - BASE into a PEFT LoRA adapter.
 
     Streams one tensor pair at a time, decomposes each delta with a truncated SVD
@@ -126,6 +136,7 @@ def extract_cmd(ctx, base, ft, out, report, as_json, quiet, refine, **fields):
         from surgery.io import check_report_path
 
         check_report_path(report, [Path(base), Path(ft)], opts.overwrite)
+    check_plot(plot, opts.overwrite, [base, ft], ctx)
     ropts = build_refine_options(ctx) if refine else None  # usage errors (exit 2) before any work
     ref = None
     with progress_bar(not quiet) as prog:
@@ -140,11 +151,15 @@ def extract_cmd(ctx, base, ft, out, report, as_json, quiet, refine, **fields):
         from surgery.io import write_text_atomic
 
         write_text_atomic(report, json.dumps(data, indent=2) + "\n")
+    if plot:
+        from surgery.report.plots import plot_extract
+
+        plot_extract(res, plot, inputs=[base, ft], overwrite=opts.overwrite)
     if as_json:
         echo_json(data)
         return
     # -q only drops the progress bar: the report table stays on stderr (tests/test_refine.py relies on it)
-    click.echo(render_extract(res), err=True)
+    click.echo(render_extract(res, ctx=ctx), err=True)
     if ref is not None:
-        click.echo(render_refine(ref), err=True)
+        click.echo(render_refine(ref, ctx=ctx), err=True)
     click.echo(f"wrote {out}: {len(res.modules)} LoRA modules, overall relative error {res.overall_rel_error:.4f}")

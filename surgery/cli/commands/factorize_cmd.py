@@ -20,6 +20,7 @@ from ..util import (
     quiet_option,
     table,
     threads_option,
+    warning_lines,
 )
 
 _DEFAULTS = FactorizeOptions(rank=1)  # the library's defaults, shown in --help
@@ -36,15 +37,17 @@ def _check_line(oc) -> str:
             f"(|ref| max {oc['ref_max_abs']:.3g}), cosine mean {oc['cosine_mean']:.5f} min {oc['cosine_min']:.5f}")
 
 
-def render_factorize(res) -> tuple[str, str]:
-    """(report for stderr, summary line for stdout) of a FactorizeResult."""
+def render_factorize(res, ctx: click.Context | None = None) -> tuple[str, str]:
+    """(report for stderr, summary line for stdout) of a FactorizeResult; warnings end the report."""
     from surgery.io import escape_name
 
     lines = [table([[m.module, m.kind, f"{m.shape[0]}x{m.shape[1]}", m.rank,
-                     f"{100 * (1 - m.params_after / m.params_before):.1f}%", f"{m.rel_error:.4f}",
-                     f"{100 * m.energy_kept:.2f}%"] for m in res.modules],
-                   ["module", "kind", "shape", "rank", "saved", "rel err", "energy"], "lllrrrr")]
+                     f"{100 * (1 - m.params_after / m.params_before):.1f}", f"{m.rel_error:.4f}",
+                     f"{100 * m.energy_kept:.2f}"] for m in res.modules],
+                   ["module", "kind", "shape (out x in)", "rank", "params saved (%)", "rel. error |W-BA|/|W|",
+                    "energy kept (%)"], "lllrrrr")]
     lines += [f"kept dense {escape_name(s['module'], 200)}: {s['why']}" for s in res.skipped]
+    lines += warning_lines(res.warnings, ctx)
     summary = (f"wrote {escape_name(res.out)}: {len(res.modules)} layers factorised, parameters "
                f"{human_count(res.params_before)} -> {human_count(res.params_after)} "
                f"(saved {human_count(res.params_saved)}, {100 * res.params_saved / max(res.params_before, 1):.1f}%); "
@@ -96,7 +99,9 @@ def factorize_cmd(ctx, model, no_check, as_json, quiet, **fields):
     if as_json:
         echo_json(res.to_json())
         return
-    report, summary = render_factorize(res)
+    report, summary = render_factorize(res, ctx)
     if not quiet:
         click.echo(report, err=True)
+    elif res.warnings:  # -q drops the table, never a warning
+        click.echo("\n".join(warning_lines(res.warnings, ctx)), err=True)
     click.echo(summary)

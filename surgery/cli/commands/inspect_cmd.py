@@ -17,8 +17,14 @@ def render_inspect(info) -> str:
     from surgery.io import escape_name
 
     dtypes = ", ".join(f"{k} {human_bytes(v)}" for k, v in info.bytes_by_dtype.items())
-    lines = [f"{escape_name(info.path)}: {info.kind} ({info.format}, {len(info.shards)} shard(s))",
-             f"  tensors {info.tensor_count}, parameters {human_count(info.parameters)} "
+    lines = [f"{escape_name(info.path)}: {info.kind} ({info.format}, {len(info.shards)} shard(s))"]
+    if info.what:
+        lines.append(f"  what: {escape_name(info.what, 400)}")
+    if info.kind == "onnx-export":
+        lines += [f"  {k}: {escape_name(v, 200)}" for k, v in info.details.items() if v is not None and k != "files"]
+        lines.append(f"  files: {', '.join(info.shards)} ({human_bytes(info.bytes)})")
+        return "\n".join(lines)
+    lines += [f"  tensors {info.tensor_count}, parameters {human_count(info.parameters)} "
              f"({info.parameters:,}), {human_bytes(info.bytes)}: {dtypes}"]
     lines += [f"  {k}: {escape_name(v, 200)}" for k, v in info.config.items()]
     lines += [f"  tied: {escape_name(head, 200)} is not stored; it shares {escape_name(src, 200)} (tie_word_embeddings)"

@@ -17,17 +17,21 @@ from surgery.options.refine import OBJECTIVES, RefineOptions
 from ..main import cli
 from ..util import (
     build_options,
+    check_plot,
     device_option,
     echo_json,
     human_bytes,
     human_count,
     json_option,
+    note_lines,
     out_option,
     overwrite_option,
+    plot_option,
     progress_bar,
     quiet_option,
     table,
     threads_option,
+    warning_lines,
 )
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(RefineOptions)}
@@ -37,18 +41,20 @@ def _fmt(v, spec=".3e") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def render_refine(res) -> str:
-    """The held-out curve (stderr table) and a one-line summary."""
+def render_refine(res, ctx: click.Context | None = None) -> str:
+    """The held-out curve (stderr table: the objective and KL in scientific notation, a labelled
+    checkpoint column), a one-line summary, notes and warnings (each once)."""
     kl = res.objective == "logits-kl"
-    rows = [["no adapter", _fmt(res.no_adapter.loss), _fmt(res.no_adapter.kl if kl else res.no_adapter.cosine, ".6f"),
-             _fmt(res.no_adapter.max_abs_diff), "", ""]]
+    third = "KL (nats/token)" if kl else "cosine to teacher"
+    spec = ".3e" if kl else ".6f"
+    rows = [["no adapter", _fmt(res.no_adapter.loss), _fmt(res.no_adapter.kl if kl else res.no_adapter.cosine, spec),
+             _fmt(res.no_adapter.max_abs_diff), "", "base alone (reference)"]]
     train = dict(res.train_loss)
     for p in res.curve:
-        mark = "best" if p.step == res.best_step else ""
-        rows.append([str(p.step), _fmt(p.loss), _fmt(p.kl if kl else p.cosine, ".6f"), _fmt(p.max_abs_diff),
+        mark = "best: saved" if p.step == res.best_step else ""
+        rows.append([str(p.step), _fmt(p.loss), _fmt(p.kl if kl else p.cosine, spec), _fmt(p.max_abs_diff),
                      _fmt(train.get(p.step)), mark])
-    lines = [table(rows, ["step", "held-out loss", "KL" if kl else "cosine", "max abs diff", "train loss", ""],
-                   "rrrrrl")]
+    lines = [table(rows, ["step", "held-out loss", third, "max abs diff", "train loss", "checkpoint"], "rrrrrl")]
     lines.append(
         f"{res.objective}: held-out loss {res.before.loss:.3e} -> {res.after.loss:.3e} (step {res.best_step}); "
         f"gap to the teacher closed {100 * res.gap_closed:.1f}% (SVD start: "
@@ -56,10 +62,8 @@ def render_refine(res) -> str:
         f"{res.train_samples} train / {res.holdout_samples} held-out samples, "
         f"{human_count(res.trainable_params)} trainable, cache {human_bytes(res.cache_bytes)}, {res.seconds:.1f} s"
     )
-    from surgery.io import escape_name
-
-    for n in res.notes:
-        lines.append(f"note: {escape_name(n)}")
+    lines += note_lines(res.notes, ctx)
+    lines += warning_lines(getattr(res, "warnings", []), ctx)
     return "\n".join(lines)
 
 
@@ -125,11 +129,12 @@ def build_refine_options(ctx: click.Context, params: Mapping[str, Any] | None = 
               help="Seeds the hold-out split, the batch order and torch.")
 @threads_option()
 @click.option("--report", type=click.Path(path_type=str), help="Write the full report as JSON here.")
-@overwrite_option("an existing output directory (and --report file)")
+@plot_option("the train / held-out loss and the gap closed per evaluation, best step marked")
+@overwrite_option("an existing output directory (and --report / --plot file)")
 @json_option("Print the report as JSON on stdout.")
 @quiet_option()
 @click.pass_context
-def refine_cmd(ctx, base, adapter, teacher, out, report, as_json, quiet, **_flags):
+def refine_cmd(ctx, base, adapter, teacher, out, report, plot, as_json, quiet, **_flags):
     """Train a LoRA adapter's factors so that BASE + ADAPTER imitates TEACHER.
 
     Only the LoRA A/B matrices train, on unlabeled calibration text, to match the
@@ -146,14 +151,20 @@ def refine_cmd(ctx, base, adapter, teacher, out, report, as_json, quiet, **_flag
     from surgery.io import escape_name
     from surgery.ops.refine import refine_adapter
 
+    inputs = [p for p in (base, adapter, teacher, opts.calibration) if p]
+    check_plot(plot, opts.overwrite, inputs, ctx)
     # the library checks OUT and REPORT against every input (the calibration file too) and each
     # other before any work, and writes the report with OUT (a full disk fails before OUT is touched)
     with progress_bar(not quiet) as prog:
         res = refine_adapter(base, adapter, out, opts, teacher=teacher, progress=prog, report=report)
+    if plot:
+        from surgery.report.plots import plot_refine
+
+        plot_refine(res, plot, inputs=inputs, overwrite=opts.overwrite)
     if as_json:
         echo_json(res.to_json())
         return
     if not quiet:
-        click.echo(render_refine(res), err=True)
+        click.echo(render_refine(res, ctx), err=True)
     click.echo(f"wrote {escape_name(out)}: held-out {res.objective} loss {res.before.loss:.3e} -> "
                f"{res.after.loss:.3e}")
