@@ -93,16 +93,42 @@ def test_fixed_dimension_is_rejected(bert_export, tmp_path):
 
 
 def test_tiny_gpt2_causal_lm(tiny_gpt2, tmp_path):
-    r = export_onnx(tiny_gpt2, tmp_path / "o", device="cpu")
+    # the logits-only graph (scoring); task auto would export the decoder with its cache
+    r = export_onnx(tiny_gpt2, tmp_path / "o", task="text-generation", device="cpu")
     assert r.status == "ok" and r.manifest["task"] == "causal-lm"
     assert [i["name"] for i in r.manifest["inputs"]] == ["input_ids", "attention_mask"]  # no token_type_ids
     assert r.manifest["outputs"][0]["dims"][:2] == ["batch", "sequence"]
     assert all(row.top1_agreement == 1.0 for row in r.validation)
+    assert "b3_s9_left_padded" in {row.input_set for row in r.validation}  # what batched generation feeds
     _assert_layout(r.out_dir)
+    _left_padded_rows_match_unpadded(r.model_path, tiny_gpt2)
+
+
+def _left_padded_rows_match_unpadded(path: Path, model_dir: Path) -> None:
+    """Each row of a left-padded batch, run on onnxruntime, equals PyTorch on that row alone (no
+    padding): positions come from the mask in the graph. Negative control: PyTorch without
+    position_ids on the padded batch (what the graph computed before) is off by far more."""
+    import onnxruntime as ort
+
+    model, _, _ = load_hf_model(model_dir)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = np.arange(3, 3 + 3 * 9, dtype=np.int64).reshape(3, 9) % 90 + 3
+    pads = [4, 0, 2]
+    mask = (np.arange(9)[None] >= np.array(pads)[:, None]).astype(np.int64)
+    ids[mask == 0] = 0
+    got = sess.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+    with torch.no_grad():
+        wrong = model(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+        for row, pad in enumerate(pads):
+            ref = model(torch.from_numpy(ids[row:row + 1, pad:])).logits.numpy()[0]
+            assert np.abs(got[row, pad:] - ref).max() <= 1e-4 * np.abs(ref).max() + 1e-3 * np.abs(ref).max()
+            if pad:
+                assert np.abs(wrong[row, pad:] - ref).max() > 100 * np.abs(got[row, pad:] - ref).max()
 
 
 def test_tiny_llama_with_adapter_and_optimize(tiny_llama, tiny_llama_lora, tmp_path):
-    r = export_onnx(tiny_llama, tmp_path / "o", adapters=[tiny_llama_lora], optimize=True, device="cpu")
+    r = export_onnx(tiny_llama, tmp_path / "o", adapters=[tiny_llama_lora], optimize=True, device="cpu",
+                    cache=False)  # logits only: the with-past export has one graph, no optimised file
     assert r.status == "ok" and r.manifest["adapters"] == [str(tiny_llama_lora)]
     # no fusion pass for llama: onnxruntime's offline optimisation, validated like the plain file
     assert "offline" in r.manifest["optimization"]["method"]
@@ -216,6 +242,28 @@ def test_perturbed_weight_fails_validation(bert_export, tiny_bert, tmp_path):
     assert not report.passed and report.worst.tol_ratio > 1
     with pytest.raises(ValidationError, match=r"'last_hidden_state' of model.onnx differs .* on input set 'b"):
         validate_onnx(tmp_path / "model.onnx", model, "feature-extraction", device="cpu")
+
+
+def test_fp16_zeroed_classifier_head_fails(tiny_bert, tmp_path):
+    """Negative control for the scale-relative tolerance: the classifier weights of an fp16 export
+    zeroed. Its logits are small (~0.04), so the old absolute atol 0.1 passed it; atol·scale does not."""
+    r = export_onnx(tiny_bert, tmp_path / "o", task="sequence-classification", dtype="fp16", device="cpu",
+                    allow_random_head=True)
+    model, _, _ = load_hf_model(tiny_bert, "sequence-classification", allow_random_head=True)
+    validate_onnx(r.model_path, model, "sequence-classification", dtype="fp16", device="cpu")  # intact: passes
+    proto = onnx.load(str(r.model_path))
+    heads = [t for t in proto.graph.initializer if "classifier" in t.name and len(t.dims) == 2]
+    assert len(heads) == 1
+    arr = numpy_helper.to_array(heads[0])
+    heads[0].CopyFrom(numpy_helper.from_array(np.zeros_like(arr), heads[0].name))
+    onnx.save_model(proto, str(tmp_path / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data")
+    report = validate_onnx(tmp_path / "model.onnx", model, "sequence-classification", dtype="fp16", device="cpu",
+                           raise_on_failure=False)
+    worst = report.worst
+    assert not report.passed and worst.tol_ratio > 1
+    assert worst.max_abs_diff < TOLERANCES["fp16"]["atol"]  # the absolute rule would have passed it
+    assert worst.scale < TOLERANCES["fp16"]["atol"]
 
 
 def test_failed_validation_still_writes_files(tiny_bert, tmp_path):

@@ -333,3 +333,108 @@ def test_wrapper_runs_prefill_with_empty_cache():
         ref = model(input_ids=args[0], attention_mask=args[1], position_ids=args[2]).logits
     assert len(present) == 2 * lay.num_layers and present[0].shape == (2, lay.num_kv_heads, 4, lay.head_dim)
     torch.testing.assert_close(logits, ref)
+
+
+def test_legacy_exporter_fallback(monkeypatch, tmp_path):
+    import surgery.onnx.decoder as dec
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("dynamo refused this model")
+
+    monkeypatch.setattr(dec, "_export_dynamo", refuse)
+    r = export_decoder_with_past(tiny("llama"), tmp_path / "legacy", new_tokens=4)
+    assert r.exporter == "legacy" and "dynamo refused this model" in r.exporter_note
+    assert r.status == "ok" and r.validation.passed
+    dims = _io_dims(r.model_path)
+    assert dims["attention_mask"] == [BATCH, TOTAL] and dims["past_key_values.1.value"][2] == PAST
+
+
+# ----------------------------------------------------------------------------- through export-onnx (CLI)
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from surgery.cli.main import cli
+
+    return CliRunner().invoke(cli, ["export-onnx", *map(str, args)])
+
+
+def test_cli_causal_lm_exports_with_past_by_default(tiny_llama, tiny_llama_lora, tmp_path):
+    """task auto on a causal LM: the with-past export, adapter merged in memory, self-contained dir,
+    validated by generation, benchmark rows; --no-cache keeps the logits-only graph."""
+    out = tmp_path / "gen"
+    r = _cli(tiny_llama, "-o", out, "--adapter", tiny_llama_lora, "--device", "auto", "--benchmark", "-q")
+    assert r.exit_code == 0, r.output
+    assert "with its KV cache" in r.output and "status: ok" in r.output
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "config.json", "generation_config.json", "genai_config.json", "manifest.json",
+            "tokenizer.json", "tokenizer_config.json"} <= names
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["task"] == "text-generation-with-past" and m["status"] == "ok" and m["variant"].startswith("with-past")
+    assert m["adapters"] == [str(tiny_llama_lora)] and m["validation"]["mismatches"] == []
+    if m["provider"] == "CPUExecutionProvider":  # onnxruntime-gpu without a usable GPU here
+        assert m["provider_note"].startswith("CUDA unavailable")
+    rows = m["benchmark"]
+    assert [b["context"] for b in rows] == [16, 32]  # 240/1024 cut to tiny-llama's 64 positions - 32 new
+    assert all(b["same_tokens"] and b["ort_ms_per_token"] > 0 and b["torch_ms_per_token"] > 0 for b in rows)
+    assert set(_io_dims(out / "model.onnx")) >= {"past_key_values.0.key", "present.0.value", "position_ids"}
+    # the adapter is in the weights: a prefill's logits differ from the base model's export
+    import onnxruntime as ort
+
+    base = tmp_path / "base"
+    assert _cli(tiny_llama, "-o", base, "--device", "cpu", "-q").exit_code == 0
+
+    def prefill(d):
+        s = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
+        feed = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in s.get_inputs()
+                if i.name.startswith("past_")}
+        feed |= {"input_ids": np.array([[5, 6, 7]]), "attention_mask": np.ones((1, 3), np.int64),
+                 "position_ids": np.array([[0, 1, 2]])}
+        return s.run(["logits"], feed)[0]
+
+    assert np.abs(prefill(out) - prefill(base)).max() > 1e-3
+    # --no-cache: the logits-only graph (inputs ids + mask, no cache)
+    lo = tmp_path / "logits"
+    assert _cli(tiny_llama, "-o", lo, "--no-cache", "--device", "cpu", "-q").exit_code == 0
+    assert json.loads((lo / "manifest.json").read_text())["task"] == "causal-lm"
+    assert not any(n.startswith("past_") for n in _io_dims(lo / "model.onnx"))
+
+
+def test_cli_fp16_with_past(tiny_gpt2, tmp_path):
+    r = _cli(tiny_gpt2, "-o", tmp_path / "o", "--dtype", "fp16", "--device", "cpu", "--json", "-q")
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.output)
+    assert m["dtype"] == m["kv_dtype"] == "fp16" and m["validation"]["dtype"] == "fp16"
+    import onnxruntime as ort
+
+    types = {i.name: i.type for i in ort.InferenceSession(str(tmp_path / "o" / "model.onnx"),
+                                                          providers=["CPUExecutionProvider"]).get_inputs()}
+    assert types["past_key_values.1.value"] == "tensor(float16)"
+
+
+def test_cli_generation_validation_failure_exits_1(tiny_gpt2, tmp_path):
+    out = tmp_path / "o"
+    r = _cli(tiny_gpt2, "-o", out, "--atol", "0", "--rtol", "0", "--device", "cpu", "-q")
+    assert r.exit_code == 1 and "manifest status 'failed'" in r.output
+    assert json.loads((out / "manifest.json").read_text())["status"] == "failed"
+    assert (out / "model.onnx").is_file()
+
+
+def test_cli_recurrent_model_refused_nothing_written(tmp_path):
+    torch.manual_seed(0)
+    tf.MambaForCausalLM(tf.MambaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                       state_size=4)).save_pretrained(tmp_path / "mamba")
+    r = _cli(tmp_path / "mamba", "-o", tmp_path / "o", "-q")
+    assert r.exit_code == 1 and "recurrent" in r.output and "without a cache" in r.output
+    assert len([ln for ln in r.output.splitlines() if ln.strip()]) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_with_past_option_conflicts():
+    from surgery.options.export import ExportOptions
+
+    with pytest.raises(OptionError, match="cache"):
+        ExportOptions(task="text-generation-with-past", cache=False)
+    with pytest.raises(OptionError, match="optimize"):
+        ExportOptions(task="text-generation-with-past", optimize=True)

@@ -29,6 +29,8 @@ from surgery.options.export import ExportOptions
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+#: smallest output scale atol is multiplied by (an all-zero output still gets a tolerance)
+SCALE_FLOOR = 1e-6
 
 # ----------------------------------------------------------------------------- sessions
 
@@ -105,7 +107,9 @@ def compare(file: str, set_name: str, name: str, ref: np.ndarray, got: np.ndarra
             keep: np.ndarray | None, causal: bool) -> ValidationRow:
     """One validation row: `got` (onnxruntime) against `ref` (PyTorch) where `keep` is true.
 
-    A value passes when |got - ref| <= atol + rtol*|ref|; tol_ratio is the worst overshoot."""
+    A value passes when |got - ref| <= atol*scale + rtol*|ref|, scale = max |ref| of this output
+    (at least SCALE_FLOOR): atol is relative to the output's own magnitude, so an fp16 tolerance
+    of 0.1 does not pass a zeroed head whose logits are all ~0.04. tol_ratio is the worst overshoot."""
     if got.shape != ref.shape:
         inf = float("inf")
         return ValidationRow(file, set_name, name, list(got.shape), inf, inf, inf, inf, False)
@@ -115,10 +119,11 @@ def compare(file: str, set_name: str, name: str, ref: np.ndarray, got: np.ndarra
     g = g.astype(np.float64)
     diff = np.abs(g - r)
     finite = bool(np.isfinite(g).all())
-    big = np.abs(r) > atol
+    scale = max(float(np.abs(r[np.isfinite(r)]).max()) if r.size and np.isfinite(r).any() else 0.0, SCALE_FLOOR)
+    big = np.abs(r) > atol * scale
     max_abs = float(diff.max()) if diff.size else 0.0
     max_rel = float((diff[big] / np.abs(r[big])).max()) if big.any() else 0.0
-    denom = atol + rtol * np.abs(r)
+    denom = atol * scale + rtol * np.abs(r)
     # atol = rtol = 0 demands exact equality: any difference is an infinite overshoot.
     over = np.divide(diff, denom, out=np.where(diff > 0, np.inf, 0.0), where=denom > 0)
     ratio = float(over.max()) if diff.size else 0.0
@@ -128,7 +133,7 @@ def compare(file: str, set_name: str, name: str, ref: np.ndarray, got: np.ndarra
     if causal and r.ndim >= 2:
         top1 = float((g.argmax(-1) == r.argmax(-1)).mean())
     return ValidationRow(file, set_name, name, list(ref.shape), max_abs, max_rel,
-                         float(diff.mean()) if diff.size else 0.0, ratio, finite and ratio <= 1.0, top1)
+                         float(diff.mean()) if diff.size else 0.0, ratio, finite and ratio <= 1.0, top1, scale)
 
 
 def _check_set(sess: Any, file: str, wrapper: torch.nn.Module, spec: IOSpec, set_name: str,
@@ -185,7 +190,7 @@ def validate_onnx(onnx_path: str | Path, torch_model: torch.nn.Module, task: str
     opts = ExportOptions(dtype=dtype, device=device, atol=atol, rtol=rtol, threads=threads)
     wrapper, spec = wrap(torch_model, task, spec)
     wrapper.eval()
-    sets = dict(input_sets) if input_sets is not None else default_input_sets(spec)
+    sets = dict(input_sets) if input_sets is not None else default_input_sets(spec, left_padded=task == "causal-lm")
     sess, provider, note = make_session(onnx_path, opts.device, opts.threads)
     tdev = torch_device(provider, opts.device)
     orig_dev = next((p.device for p in wrapper.parameters()), torch.device("cpu"))

@@ -517,7 +517,8 @@ def _export_model(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
 def export_decoder_with_past(model: Any, out_dir: str | Path, *, dtype: str = "fp32", opset: int | None = None,
                              validate: bool = True, new_tokens: int = 16, device: str = "auto",
                              tokenizer: Any = None, overwrite: bool = False,
-                             progress: Progress | None = None) -> DecoderExport:
+                             progress: Progress | None = None, atol: float | None = None, rtol: float | None = None,
+                             threads: int | None = None, manifest_extra: dict[str, Any] | None = None) -> DecoderExport:
     """Export a causal LM with its KV cache to OUT_DIR/model.onnx (Optimum's text-generation-with-past).
 
     Args:
@@ -526,16 +527,16 @@ def export_decoder_with_past(model: Any, out_dir: str | Path, *, dtype: str = "f
         dtype: "fp32" or "fp16" (weights, cache and logits); opset: default export.DEFAULT_OPSET.
         validate: run validate_generation (new_tokens per prompt, on device "auto" | "cpu" | "cuda").
         tokenizer: a tokenizer (save_pretrained) or a directory whose tokenizer files are copied.
-        progress: optional callback(stage, step, total).
+        progress: callback(stage, step, total). atol, rtol, threads: for validate_generation.
+        manifest_extra: more manifest.json keys.
 
     Returns:
         DecoderExport: paths, layout, exporter used, validation report, manifest.
 
     Raises:
-        OptionError (bad dtype/opset/model), CheckpointError (directory cannot be loaded),
-        SurgeryError (cache is not key/value tensors, e.g. Mamba; both exporters failed),
-        ValidationError (generation differs; files and a "failed" manifest are written first, and
-        the error's .report is the GenerationReport).
+        OptionError (bad dtype/opset/model), CheckpointError (directory cannot be loaded), SurgeryError
+        (cache is not key/value tensors, e.g. Mamba; both exporters failed), ValidationError (generation
+        differs; files and a "failed" manifest are written first; .report is the GenerationReport).
 
     Example:
         >>> m = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -559,10 +560,12 @@ def export_decoder_with_past(model: Any, out_dir: str | Path, *, dtype: str = "f
         traced = _export_model(torch_model, dtype)
         layout = probe_layout(traced)
         with atomic_output_dir(out_dir, overwrite=overwrite, inputs=src_inputs) as tmp:
-            exported = _write(tmp, torch_model, traced, layout, source, tokenizer, dtype, opset, tick)
+            exported = _write(tmp, torch_model, traced, layout, source, tokenizer, dtype, opset, tick,
+                              manifest_extra or {})
             report = None
             if validate:
-                report = _validate_into(tmp, torch_model, exported[3], new_tokens, device)
+                report = _validate_into(tmp, torch_model, exported[3], new_tokens, device,
+                                        {"atol": atol, "rtol": rtol, "threads": threads})
                 tick("validate", 4)
     exporter, note, data, manifest, export_s = exported
     result = DecoderExport(out_dir, out_dir / MODEL_FILE, out_dir / DATA_FILE if data else None, dtype, layout,
@@ -575,7 +578,8 @@ def export_decoder_with_past(model: Any, out_dir: str | Path, *, dtype: str = "f
 
 
 def _write(tmp: Path, model: Any, traced: torch.nn.Module, layout: DecoderLayout, source: Path | None,
-           tokenizer: Any, dtype: str, opset: int, tick: Callable[[str, int], None]) -> tuple:
+           tokenizer: Any, dtype: str, opset: int, tick: Callable[[str, int], None],
+           extra: dict[str, Any]) -> tuple:
     """Graph, side files, genai_config.json and a first manifest into tmp:
     (exporter, note, data path, manifest, export seconds)."""
     t0 = time.perf_counter()
@@ -587,17 +591,18 @@ def _write(tmp: Path, model: Any, traced: torch.nn.Module, layout: DecoderLayout
     tick("export", 2)
     files = _side_files(model, source, tokenizer, tmp)
     (tmp / GENAI_FILE).write_text(json.dumps(genai_config(layout, model), indent=2) + "\n")
-    manifest = _manifest(layout, dtype, opset, exporter, note, tmp / MODEL_FILE, data, files, export_s)
+    manifest = _manifest(layout, dtype, opset, exporter, note, tmp / MODEL_FILE, data, files, export_s) | extra
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     tick("files", 3)
     return exporter, note, data, manifest, export_s
 
 
 def _validate_into(tmp: Path, model: Any, manifest: dict[str, Any], new_tokens: int,
-                   device: str) -> GenerationReport:
+                   device: str, check: dict[str, Any]) -> GenerationReport:
     """validate_generation on the written files; its report and the status go into the manifest."""
-    report = validate_generation(model, tmp, new_tokens=new_tokens, device=device, raise_on_failure=False)
+    report = validate_generation(model, tmp, new_tokens=new_tokens, device=device, raise_on_failure=False, **check)
     manifest["status"] = "ok" if report.passed else "failed"
+    manifest["provider"], manifest["provider_note"] = report.provider, report.provider_note
     manifest["validation"] = _json_safe(dataclasses.asdict(report))
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return report
@@ -625,7 +630,9 @@ def _manifest(layout: DecoderLayout, dtype: str, opset: int, exporter: str, note
     proto = onnx.load(str(path), load_external_data=False)
     return {
         "status": "not validated",
+        "task": "text-generation-with-past",
         "format": "text-generation-with-past",
+        "variant": "with-past: one graph for prefill and decode, KV cache in and out",
         "dtype": dtype,
         "kv_dtype": dtype,
         "logits_dtype": dtype,
@@ -643,5 +650,7 @@ def _manifest(layout: DecoderLayout, dtype: str, opset: int, exporter: str, note
         "axes": {n: {str(a): d for a, d in ax.items()} for n, ax in layout.axes().items()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
+        "provider": None,
+        "provider_note": None,
         "validation": None,
     }

@@ -259,6 +259,13 @@ def _compare_step(name: str, step: int, past_len: int, ref: np.ndarray, got: np.
 # ----------------------------------------------------------------------------- entry point
 
 
+def make_session(path: Path, device: str, threads: int | None = None):
+    """check.make_session (CUDA only when the provider really loads): (session, provider, note)."""
+    from surgery.onnx.check import make_session as make
+
+    return make(path, device, threads)
+
+
 def _read_manifest(onnx_dir: Path) -> dict[str, Any]:
     path = onnx_dir / MANIFEST_FILE
     if not path.is_file():
@@ -323,8 +330,6 @@ def validate_generation(model: Any, onnx_dir: str | Path, *,
         >>> report.passed, report.provider
         (True, 'CPUExecutionProvider')
     """
-    from surgery.onnx.check import make_session
-
     onnx_dir = Path(onnx_dir)
     if not (onnx_dir / MODEL_FILE).is_file():
         raise CheckpointError(f"{escape_name(onnx_dir)} has no {MODEL_FILE}; export it with export_decoder_with_past")

@@ -34,8 +34,10 @@ import torch
 from surgery.errors import OptionError, ValidationError
 from surgery.io import atomic_output_dir, check_output_path, escape_name
 from surgery.onnx.check import benchmark_onnx, validate_onnx
+from surgery.onnx.decoder import DecoderExport
 from surgery.onnx.exporters import export_graph
 from surgery.onnx.files import check_symbolic, load_onnx, max_ir_version_supported
+from surgery.onnx.generation import export_generation, logits_only_task, with_past
 from surgery.onnx.model import Prepared, prepare, prepare_module
 from surgery.onnx.optimize import optimize_graph, to_fp16
 from surgery.onnx.spec import (
@@ -203,8 +205,11 @@ def _load(model_dir: str | Path | None, model: torch.nn.Module | None, inputs: S
 def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: ExportOptions | None = None, *,
                 model: torch.nn.Module | None = None, inputs: Sequence[InputSpec] | None = None,
                 outputs: Mapping[str, Mapping[int, str]] | None = None, progress: Progress | None = None,
-                **fields: Any) -> ExportResult:
+                **fields: Any) -> ExportResult | DecoderExport:
     """Export a model to OUT_DIR/model.onnx (+ model.onnx.data), validated against PyTorch.
+
+    A causal LM (task "auto" + cache, or "text-generation-with-past") is exported with its KV cache: see
+    onnx.generation.export_generation (validated by greedy generation; returns a DecoderExport).
 
     Args:
         model_dir: a Hugging Face model directory (None with `model=`).
@@ -215,13 +220,13 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: Expo
         progress: callback(stage, step, total) after each phase.
 
     Returns:
-        The ExportResult (also written as OUT_DIR/manifest.json).
+        The ExportResult (also written as OUT_DIR/manifest.json), or the DecoderExport (with past).
 
     Raises:
         OptionError: a bad option (naming its field).
         CheckpointError / AdapterError / OutputError: unusable model, adapter or output location.
         SurgeryError: both exporters failed.
-        ValidationError: an ONNX output differs from PyTorch beyond atol + rtol*|ref| (or
+        ValidationError: an ONNX output differs from PyTorch beyond atol*scale + rtol*|ref| (or
             onnxruntime cannot run a file). Raised after the files and a manifest with status
             "failed" landed; `e.report` is the ExportResult with every validation row.
 
@@ -231,9 +236,12 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: Expo
     """
     opts = ExportOptions.build(options, **fields)
     out_dir = Path(out_dir)
-    tick = _ticker(progress, opts)
     input_paths = [Path(p) for p in ([model_dir] if model_dir is not None else []) + list(opts.adapters)]
     check_output_path(out_dir, opts.overwrite, input_paths)  # refuse before the (slow) model load
+    if model is None and with_past(model_dir, opts):  # a causal LM for generation: with its KV cache
+        return export_generation(model_dir, out_dir, opts, progress)  # type: ignore[arg-type]
+    opts = logits_only_task(opts)
+    tick = _ticker(progress, opts)
     with _torch_threads(opts.threads):
         prep = _load(model_dir, model, inputs, outputs, opts)
         tick("load")

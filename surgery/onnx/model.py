@@ -25,6 +25,8 @@ from surgery.options.export import ExportOptions
 #: the transformers Auto class that builds each task's model
 TASK_CLASSES = {"feature-extraction": "AutoModel", "sequence-classification": "AutoModelForSequenceClassification",
                 "causal-lm": "AutoModelForCausalLM"}
+#: Wrapped's extra key: compute position_ids from attention_mask (causal LMs, logits only)
+POSITIONS_FROM_MASK = "_positions_from_mask"
 #: the seed of weights transformers initialises itself (a head allowed by allow_random_head)
 INIT_SEED = 0
 _LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, ImportError)
@@ -256,12 +258,22 @@ def hf_spec(model: torch.nn.Module, config: Any, task: str) -> tuple[IOSpec, dic
     extra: dict[str, Any] = {"return_dict": True}
     if "use_cache" in params or task == "causal-lm":
         extra["use_cache"] = False  # no KV cache in or out: logits only
+    if task == "causal-lm" and "position_ids" in params and "attention_mask" in params:
+        # Positions from the mask inside the graph, as generate computes them: a left-padded batch
+        # is then right (GPT-2 and others count positions from the first column otherwise).
+        extra[POSITIONS_FROM_MASK] = True
     outputs = {"causal-lm": {"logits": {0: "batch", 1: "sequence"}},
                "sequence-classification": {"logits": {0: "batch"}}}.get(
         task, {"last_hidden_state": {0: "batch", 1: "sequence"}})
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     pad = getattr(config, "pad_token_id", None)
     return IOSpec(inputs, outputs, int(max_pos) if max_pos else None, int(pad) if pad is not None else 0), extra
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """position_ids as transformers' generate computes them: the count of real tokens before each
+    one (padding gets 1). Example: [[0, 0, 1, 1, 1]] -> [[1, 1, 0, 1, 2]]"""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
 class Wrapped(torch.nn.Module):
@@ -275,10 +287,14 @@ class Wrapped(torch.nn.Module):
         self.output_names = list(output_names)
         self.hf = hf
         self.extra = dict(extra or {})
+        self.positions_from_mask = bool(self.extra.pop(POSITIONS_FROM_MASK, False))
 
     def forward(self, *args: torch.Tensor):
         if self.hf:
-            out = self.model(**dict(zip(self.input_names, args, strict=False)), **self.extra)
+            kwargs = dict(zip(self.input_names, args, strict=False))
+            if self.positions_from_mask and "position_ids" not in kwargs:
+                kwargs["position_ids"] = positions_from_mask(kwargs["attention_mask"])
+            out = self.model(**kwargs, **self.extra)
         else:
             out = self.model(*args)
         if isinstance(out, torch.Tensor):
@@ -358,8 +374,9 @@ def prepare(model_dir: str | Path, opts: ExportOptions,
 
 
 def make_inputs(spec: IOSpec, batch: int, seq: int, pad_rows: Mapping[int, int] | None = None,
-                seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random inputs at (batch, seq), seeded; pad_rows {row: valid_length} zeroes attention_mask past it.
+                seed: int = 0, left: bool = False) -> dict[str, torch.Tensor]:
+    """Random inputs at (batch, seq), seeded; pad_rows {row: valid_length} zeroes attention_mask past it
+    (before it with left=True: left padding, as batched generation pads).
 
     The sequence is cut to the model's position limit. Example:
         make_inputs(spec, 4, 11, pad_rows={1: 6})["attention_mask"][1].tolist() == [1]*6 + [0]*5"""
@@ -379,17 +396,22 @@ def make_inputs(spec: IOSpec, batch: int, seq: int, pad_rows: Mapping[int, int] 
         out[inp.name] = t
     for row, length in (pad_rows or {}).items():
         length = min(length, seq)
+        cut = slice(0, seq - length) if left else slice(length, seq)
         if "attention_mask" in out:
-            out["attention_mask"][row, length:] = 0
+            out["attention_mask"][row, cut] = 0
         if "input_ids" in out:
-            out["input_ids"][row, length:] = spec.pad_token_id
+            out["input_ids"][row, cut] = spec.pad_token_id
     return out
 
 
-def default_input_sets(spec: IOSpec) -> dict[str, dict[str, torch.Tensor]]:
-    """Three sets, none at the export shape (2x7): 1x5, an odd 3x13, and a right-padded 4x11."""
-    return {
+def default_input_sets(spec: IOSpec, left_padded: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """Three sets, none at the export shape (2x7): 1x5, an odd 3x13, and a right-padded 4x11; with
+    left_padded (causal LMs) a fourth, left-padded 3x9, as batched generation pads."""
+    sets = {
         "b1_s5": make_inputs(spec, 1, 5, seed=1),
         "b3_s13": make_inputs(spec, 3, 13, seed=2),
         "b4_s11_padded": make_inputs(spec, 4, 11, pad_rows={1: 6, 3: 3}, seed=3),
     }
+    if left_padded:
+        sets["b3_s9_left_padded"] = make_inputs(spec, 3, 9, pad_rows={0: 4, 2: 7}, seed=4, left=True)
+    return sets

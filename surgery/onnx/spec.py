@@ -31,7 +31,8 @@ MODEL_FILE = "model.onnx"
 OPTIMIZED_FILE = "model_optimized.onnx"
 MANIFEST_FILE = "manifest.json"
 #: the tolerance rule, as recorded in the manifest
-TOLERANCE_RULE = "|onnx - torch| <= atol + rtol*|torch|, non-padding positions"
+TOLERANCE_RULE = ("|onnx - torch| <= atol*scale + rtol*|torch| (scale: max |torch| of the output), "
+                  "non-padding positions")
 
 
 def data_file(name: str) -> str:
@@ -79,11 +80,12 @@ class ValidationRow:
     output: str
     shape: list[int]
     max_abs_diff: float
-    max_rel_diff: float  # over elements with |ref| > atol (relative error is noise near zero)
+    max_rel_diff: float  # over elements with |ref| > atol*scale (relative error is noise near zero)
     mean_abs_diff: float
-    tol_ratio: float  # max |diff| / (atol + rtol*|ref|); <= 1 passes
+    tol_ratio: float  # max |diff| / (atol*scale + rtol*|ref|); <= 1 passes
     passed: bool
     top1_agreement: float | None = None  # causal LMs: argmax agreement on non-padding positions
+    scale: float | None = None  # max |ref| of the output: atol is relative to it
 
     def to_json(self) -> dict[str, Any]:
         """The row as strict JSON: inf/nan (shape mismatch, non-finite output) become strings."""
@@ -116,7 +118,8 @@ class ValidationReport:
             return ""
         return (
             f"ONNX output '{w.output}' of {w.file} differs from PyTorch on input set '{w.input_set}': "
-            f"max abs diff {w.max_abs_diff:.3g} exceeds atol {self.atol:g} + rtol {self.rtol:g}·|ref| "
+            f"max abs diff {w.max_abs_diff:.3g} exceeds atol {self.atol:g}·scale {w.scale or 0:.3g} + rtol "
+            f"{self.rtol:g}·|ref| "
             f"({w.tol_ratio:.3g}× the tolerance, on {self.provider})"
         )
 

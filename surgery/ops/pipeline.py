@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from surgery.io import LazyReader, check_output_path, open_checkpoint
-from surgery.onnx.export import export_onnx
+from surgery.onnx.export import ExportResult, export_onnx
 from surgery.onnx.model import load_hf_model
 from surgery.ops.extract import extract_lora
 from surgery.ops.merge import merge
@@ -94,7 +94,9 @@ def _merge(base: Path, ft: Path, lora: Path, out: Path, ex: Any, progress: Progr
 
 def _export(merged: Path, out: Path, opts: DemoOptions, progress: Progress | None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    exp = export_onnx(merged, out, optimize=opts.optimize, overwrite=True, progress=progress)
+    # logits-only for causal LMs too (the demo's validation rows and optimised file, as before the with-past default)
+    exp = export_onnx(merged, out, optimize=opts.optimize, overwrite=True, progress=progress, cache=False)
+    assert isinstance(exp, ExportResult)  # cache=False: never the with-past DecoderExport
     return {"out": str(out), "status": exp.status, "exporter": exp.exporter, "provider": exp.provider,
             "provider_note": exp.provider_note, "seconds": time.perf_counter() - t0,
             "validation": [r.__dict__ for r in exp.validation]}

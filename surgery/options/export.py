@@ -24,8 +24,15 @@ from surgery.options.base import (
     require,
 )
 
-#: what the exported graph computes; "auto" reads it from config.json's architectures
-TASKS = ("auto", "feature-extraction", "sequence-classification", "causal-lm")
+#: what the exported graph computes; "auto" reads it from config.json's architectures (a causal LM:
+#: text-generation-with-past unless cache=False). "causal-lm" and "text-generation" are the
+#: logits-only graph (scoring); "text-generation-with-past" the decoder with its KV cache.
+TASKS = ("auto", "feature-extraction", "sequence-classification", "causal-lm", "text-generation",
+         "text-generation-with-past")
+#: the tasks exported as a decoder with past (Optimum's layout, surgery.onnx.decoder)
+WITH_PAST_TASK = "text-generation-with-past"
+#: the logits-only causal-LM tasks, one graph without a cache
+LOGITS_ONLY_TASKS = ("causal-lm", "text-generation")
 #: a module passed from Python (model=) with its own inputs/outputs
 CUSTOM_TASK = "custom"
 #: weight dtypes of the exported graph (fp16: fp16 weights, fp32 inputs/outputs)
@@ -34,8 +41,9 @@ ONNX_DTYPES = ("fp32", "fp16")
 # and every onnxruntime since 1.14 runs it.
 DEFAULT_OPSET = 18
 MIN_OPSET = 14  # scaled_dot_product_attention / trilu need >= 14
-# Default tolerances per weight dtype. A value passes when |onnx - torch| <= atol + rtol*|torch|
-# (numpy.allclose). fp16 weights keep ~3 significant digits, and errors add up over layers.
+# Default tolerances per weight dtype. A value passes when |onnx - torch| <= atol*scale + rtol*|torch|,
+# scale = max |torch| of that output (atol is relative to the output's magnitude)
+# fp16 weights keep ~3 significant digits, and errors add up over layers.
 TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-3}, "fp16": {"atol": 1e-1, "rtol": 5e-2}}
 
 #: keyword names of the earlier export_onnx API -> field names
@@ -64,7 +72,10 @@ class ExportOptions(Options):
         atol, rtol: tolerances (None: TOLERANCES[dtype]).
         validation: compare onnxruntime with eager PyTorch on three input sets (keyword
             `validate` in export_onnx, like the CLI's --validate/--no-validate).
-        benchmark: time PyTorch eager vs onnxruntime at 1x128 and 8x128.
+        benchmark: time PyTorch eager vs onnxruntime at 1x128 and 8x128 (with past: prefill and
+            per-token decode latency at contexts 16/240/1024 vs PyTorch generate with its cache).
+        cache: a causal LM with task "auto" is exported with its KV cache (text-generation-with-past);
+            False exports the logits-only graph (for scoring).
         adapters: LoRA adapter directories merged into the model before export.
         threads: CPU threads for torch and onnxruntime (None: their own choice).
         allow_random_head: accept a task head the checkpoint lacks (e.g. a classifier on a base
@@ -88,6 +99,7 @@ class ExportOptions(Options):
     threads: int | None = None
     allow_random_head: bool = False
     overwrite: bool = False
+    cache: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.adapters, (list, str, os.PathLike)):  # one path or a list: stored as a tuple
@@ -111,9 +123,13 @@ class ExportOptions(Options):
         positive_int(self.threads, "threads", allow_none=True)
         require(isinstance(self.adapters, tuple) and all(isinstance(a, (str, os.PathLike)) for a in self.adapters),
                 "adapters", f"must be a sequence of adapter directories, got {self.adapters!r}")
-        for name in ("optimize", "validation", "benchmark", "allow_random_head", "overwrite"):
+        for name in ("optimize", "validation", "benchmark", "allow_random_head", "overwrite", "cache"):
             value = getattr(self, name)
             require(isinstance(value, bool), name, f"must be True or False, got {value!r}")
+        require(self.cache or self.task != WITH_PAST_TASK, "cache",
+                f"cannot be False with task {WITH_PAST_TASK!r} (that task is the graph with the cache)")
+        require(not (self.optimize and self.task == WITH_PAST_TASK), "optimize",
+                f"applies to the logits-only graph; task {WITH_PAST_TASK!r} writes one graph (Optimum's layout)")
 
     def tolerances(self) -> tuple[float, float]:
         """(atol, rtol): the ones given, else the defaults for `dtype`.

@@ -43,8 +43,38 @@ def render_benchmark(rows) -> str:
                  "lll" + "r" * len(keys))
 
 
+def render_generation(res) -> str:
+    """A with-past export (DecoderExport): files, validation by generation, benchmark rows."""
+    from surgery.io import escape_name
+
+    m = res.manifest
+    side = ", ".join(m["files"]["side_files"] + ["genai_config.json"])
+    lines = [f"exported {escape_name(res.model_path)} with its KV cache (text-generation-with-past, {res.dtype}) "
+             f"with the {res.exporter} exporter; side files: {side}"]
+    v = res.validation
+    if v is not None:
+        w = v.worst
+        lines.append(f"validation ({v.provider_note or v.provider}): greedy {v.new_tokens} tokens, "
+                     f"{len(v.rows)} steps, prompt sets {', '.join(v.prompt_lengths)}; worst "
+                     f"{w.tol_ratio if w else 0:.3g}x the tolerance; "
+                     f"{'same tokens as PyTorch generate' if v.passed else v.failure_message()}")
+    rows = m.get("benchmark") or []
+    if rows:
+        body = [[r["context"], r["provider"].removesuffix("ExecutionProvider"), r["threads"],
+                 f"{r['torch_prefill_ms']:.2f}", f"{r['ort_prefill_ms']:.2f}", f"{r['torch_ms_per_token']:.2f}",
+                 f"{r['ort_ms_per_token']:.2f} ({r['ort_ms_per_token'] / r['torch_ms_per_token']:.2f}x)",
+                 "yes" if r["same_tokens"] else "no"] for r in rows]
+        lines.append(table(body, ["context", "provider", "threads", "torch prefill ms", "ort prefill ms",
+                                  "torch ms/token", "ort ms/token", "same tokens"], "lllrrrrl"))
+    lines.append(f"status: {res.status}; manifest: {escape_name(res.out_dir / 'manifest.json')}")
+    return "\n".join(lines)
+
+
 def render_export(res) -> str:
     from surgery.io import escape_name
+
+    if hasattr(res, "layout"):  # DecoderExport: the with-past export
+        return render_generation(res)
 
     lines = [f"exported {escape_name(res.model_path)} (+ {escape_name(res.data_path.name)}) with the {res.exporter} "
              "exporter" + (f"; {escape_name(res.exporter_note)}" if res.exporter_note else "")]
@@ -64,18 +94,23 @@ def render_export(res) -> str:
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(path_type=str),
               help="LoRA adapter merged into the model before export (repeatable).")
 @click.option("--task", type=click.Choice(TASKS), default="auto", show_default=True,
-              help="What the graph computes (auto: from config.json's architectures).")
+              help="What the graph computes (auto: from config.json's architectures; a causal LM is exported "
+                   "with its KV cache, text-generation-with-past).")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @dtype_option("fp16: fp16 weights with fp32 inputs/outputs, validated with looser tolerances.",
               choices=ONNX_DTYPES, default="fp32")
 @device_option("Execution provider for validation (auto: CUDA when it really loads, else CPU).")
 @click.option("--optimize/--no-optimize", default=False, show_default=True,
               help="Also save an optimised graph (model_optimized.onnx), validated the same way.")
-@click.option("--atol", type=float, help="Absolute tolerance (default fp32 1e-4, fp16 1e-1).")
+@click.option("--atol", type=float,
+              help="Tolerance relative to each output's max |value| (default fp32 1e-4, fp16 1e-1).")
 @click.option("--rtol", type=float, help="Relative tolerance (default fp32 1e-3, fp16 5e-2).")
 @click.option("--validate/--no-validate", "validation", default=True, show_default=True,
               help="Compare onnxruntime with PyTorch (--no-validate: not recommended).")
-@click.option("--benchmark", is_flag=True, help="Time PyTorch eager vs onnxruntime at 1x128 and 8x128.")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Causal LMs: export with the KV cache for generation (--no-cache: logits only, for scoring).")
+@click.option("--benchmark", is_flag=True,
+              help="Time PyTorch eager vs onnxruntime (with cache: prefill and ms/token at contexts 16/240/1024).")
 @click.option("--allow-random-head", is_flag=True,
               help="Accept a task head the checkpoint lacks, randomly initialised (its outputs mean nothing).")
 @threads_option()
@@ -91,11 +126,17 @@ def export_cmd(ctx, model_dir, out, as_json, quiet, **fields):
     shapes (batch 1; an odd length; a padded batch). A mismatch beyond tolerance
     fails the command (exit 1); the files stay, marked failed in manifest.json.
 
+    A causal LM is exported for generation: one graph with its KV cache (Optimum's
+    text-generation-with-past layout; ORTModelForCausalLM and onnxruntime-genai run
+    the directory as written), validated by greedy decoding against PyTorch generate.
+    --no-cache (or --task text-generation) exports the logits-only graph for scoring.
+
     \b
     Examples:
       surgery export-onnx out/demo/merged -o out/onnx --optimize
       surgery export-onnx fixtures/tiny-llama -o out/llama-onnx --adapter fixtures/tiny-llama-lora
       surgery export-onnx MODEL -o out/onnx --dtype fp16 --device cuda --benchmark
+      surgery export-onnx fixtures/tiny-llama -o out/llama-scoring --no-cache
     """
     opts = build_options(ExportOptions, ctx, **fields)
     from surgery.onnx.export import export_onnx
@@ -110,6 +151,6 @@ def export_cmd(ctx, model_dir, out, as_json, quiet, **fields):
                 click.echo(render_validation(rows), err=True)
             raise
     if as_json:
-        echo_json(res.to_json())
+        echo_json(res.manifest if hasattr(res, "layout") else res.to_json())
         return
     click.echo(render_export(res))
