@@ -570,11 +570,15 @@ def export_decoder_with_past(model: Any, out_dir: str | Path, *, dtype: str = "f
     exporter, note, data, manifest, export_s = exported
     result = DecoderExport(out_dir, out_dir / MODEL_FILE, out_dir / DATA_FILE if data else None, dtype, layout,
                            exporter, note, manifest["status"], report, manifest, export_s)
+    _raise_if_failed(report, out_dir)
+    return result
+
+
+def _raise_if_failed(report: Any, out_dir: Path) -> None:
+    """One failure path: a failed generation check raises after the files landed."""
     if report is not None and not report.passed:
         raise ValidationError(f"{report.failure_message()}; files left in {escape_name(out_dir)} (manifest status "
-                              "'failed')",
-                              report=report)
-    return result
+                              "'failed')", report=report)
 
 
 def _write(tmp: Path, model: Any, traced: torch.nn.Module, layout: DecoderLayout, source: Path | None,

@@ -20,17 +20,17 @@ ValidationError whose `report` is the ExportResult.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import platform
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from surgery.core.hf import torch_threads
 from surgery.errors import OptionError, ValidationError
 from surgery.io import atomic_output_dir, check_output_path, escape_name
 from surgery.onnx.check import benchmark_onnx, validate_onnx
@@ -166,19 +166,6 @@ def _write_manifest(tmp: Path, result: ExportResult) -> None:
 # ----------------------------------------------------------------------------- the command
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to `n` for the block (unchanged when None), restored after."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n:
-            torch.set_num_threads(old)
-
-
 def _ticker(progress: Progress | None, opts: ExportOptions) -> Callable[[str], None]:
     """progress(stage, step, total) for each phase that runs."""
     total = 2 + int(opts.optimize) + int(opts.dtype == "fp16") + int(opts.validation) + int(opts.benchmark)
@@ -200,6 +187,19 @@ def _load(model_dir: str | Path | None, model: torch.nn.Module | None, inputs: S
     if model_dir is None:
         raise OptionError("give a model directory, or model= with inputs= from Python", field="model_dir")
     return prepare(model_dir, opts, outputs)
+
+
+def _run_checks(prep: Any, graphs: Any, opts: ExportOptions, tick: Callable[[str], None]) -> _Checks:
+    """Phases: validation against PyTorch, then (when it passed) the benchmark."""
+    checks = _Checks()
+    if opts.validation:
+        checks = _validate(prep, graphs.files, opts)
+        tick("validate")
+    if opts.benchmark and not checks.failed:
+        checks.benchmark = benchmark_onnx(graphs.files, prep.wrapper, prep.task, spec=prep.spec,
+                                          device=opts.device, threads=opts.threads)
+        tick("benchmark")
+    return checks
 
 
 def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: ExportOptions | None = None, *,
@@ -242,19 +242,12 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: Expo
         return export_generation(model_dir, out_dir, opts, progress)  # type: ignore[arg-type]
     opts = logits_only_task(opts)
     tick = _ticker(progress, opts)
-    with _torch_threads(opts.threads):
+    with torch_threads(opts.threads):
         prep = _load(model_dir, model, inputs, outputs, opts)
         tick("load")
         with atomic_output_dir(out_dir, overwrite=opts.overwrite, inputs=input_paths) as tmp:
             graphs = _build_graphs(prep, tmp, opts, tick)
-            checks = _Checks()
-            if opts.validation:
-                checks = _validate(prep, graphs.files, opts)
-                tick("validate")
-            if opts.benchmark and not checks.failed:
-                checks.benchmark = benchmark_onnx(graphs.files, prep.wrapper, prep.task, spec=prep.spec,
-                                                  device=opts.device, threads=opts.threads)
-                tick("benchmark")
+            checks = _run_checks(prep, graphs, opts, tick)
             result = _result(out_dir, prep, opts, graphs, checks)
             _write_manifest(tmp, result)
             shutil.rmtree(tmp / ".scratch", ignore_errors=True)
