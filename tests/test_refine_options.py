@@ -86,7 +86,7 @@ def test_good_values_pass(name, value):
 
 
 def test_objectives_are_the_documented_ones():
-    assert OBJECTIVES == ("auto", "pooled", "hidden", "logits-kl")
+    assert OBJECTIVES == ("auto", "pooled", "relational", "hidden", "logits-kl")
 
 
 def test_refine_adapter_checks_options_before_touching_inputs(tmp_path):

@@ -16,9 +16,18 @@ deltas are added as constants.
 Objectives (the teacher's side is computed once, cached, and the teacher is released
 before the student is loaded, so peak memory is one model + the factors + the cache):
   pooled     1 − cos(mean-pooled, L2-normalised last hidden states)   encoders (default)
-  hidden     MSE of the last hidden state over non-padding tokens
+  relational MSE between the in-batch cosine-similarity matrices of the student's and the
+             teacher's pooled embeddings (retrieval depends on relative geometry)
+  hidden     mean over `layers` (default: middle and last) of the per-token MSE of the
+             hidden states, normalised by the teacher's mean square
   logits-kl  KL(teacher ‖ student) of the next-token distributions over non-padding
              tokens                                                    causal LMs (default)
+  a+b        a weighted sum of components ("pooled+relational", weights=(1, 4))
+
+train_vectors also trains the 1-D deltas the adapter carries (lora_B biases, bias='all'
+biases, modules_to_save vectors) at a tenth of lr; patience stops after that many
+held-out scorings without improvement. max_length above the model's positions is
+lowered to them (a note in the result).
 
 Training: AdamW (no weight decay: decay would pull the factors toward a zero delta),
 linear warm-up then cosine decay, gradient clipping at 1.0, dropout off
@@ -55,7 +64,7 @@ from surgery.core.peft_format import LoraAdapterConfig, LoraModule, read_adapter
 from surgery.errors import AdapterError, CheckpointError, OptionError, SurgeryError
 from surgery.io import check_output_path, escape_name, open_checkpoint
 from surgery.io.guards import JSONRefused, check_output_file, decode_json, open_regular, staged_text
-from surgery.options.refine import OBJECTIVES, RefineOptions
+from surgery.options.refine import MIN_SAMPLES, OBJECTIVES, RefineOptions
 
 Progress = Callable[..., None]  # (desc, done, total[, postfix])
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -77,6 +86,7 @@ class EvalPoint:
     cosine: float | None       # pooled / hidden: mean cosine with the teacher's output
     kl: float | None           # logits-kl: mean KL per token
     max_abs_diff: float        # over the hold-out: embeddings / hidden states / log-probabilities
+    parts: dict[str, float] = field(default_factory=dict)  # each component's held-out mean (unweighted)
 
 
 @dataclass
@@ -99,11 +109,20 @@ class RefineResult:
     eval_seconds: float = 0.0   # held-out scoring inside the loop
     notes: list[str] = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    steps_run: int = 0          # optimizer steps taken (fewer than steps when early stopping hit patience)
+    device: str = "cpu"
+
+    @property
+    def steps_per_second(self) -> float:
+        """Optimizer steps per second, held-out scoring excluded."""
+        t = self.train_seconds - self.eval_seconds
+        return self.steps_run / t if t > 0 else 0.0
 
     @property
     def seconds_per_100_steps(self) -> float:
         """Training speed without the held-out scoring."""
-        return 100 * (self.train_seconds - self.eval_seconds) / self.steps if self.steps else 0.0
+        n = self.steps_run or self.steps
+        return 100 * (self.train_seconds - self.eval_seconds) / n if n else 0.0
 
     @property
     def gap_closed(self) -> float:
@@ -116,6 +135,7 @@ class RefineResult:
         d["out"] = str(self.out)
         d["gap_closed"] = self.gap_closed
         d["seconds_per_100_steps"] = self.seconds_per_100_steps
+        d["steps_per_second"] = self.steps_per_second
         d["gap_closed_before"] = 1.0 - self.before.loss / self.no_adapter.loss if self.no_adapter.loss > 0 else 1.0
         return d
 
@@ -198,6 +218,9 @@ def read_calibration(path: str | Path) -> list[str]:
 
 def _split(n: int, holdout: float, seed: int, where: str) -> tuple[list[int], list[int]]:
     """(train indices, held-out indices): a seeded permutation, at least one of each."""
+    if n < MIN_SAMPLES:
+        raise OptionError(f"calibration data {escape_name(where)} has {n} sample(s): too few; refine needs at least "
+                          f"{MIN_SAMPLES} (hundreds are better)", field="calibration")
     n_hold = max(1, round(holdout * n))
     if n - n_hold < 1:
         raise OptionError(
@@ -265,26 +288,71 @@ def _load_model(path: Path, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
-def _resolve_objective(objective: str, arch: str, base: Path) -> str:
+@dataclass(frozen=True)
+class _Objective:
+    """The resolved objective: components, their weights, and the hidden-state layers "hidden" compares."""
+
+    parts: tuple[str, ...]      # pooled | relational | hidden | logits-kl
+    weights: tuple[float, ...]
+    layers: tuple[int, ...] = ()  # indices into hidden_states (0 = embeddings), non-negative
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.parts)
+
+    @property
+    def needs_hidden(self) -> bool:
+        return any(p != "logits-kl" for p in self.parts)
+
+
+def _num_layers(cfg: Mapping[str, Any]) -> int | None:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(cfg.get(key), int) and cfg[key] > 0:
+            return int(cfg[key])
+    return None
+
+
+def _resolve_layers(layers: tuple[int, ...] | None, cfg: Mapping[str, Any], base: Path) -> tuple[int, ...]:
+    """Non-negative hidden_states indices (0 = embeddings, n = last layer): LAYERS, or the middle and the last."""
+    n = _num_layers(cfg)
+    if n is None:
+        raise OptionError(f"{escape_name(base)}: config.json gives no layer count (num_hidden_layers); the hidden "
+                          "objective cannot pick layers", field="objective")
+    if layers is None:
+        return tuple(sorted({n // 2, n}))
+    bad = [v for v in layers if not -(n + 1) <= v <= n]
+    if bad:
+        raise OptionError(f"layer {bad[0]} is outside the model's hidden states 0..{n} (or -{n + 1}..-1)",
+                          field="layers")
+    return tuple(sorted({v % (n + 1) for v in layers}))
+
+
+def _resolve_objective(opts: RefineOptions, arch: str, base: Path, cfg: Mapping[str, Any]) -> _Objective:
     causal = arch.endswith(_CAUSAL_SUFFIXES)
-    if objective == "auto":
-        return "logits-kl" if causal else "pooled"
-    if objective == "logits-kl" and not causal:
+    parts = opts.components
+    if parts == ("auto",):
+        parts = ("logits-kl",) if causal else ("pooled",)
+    if "logits-kl" in parts and not causal:
         raise OptionError(f"objective logits-kl needs a causal language model; {escape_name(base)} is "
-                          f"{escape_name(arch)}; use pooled or "
+                          f"{escape_name(arch)}; use pooled, relational or "
                           "hidden", field="objective")
-    return objective
+    weights = tuple(float(w) for w in opts.weights) if opts.weights is not None else (1.0,) * len(parts)
+    layers = _resolve_layers(opts.layers, cfg, base) if "hidden" in parts else ()
+    return _Objective(parts, weights, layers)
 
 
-def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, objective: str) -> torch.Tensor:
-    """The output the objective compares: logits (b, L, V) or last hidden states (b, L, d)."""
+def _forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, obj: _Objective) -> dict[str, Any]:
+    """What the objective compares: "logits" (b, L, V); "last" (b, L, d) and "states" (hidden_states)."""
     kw = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
-    if objective == "logits-kl":
+    if not obj.needs_hidden:
         out = model(input_ids=ids, attention_mask=mask, **kw)
-        return out.logits.float()
+        return {"logits": out.logits.float()}
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **kw)
     h = getattr(out, "last_hidden_state", None)
-    return (h if h is not None else out.hidden_states[-1]).float()
+    r: dict[str, Any] = {"last": (h if h is not None else out.hidden_states[-1]).float(), "states": out.hidden_states}
+    if "logits-kl" in obj.parts:
+        r["logits"] = out.logits.float()
+    return r
 
 
 def _pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -294,43 +362,76 @@ def _pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.normalize(e, dim=-1)
 
 
-def _target(out: torch.Tensor, mask: torch.Tensor, objective: str) -> list[torch.Tensor]:
-    """Per-sample cache entries from a teacher batch."""
-    if objective == "pooled":
-        return list(_pool(out, mask).cpu())  # each (d,)
+def _cache_keys(obj: _Objective) -> tuple[str, ...]:
+    """Cache entries the components read: pooled (pooled, relational), hidden, logp."""
+    want = {"pooled": "pooled", "relational": "pooled", "hidden": "hidden", "logits-kl": "logp"}
+    return tuple(dict.fromkeys(want[p] for p in obj.parts))
+
+
+def _target(out: Mapping[str, Any], mask: torch.Tensor, obj: _Objective) -> dict[str, list[torch.Tensor]]:
+    """Per-sample cache entries from a teacher batch: (d,) pooled, (layers, L_i, d) hidden, (L_i, V) log-probs."""
     lens = mask.sum(1).tolist()
-    if objective == "logits-kl":
-        out = F.log_softmax(out, dim=-1)
-    return [out[i, : lens[i]].cpu().clone() for i in range(out.shape[0])]  # each (L_i, d|V)
+    b = mask.shape[0]
+    r: dict[str, list[torch.Tensor]] = {}
+    for key in _cache_keys(obj):
+        if key == "pooled":
+            r[key] = list(_pool(out["last"], mask).cpu())
+        elif key == "hidden":
+            hs = torch.stack([out["states"][k].float() for k in obj.layers], 1)  # (b, layers, L, d)
+            r[key] = [hs[i, :, : lens[i]].cpu().clone() for i in range(b)]
+        else:
+            logp = F.log_softmax(out["logits"], dim=-1)
+            r[key] = [logp[i, : lens[i]].cpu().clone() for i in range(b)]
+    return r
 
 
-def _loss(out: torch.Tensor, mask: torch.Tensor, targets: Sequence[torch.Tensor], objective: str):
-    """(mean loss (graph), stats) of a student batch against cached teacher targets.
-
-    stats: sum of per-unit losses, sum of cosines, unit count, max abs diff — units are
-    samples (pooled) or tokens (hidden, logits-kl), so held-out means are exact over batches.
-    """
-    dev = out.device
-    if objective == "pooled":
-        s = _pool(out, mask)  # (b, d)
-        t = torch.stack(list(targets)).to(dev)  # (b, d)
-        cos = (s * t).sum(-1)  # (b,)
-        per = 1.0 - cos
-        diff = (s - t).detach().abs().max()
-        return per.mean(), (float(per.detach().sum()), float(cos.detach().sum()), per.numel(), float(diff))
-    t = torch.zeros_like(out)  # (b, L, d|V)
+def _padded(targets: Sequence[torch.Tensor], like: torch.Tensor, axis: int) -> torch.Tensor:
+    """Per-sample targets right-padded along their token AXIS into a zero tensor shaped LIKE."""
+    t = torch.zeros_like(like)
     for i, x in enumerate(targets):
-        t[i, : x.shape[0]] = x.to(dev)
+        t[i].narrow(axis, 0, x.shape[axis]).copy_(x.to(like.device))
+    return t
+
+
+def _component(part: str, out: Mapping[str, Any], mask: torch.Tensor, targets: Mapping[str, Sequence[torch.Tensor]],
+               obj: _Objective) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """(per-unit losses (graph), per-unit cosines or None, max abs diff) of one component.
+
+    Units: samples (pooled, relational) or non-padding tokens (hidden, logits-kl)."""
     valid = mask.bool()  # (b, L)
-    if objective == "hidden":
-        per = (out - t).pow(2).mean(-1)[valid]  # (tokens,)
-        cos = F.cosine_similarity(out, t, dim=-1)[valid]  # (tokens,)
-        diff = (out - t).abs()[valid].max()
-        return per.mean(), (float(per.detach().sum()), float(cos.detach().sum()), per.numel(), float(diff.detach()))
-    logp = F.log_softmax(out, dim=-1)  # (b, L, V)
+    if part in ("pooled", "relational"):
+        s = _pool(out["last"], mask)  # (b, d)
+        t = torch.stack(list(targets["pooled"])).to(s.device)  # (b, d)
+        if part == "pooled":
+            cos = (s * t).sum(-1)  # (b,)
+            return 1.0 - cos, cos.detach(), float((s - t).detach().abs().max())
+        gap = s @ s.T - t @ t.T  # (b, b): in-batch cosine-similarity matrices
+        return gap.pow(2).mean(-1), None, float(gap.detach().abs().max())
+    if part == "hidden":
+        s = torch.stack([out["states"][k].float() for k in obj.layers], 1)  # (b, layers, L, d)
+        t = _padded(targets["hidden"], s, 1)
+        err = (s - t).pow(2).mean(-1) / t.pow(2).mean(-1).clamp_min(1e-12)  # (b, layers, L) normalised MSE
+        per = err.mean(1)[valid]  # (tokens,)
+        cos = F.cosine_similarity(s, t, dim=-1).mean(1)[valid]
+        return per, cos.detach(), float((s - t).detach().abs().amax(dim=(1, 3))[valid].max())
+    logp = F.log_softmax(out["logits"], dim=-1)  # (b, L, V)
+    t = _padded(targets["logp"], logp, 0)
     kl = (t.exp() * (t - logp)).sum(-1)[valid]  # (tokens,)  KL(teacher ‖ student)
-    diff = (logp - t).abs()[valid].max()
-    return kl.mean(), (float(kl.detach().sum()), 0.0, kl.numel(), float(diff.detach()))
+    return kl, None, float((logp - t).detach().abs()[valid].max())
+
+
+def _loss(out: Mapping[str, Any], mask: torch.Tensor, targets: Mapping[str, Sequence[torch.Tensor]],
+          obj: _Objective) -> tuple[torch.Tensor, dict[str, tuple[float, float, int, float]]]:
+    """(weighted loss (graph), {component: (sum of per-unit losses, sum of cosines, units, max abs diff)})."""
+    total: torch.Tensor | None = None
+    stats = {}
+    for part, w in zip(obj.parts, obj.weights, strict=True):
+        per, cos, diff = _component(part, out, mask, targets, obj)
+        term = per.mean() if w == 1.0 else w * per.mean()
+        total = term if total is None else total + term
+        stats[part] = (float(per.detach().sum()), float(cos.sum()) if cos is not None else 0.0, per.numel(), diff)
+    assert total is not None
+    return total, stats
 
 
 # ----------------------------------------------------------------------------- the LoRA forward
@@ -346,15 +447,20 @@ class _Lora(nn.Module):
                 y += s·(x B) A
     """
 
-    def __init__(self, m: LoraModule, device):
+    def __init__(self, m: LoraModule, device, train_bias: bool = False):
         super().__init__()
         self.kind = m.kind
         self.A = nn.Parameter(m.A.detach().to(device=device, dtype=torch.float32).clone())  # (r, in|vocab)
         self.B = nn.Parameter(m.B.detach().to(device=device, dtype=torch.float32).clone())  # (out|dim, r)
         self.scaling = float(m.scaling)
-        bias = None if m.bias is None else m.bias.detach().to(device=device, dtype=torch.float32) * self.scaling
+        # lora_B.bias (out,): a trainable (unscaled) parameter, or a frozen pre-scaled buffer
+        self.bias: nn.Parameter | None = None
+        if train_bias and m.bias is not None:
+            self.bias = nn.Parameter(m.bias.detach().to(device=device, dtype=torch.float32).clone())
+        bias = None if m.bias is None or self.bias is not None else (
+            m.bias.detach().to(device=device, dtype=torch.float32) * self.scaling)
         self.bias_delta: torch.Tensor | None
-        self.register_buffer("bias_delta", bias, persistent=False)  # (out,) frozen, as extract decided
+        self.register_buffer("bias_delta", bias, persistent=False)
         self.enabled = True
         self.padding_idx: int | None = None
 
@@ -363,6 +469,8 @@ class _Lora(nn.Module):
             after_a = F.embedding(x, self.A.T, padding_idx=self.padding_idx)  # (…, r)
             return self.scaling * (after_a @ self.B.T)  # (…, dim)
         d = self.scaling * ((x.to(self.A.dtype) @ self.A.T) @ self.B.T)  # (…, out)
+        if self.bias is not None:
+            return d + self.scaling * self.bias
         return d if self.bias_delta is None else d + self.bias_delta  # bias_delta is pre-scaled
 
     def head_delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -380,11 +488,26 @@ class _Lora(nn.Module):
 class _Student:
     """BASE with the adapter's full tensors loaded and LoRA hooks attached."""
 
-    def __init__(self, model: nn.Module, loras: Mapping[str, _Lora], handles: list):
+    def __init__(self, model: nn.Module, loras: Mapping[str, _Lora], handles: list,
+                 vectors: Mapping[str, nn.Parameter] | None = None):
         self.model, self.loras, self.handles = model, loras, handles
+        self.vectors = dict(vectors or {})  # trainable 1-D full tensors of the adapter, by base tensor name
+
+    def named_params(self) -> list[tuple[tuple[str, str], nn.Parameter]]:
+        """((slot, name), parameter): A / B / bias per LoRA module, then "full" 1-D tensors."""
+        out: list[tuple[tuple[str, str], nn.Parameter]] = []
+        for name, m in self.loras.items():
+            out += [(("A", name), m.A), (("B", name), m.B)]
+            if m.bias is not None:
+                out.append((("bias", name), m.bias))
+        return out + [(("full", n), p) for n, p in self.vectors.items()]
 
     def params(self) -> list[nn.Parameter]:
-        return [p for m in self.loras.values() for p in (m.A, m.B)]
+        return [p for _, p in self.named_params()]
+
+    def state(self) -> dict[tuple[str, str], torch.Tensor]:
+        """A detached copy of every trained tensor (a checkpoint)."""
+        return {k: p.detach().clone() for k, p in self.named_params()}
 
     @contextlib.contextmanager
     def disabled(self):
@@ -446,11 +569,11 @@ def _target_module(model: nn.Module, name: str, m: LoraModule, where: str) -> nn
     return mod
 
 
-def _make_lora(mod: nn.Module, name: str, m: LoraModule, where: str, device) -> _Lora:
+def _make_lora(mod: nn.Module, name: str, m: LoraModule, where: str, device, train_bias: bool = False) -> _Lora:
     """Trainable fp32 factors for one module, checked against its shape."""
     from transformers.pytorch_utils import Conv1D
 
-    lo = _Lora(m, device)
+    lo = _Lora(m, device, train_bias)
     if isinstance(mod, nn.Embedding):
         lo.padding_idx = mod.padding_idx
         if tuple(lo.A.shape[1:]) != (mod.num_embeddings,) or lo.B.shape[0] != mod.embedding_dim:
@@ -477,18 +600,31 @@ def _tied_head_hooks(model: nn.Module, loras: Mapping[str, _Lora]) -> list:
             if lo.kind == "embedding" and model.get_submodule(name).weight is head.weight]
 
 
+def _vector_params(model: nn.Module, full: Mapping[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+    """The base parameters holding the adapter's 1-D full tensors (biases, norm vectors), made trainable."""
+    sd = model.state_dict(keep_vars=True)
+    out = {}
+    for name, t in full.items():
+        p = sd.get(name)
+        if t.dim() == 1 and isinstance(p, nn.Parameter) and p.is_floating_point():
+            p.requires_grad_(True)
+            out[name] = p
+    return out
+
+
 def _attach(model: nn.Module, modules: Mapping[str, LoraModule], full: Mapping[str, torch.Tensor],
-            where: str, device) -> _Student:
-    """MODEL with the adapter's full tensors loaded and a LoRA forward hook on every adapted module."""
+            where: str, device, train_vectors: bool = False) -> _Student:
+    """MODEL with the adapter's full tensors loaded and a LoRA forward hook on every adapted module;
+    TRAIN_VECTORS: lora_B biases and 1-D full tensors become trainable too."""
     _load_full_tensors(model, full, where)
     loras: dict[str, _Lora] = {}
     handles = []
     for name, m in modules.items():
         mod = _target_module(model, name, m, where)
-        loras[name] = _make_lora(mod, name, m, where, device)
+        loras[name] = _make_lora(mod, name, m, where, device, train_vectors)
         handles.append(mod.register_forward_hook(loras[name].hook))
     handles += _tied_head_hooks(model, loras)
-    return _Student(model, loras, handles)
+    return _Student(model, loras, handles, _vector_params(model, full) if train_vectors else None)
 
 
 def load_student(base: str | Path, adapter: str | Path, device: str = "cpu") -> nn.Module:
@@ -580,19 +716,24 @@ class _Setup:
     """What is settled before any model is loaded."""
 
     device: torch.device
-    objective: str  # resolved: pooled | hidden | logits-kl
+    obj: _Objective
     data: _Data
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def objective(self) -> str:
+        return self.obj.name
 
 
 @dataclass
 class _Cache:
     """The teacher's side of the objective, per sample: (d,) pooled, (L_i, d) hidden, (L_i, V) log-probs."""
 
-    targets: list[torch.Tensor]
+    targets: dict[str, list[torch.Tensor]]  # per cache key (pooled, hidden, logp), per sample
     nbytes: int
 
-    def of(self, idx: Sequence[int]) -> list[torch.Tensor]:
-        return [self.targets[i] for i in idx]
+    def of(self, idx: Sequence[int]) -> dict[str, list[torch.Tensor]]:
+        return {k: [v[i] for i in idx] for k, v in self.targets.items()}
 
 
 @dataclass
@@ -602,11 +743,12 @@ class _Trained:
     no_adapter: EvalPoint
     before: EvalPoint
     best: EvalPoint
-    best_state: list[torch.Tensor]  # A, B per module, in the adapter's module order
+    best_state: dict[tuple[str, str], torch.Tensor]  # _Student.state() of the best checkpoint
     curve: list[EvalPoint]
     train_loss: list[tuple[int, float]]
     seconds: float
     eval_seconds: float
+    steps_run: int = 0
 
 
 def _calibration_texts(calibration) -> tuple[list[str], str]:
@@ -627,51 +769,72 @@ def _prepare(base: Path, teacher: Path, opts: RefineOptions) -> _Setup:
         raise CheckpointError(f"teacher {escape_name(teacher)} is {escape_name(t_arch)} but base {escape_name(base)} "
                               f"is {escape_name(arch)}; they must share an "
                               "architecture")
-    obj = _resolve_objective(opts.objective, arch, base)
+    cfg = config_dict(base, open_checkpoint(base).config)
+    obj = _resolve_objective(opts, arch, base, cfg)
     texts, where = _calibration_texts(opts.calibration)
     train, hold = _split(len(texts), opts.holdout, opts.seed, where)
     tok = _tokenizer(base)
-    ids = _tokenize(tok, texts, opts.max_length)
+    max_length, notes = _max_length(opts.max_length, cfg, tok)
+    ids = _tokenize(tok, texts, max_length)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return _Setup(dev, obj, _Data(ids, pad_id, train, hold, where))
+    return _Setup(dev, obj, _Data(ids, pad_id, train, hold, where), notes)
+
+
+def _max_length(asked: int, cfg: Mapping[str, Any], tok) -> tuple[int, list[str]]:
+    """(tokens per sample, notes): ASKED, lowered to the model's position limit (config or tokenizer)."""
+    limits = [int(cfg[k]) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+              if isinstance(cfg.get(k), int) and cfg[k] > 0]
+    tok_max = getattr(tok, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 10**7:
+        limits.append(tok_max)
+    limit = min(limits) if limits else asked
+    if asked <= limit:
+        return asked, []
+    return limit, [f"max_length {asked} is above the model's {limit} positions; samples are truncated to "
+                   f"{limit} tokens"]
 
 
 def _teacher_cache(teacher: Path, setup: _Setup, batch_size: int, emit) -> _Cache:
     """The teacher's outputs on every sample, computed once; the teacher is released on return,
     before the student is loaded (peak memory: one model + the cache)."""
     model = _load_model(teacher, setup.device)
-    data, obj = setup.data, setup.objective
-    targets = [torch.empty(0)] * len(data.ids)  # every index is filled: order covers all samples
+    data, obj = setup.data, setup.obj
+    targets = {k: [torch.empty(0)] * len(data.ids) for k in _cache_keys(obj)}  # order covers all samples
     order = data.hold + data.train
     nbytes = 0
     with torch.no_grad():
         for k in range(0, len(order), batch_size):
             chunk = order[k: k + batch_size]
             x, m = data.batch(chunk, setup.device)
-            for i, t in zip(chunk, _target(_forward(model, x, m, obj), m, obj), strict=True):
-                targets[i] = t
-                nbytes += t.numel() * t.element_size()
+            for key, per in _target(_forward(model, x, m, obj), m, obj).items():
+                for i, t in zip(chunk, per, strict=True):
+                    targets[key][i] = t
+                    nbytes += t.numel() * t.element_size()
             if nbytes > _CACHE_LIMIT:
                 raise OptionError(
                     f"cached teacher outputs exceed {_CACHE_LIMIT / 2**30:.0f} GiB after {k + len(chunk)} samples "
-                    f"({obj}); use fewer calibration samples or a smaller max_length", field="max_length")
+                    f"({obj.name}); use fewer calibration samples or a smaller max_length", field="max_length")
             emit("teacher", min(k + batch_size, len(order)), len(order))
     return _Cache(targets, nbytes)
 
 
-def _evaluate(model: nn.Module, data: _Data, cache: _Cache, objective: str, batch_size: int, step: int,
+def _evaluate(model: nn.Module, data: _Data, cache: _Cache, obj: _Objective, batch_size: int, step: int,
               device) -> EvalPoint:
     """MODEL's error against the cached teacher outputs, over the held-out samples."""
-    tot = cos = mx = 0.0
-    n = 0
+    acc = {p: [0.0, 0.0, 0, 0.0] for p in obj.parts}  # loss sum, cosine sum, units, max abs diff
     with torch.no_grad():
         for k in range(0, len(data.hold), batch_size):
             chunk = data.hold[k: k + batch_size]
             x, m = data.batch(chunk, device)
-            _, (s, c, u, d) = _loss(_forward(model, x, m, objective), m, cache.of(chunk), objective)
-            tot, cos, n, mx = tot + s, cos + c, n + u, max(mx, d)
-    kl = objective == "logits-kl"
-    return EvalPoint(step, tot / n, None if kl else cos / n, tot / n if kl else None, mx)
+            _, stats = _loss(_forward(model, x, m, obj), m, cache.of(chunk), obj)
+            for p, (s, c, u, d) in stats.items():
+                a = acc[p]
+                a[0], a[1], a[2], a[3] = a[0] + s, a[1] + c, a[2] + u, max(a[3], d)
+    parts = {p: a[0] / max(a[2], 1) for p, a in acc.items()}
+    loss = sum(parts[p] if w == 1.0 else w * parts[p] for p, w in zip(obj.parts, obj.weights, strict=True))
+    cos_part = next((p for p in obj.parts if p in ("pooled", "hidden")), None)
+    cosine = acc[cos_part][1] / max(acc[cos_part][2], 1) if cos_part else None
+    return EvalPoint(step, loss, cosine, parts.get("logits-kl"), max(a[3] for a in acc.values()), parts)
 
 
 def _batch_stream(train: list[int], batch_size: int, seed: int) -> Iterator[list[int]]:
@@ -686,10 +849,10 @@ def _batch_stream(train: list[int], batch_size: int, seed: int) -> Iterator[list
 
 
 def _train_step(student: _Student, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor],
-                targets: list[torch.Tensor], objective: str, lr: float, step: int) -> float:
+                targets: Mapping[str, list[torch.Tensor]], obj: _Objective, lr: float, step: int) -> float:
     """One AdamW step at learning rate LR; returns the batch loss."""
     x, m = batch
-    loss, _ = _loss(_forward(student.model, x, m, objective), m, targets, objective)
+    loss, _ = _loss(_forward(student.model, x, m, obj), m, targets, obj)
     if not torch.isfinite(loss.detach()):
         raise SurgeryError(f"refine loss became {float(loss.detach())} at step {step + 1}; lower lr "
                            f"(now {opt.defaults['lr']:g}); nothing was written")
@@ -697,23 +860,39 @@ def _train_step(student: _Student, opt: torch.optim.Optimizer, batch: tuple[torc
     loss.backward()
     torch.nn.utils.clip_grad_norm_(student.params(), 1.0)
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     opt.step()
     return float(loss.detach())
 
 
+#: learning-rate factor of the 1-D deltas (biases, norms): Adam moves every entry by ~lr per step, which
+#: for a vector that shifts every token's output at once is far hotter than for a factor entry
+VECTOR_LR_SCALE = 0.1
+
+
+def _param_groups(student: _Student) -> list[dict[str, Any]]:
+    """AdamW groups: the factors at lr, the 1-D deltas at VECTOR_LR_SCALE · lr."""
+    named = student.named_params()
+    factors = [p for (slot, _), p in named if slot in ("A", "B")]
+    vectors = [p for (slot, _), p in named if slot not in ("A", "B")]
+    groups: list[dict[str, Any]] = [{"params": factors, "lr_scale": 1.0}]
+    if vectors:
+        groups.append({"params": vectors, "lr_scale": VECTOR_LR_SCALE})
+    return groups
+
+
 def _train(student: _Student, setup: _Setup, cache: _Cache, opts: RefineOptions, emit) -> _Trained:
-    """Train the factors; score the held-out samples every eval_interval steps; keep the best."""
-    data, obj, dev, bs = setup.data, setup.objective, setup.device, opts.batch_size
-    params = student.params()
+    """Train the factors; score the held-out samples every eval_interval steps; keep the best;
+    stop early after `patience` scorings without improvement."""
+    data, obj, dev, bs = setup.data, setup.obj, setup.device, opts.batch_size
     with student.disabled():
         no_adapter = _evaluate(student.model, data, cache, obj, bs, 0, dev)
     before = _evaluate(student.model, data, cache, obj, bs, 0, dev)
     curve, train_loss = [before], []
-    best, best_state = before, [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    best, best_state, stale = before, student.state(), 0
+    opt = torch.optim.AdamW(_param_groups(student), lr=opts.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     every, warmup = opts.eval_interval, opts.warmup_steps
-    run_loss, run_n = 0.0, 0
+    run_loss, run_n, done = 0.0, 0, 0
     t_train, t_eval = time.perf_counter(), 0.0
     emit("refine", 0, opts.steps, f"held-out {before.loss:.4g}")
     for step, chunk in zip(range(opts.steps), _batch_stream(data.train, bs, opts.seed), strict=False):
@@ -728,20 +907,29 @@ def _train(student: _Student, setup: _Setup, cache: _Cache, opts: RefineOptions,
             train_loss.append((done, run_loss / run_n))
             run_loss, run_n = 0.0, 0
             if point.loss < best.loss:  # ties keep the earlier checkpoint (lr 0 keeps the input)
-                best, best_state = point, [p.detach().clone() for p in params]
+                best, best_state, stale = point, student.state(), 0
+            else:
+                stale += 1
         emit("refine", done, opts.steps, f"loss {loss:.4g} held-out {curve[-1].loss:.4g}")
-    return _Trained(no_adapter, before, best, best_state, curve, train_loss, time.perf_counter() - t_train, t_eval)
+        if opts.patience is not None and stale >= opts.patience:
+            break
+    return _Trained(no_adapter, before, best, best_state, curve, train_loss, time.perf_counter() - t_train, t_eval,
+                    done)
 
 
 def _save(out: Path, cfg: LoraAdapterConfig, modules: Mapping[str, LoraModule], full: Mapping[str, torch.Tensor],
-          factors: list[torch.Tensor], overwrite: bool, inputs: list[Path]) -> None:
-    """The refined adapter: the input's modules, ranks, scales, full tensors and config fields; new factors."""
-    it = iter(factors)
+          state: Mapping[tuple[str, str], torch.Tensor], overwrite: bool, inputs: list[Path]) -> None:
+    """The refined adapter: the input's modules, ranks, scales, config fields; new factors (and trained
+    1-D deltas from STATE, in their input dtypes)."""
+    def trained(slot: str, name: str, like: torch.Tensor) -> torch.Tensor:
+        return state[(slot, name)].cpu().to(like.dtype).contiguous()
+
     refined: dict[str, LoraModule] = {}
     for name, m in modules.items():
-        a, b = next(it), next(it)
-        refined[name] = LoraModule(name, m.kind, a.cpu().to(m.A.dtype).contiguous(), b.cpu().to(m.B.dtype).contiguous(),
-                                   m.bias, None, m.scaling)
+        bias = trained("bias", name, m.bias) if m.bias is not None and ("bias", name) in state else m.bias
+        refined[name] = LoraModule(name, m.kind, trained("A", name, m.A), trained("B", name, m.B), bias, None,
+                                   m.scaling)
+    full = {n: trained("full", n, t) if ("full", n) in state else t for n, t in full.items()}
     extra = {k: v for k, v in cfg.raw.items() if k not in _CONFIG_COMPUTED and k != "bias"}
     whole, biases = _split_biases(cfg, full)
     write_adapter(out, refined, full_tensors=whole, base_model_name_or_path=cfg.base_model_name_or_path,
@@ -789,6 +977,40 @@ def _read_lora(adapter: Path) -> tuple[LoraAdapterConfig, dict[str, LoraModule],
     return cfg, modules, full
 
 
+def _base_shape(index, name: str) -> tuple[int, ...] | None:
+    """The checkpoint shape of tensor NAME (exact, or one side carrying a model prefix the other lacks)."""
+    t = index.tensors.get(name)
+    if t is None:
+        hits = [v for k, v in index.tensors.items() if k.endswith("." + name) or name.endswith("." + k)]
+        t = hits[0] if len(hits) == 1 else None
+    return tuple(t.shape) if t is not None else None
+
+
+def _check_fits_base(base: Path, modules: Mapping[str, LoraModule], where: Path) -> None:
+    """Refuse, before any model is loaded, an adapter whose targets or ranks do not fit BASE's weights.
+
+    Raises:
+        AdapterError: a LoRA module naming no weight of BASE, or factors whose shapes do not fit it.
+    """
+    index = open_checkpoint(base)
+    tied = set(index.tied) | set(index.tied.values())
+    for name, m in modules.items():
+        shape = _base_shape(index, name + ".weight")
+        if shape is None:
+            if name + ".weight" in tied:
+                continue
+            raise AdapterError(f"{escape_name(where)}: LoRA target '{escape_name(name, 200)}' has no weight in base "
+                               f"{escape_name(base)}; is the adapter for another model?")
+        r, fan_in = tuple(m.A.shape)
+        fan_out, r_b = tuple(m.B.shape)
+        fits = (fan_in, fan_out) == shape if m.kind == "embedding" else shape in ((fan_out, fan_in), (fan_in, fan_out))
+        if r != r_b or not fits:
+            raise AdapterError(f"{escape_name(where)}: {escape_name(name, 200)}: rank-{r} factors A "
+                               f"{tuple(m.A.shape)} / "
+                               f"B {tuple(m.B.shape)} do not fit the base weight {shape}; is the adapter for another "
+                               "model?")
+
+
 @dataclass(frozen=True)
 class _Paths:
     """Where a refine reads and writes."""
@@ -825,7 +1047,7 @@ def _refine(paths: _Paths, lora: tuple, opts: RefineOptions, setup: _Setup, prog
     with _threads(opts.threads), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(opts.seed)
         cache = _teacher_cache(paths.teacher, setup, opts.batch_size, emit)
-        student = _attach(_load_model(paths.base, dev), modules, full, str(paths.adapter), dev)
+        student = _attach(_load_model(paths.base, dev), modules, full, str(paths.adapter), dev, opts.train_vectors)
         trained = _train(student, setup, cache, opts, emit)
         student.remove()
         trainable = sum(p.numel() for p in student.params())
@@ -836,6 +1058,7 @@ def _refine(paths: _Paths, lora: tuple, opts: RefineOptions, setup: _Setup, prog
         no_adapter=trained.no_adapter, before=trained.before, after=trained.best, curve=trained.curve,
         train_loss=trained.train_loss, cache_bytes=cache.nbytes, seconds=time.perf_counter() - t0,
         train_seconds=trained.seconds, eval_seconds=trained.eval_seconds, options=applied,
+        notes=list(setup.notes), steps_run=trained.steps_run, device=str(dev),
     )
     # the report is written first (a full disk fails here, before OUT is touched) and moved in with OUT
     report = json.dumps(result.to_json(), indent=2) + "\n"
@@ -893,6 +1116,7 @@ def refine_adapter(
     base, adapter, teacher, out = Path(base), Path(adapter), Path(teacher), Path(out)
     paths = _paths(base, adapter, teacher, out, opts, report, (base, adapter, teacher))
     lora = _read_lora(adapter)  # a bad adapter fails before the calibration text is tokenised
+    _check_fits_base(base, lora[1], adapter)  # ... and before any model is loaded or trained
     setup = _prepare(base, teacher, opts)
     return _refine(paths, lora, opts, setup, progress, t0)
 
