@@ -27,21 +27,20 @@ Every module gets scale exactly 1 (lora_alpha = r, rank_pattern/alpha_pattern).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from surgery.core.hf import parse_dtype, resolve_device
+from surgery.core.hf import parse_dtype, resolve_device, torch_threads
 from surgery.core.layers import module_filter, tensor_kinds
-from surgery.core.lowrank import allocate_budget, frob_sq, lapack_threads, lora_factors, truncated_svd
+from surgery.core.lowrank import allocate_budget, frob_sq, lora_factors, truncated_svd
 from surgery.core.names import NameMap, name_map
 from surgery.core.peft_format import LoraModule, ParamLora, write_adapter
 from surgery.core.tensors import all_finite, check_fits, require_finite
@@ -1127,15 +1126,6 @@ def _numel(p: TensorPlan, idx: CheckpointIndex) -> int:
     return sum(idx.tensors[s].numel for s in p.sources) if p.sources else idx.tensors[p.name].numel
 
 
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    if n is None:
-        yield
-    else:
-        with lapack_threads(n):
-            yield
-
-
 def _options_report(opts: ExtractOptions, device: torch.device) -> dict:
     """The options as the report records them (the values in force)."""
     return {
@@ -1191,7 +1181,7 @@ def extract_lora(
     check_output_path(out, opts.overwrite, [inputs.base, inputs.ft])
     svd = _SVDSettings(opts.svd, opts.niter, opts.seed, resolve_device(opts.device))
     base_idx, ft_idx = _open_models(inputs.base, inputs.ft)
-    with _threads(opts.threads), LazyReader(base_idx) as rb, LazyReader(ft_idx) as rf:
+    with torch_threads(opts.threads), LazyReader(base_idx) as rb, LazyReader(ft_idx) as rf:
         pair = _Pair(base_idx, ft_idx, rb, rf)
         plan = plan_extraction(pair, opts)
         big = max(plan.tensors, key=lambda p: _numel(p, base_idx))  # each delta is held in fp32

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.core.hf import config_dict, load_pretrained, quiet, resolve_device
+from surgery.core.hf import config_dict, load_pretrained, quiet, resolve_device, torch_threads
 from surgery.core.peft_format import LoraAdapterConfig, LoraModule, read_adapter, write_adapter
 from surgery.errors import AdapterError, CheckpointError, OptionError, SurgeryError
 from surgery.io import check_output_path, escape_name, open_checkpoint
@@ -670,19 +670,6 @@ def _progress_fn(progress: Progress | None):
     return lambda d, i, t, post=None: progress(d, i, t)
 
 
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     """Linear warm-up to lr, then cosine decay to 0 at `steps` (step counts from 0)."""
     if step < warmup:
@@ -1044,7 +1031,7 @@ def _refine(paths: _Paths, lora: tuple, opts: RefineOptions, setup: _Setup, prog
     emit = _progress_fn(progress)
     applied = _result_options(opts, setup)
     dev = setup.device
-    with _threads(opts.threads), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    with torch_threads(opts.threads), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(opts.seed)
         cache = _teacher_cache(paths.teacher, setup, opts.batch_size, emit)
         student = _attach(_load_model(paths.base, dev), modules, full, str(paths.adapter), dev, opts.train_vectors)

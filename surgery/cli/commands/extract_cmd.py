@@ -64,7 +64,7 @@ def render_extract(res, top: int | None = 20, ctx: click.Context | None = None) 
 
 
 _REFINE_FIELDS = ("calibration", "steps", "lr", "warmup", "batch_size", "max_length", "objective", "holdout",
-                  "eval_every")
+                  "eval_every", "weights", "layers", "train_vectors", "patience")
 
 
 def _run_refine(base, ft, out, opts: ExtractOptions, ropts, prog):

@@ -91,11 +91,20 @@ def refine_flags(prefix: bool = False) -> Callable:
                      help="Tokens per calibration sample (longer ones are truncated)."),
         click.option("--objective", "objective", default=d["objective"], show_default=True,
                      metavar="|".join(OBJECTIVES),
-                     help="pooled (encoders), hidden, logits-kl (causal LMs); auto picks by architecture."),
+                     help="pooled (encoders), relational, hidden, logits-kl (causal LMs), or a sum such as "
+                          "pooled+relational; auto picks by architecture."),
         click.option("--holdout", "holdout", type=float, default=d["holdout"], show_default=True,
                      help="Share of the calibration samples held out for scoring, in (0, 1)."),
         click.option("--eval-every", "eval_every", type=int, default=None,
                      help="Held-out scoring interval in steps (default steps/10)."),
+        click.option("--objective-weights", "weights", type=float, multiple=True,
+                     help="One weight per component of a summed objective (e.g. pooled+relational), in order."),
+        click.option("--layers", "layers", type=int, multiple=True,
+                     help="Hidden-state indices for the hidden objective (repeatable; default middle and last)."),
+        click.option(f"--{p}train-vectors/--{p}no-train-vectors", "train_vectors", default=False, show_default=True,
+                     help="Also train the biases and norm vectors the adapter carries."),
+        click.option("--patience", "patience", type=int, default=None,
+                     help="Stop after this many held-out evaluations without improvement."),
     ]
 
     def deco(f):
@@ -115,7 +124,11 @@ def build_refine_options(ctx: click.Context, params: Mapping[str, Any] | None = 
     and the command's device, seed, threads and overwrite."""
     params = ctx.params if params is None else params
     names = RefineOptions.field_names()
-    return build_options(RefineOptions, ctx, **{k: v for k, v in params.items() if k in names})
+    fields = {k: v for k, v in params.items() if k in names}
+    for k in ("weights", "layers"):  # click's multiple=True gives () when the flag is absent
+        if fields.get(k) == ():
+            fields[k] = None
+    return build_options(RefineOptions, ctx, **fields)
 
 
 @cli.command("refine")
