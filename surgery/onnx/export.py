@@ -73,14 +73,16 @@ class _Checks:
     report: ValidationReport | None = None
     error: str | None = None  # onnxruntime could not load or run a file
     benchmark: list[dict[str, Any]] = field(default_factory=list)
+    quantization: dict[str, Any] | None = None  # the int8 graph's task-level check (quantize.py)
 
     @property
     def failed(self) -> bool:
-        return self.report is not None and (self.error is not None or not self.report.passed)
+        q_failed = self.quantization is not None and not self.quantization["passed"]
+        return q_failed or (self.report is not None and (self.error is not None or not self.report.passed))
 
     @property
     def status(self) -> str:
-        return "not validated" if self.report is None else ("failed" if self.failed else "ok")
+        return "failed" if self.failed else ("not validated" if self.report is None else "ok")
 
 
 def _build_graphs(prep: Prepared, tmp: Path, opts: ExportOptions, tick: Callable[[str], None]) -> _Graphs:
@@ -122,6 +124,16 @@ def _validate(prep: Prepared, files: Mapping[str, Path], opts: ExportOptions) ->
     return _Checks(ValidationReport(rows, provider, note, atol, rtol), error)
 
 
+def _quantize(prep: Prepared, graphs: _Graphs, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
+    """model_int8.onnx from the optimised graph (fusions first) or the plain one; checked at the task level."""
+    from surgery.onnx.quantize import INT8_FILE, quantize_int8
+
+    source = graphs.files.get("optimized", graphs.files["plain"])
+    info = quantize_int8(prep, source, tmp / INT8_FILE, tmp / ".scratch", opts.threads)
+    graphs.files["int8"] = tmp / INT8_FILE  # listed in the manifest, and benchmarked with the others
+    return info
+
+
 def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
@@ -154,6 +166,7 @@ def _result(out_dir: Path, prep: Prepared, opts: ExportOptions, graphs: _Graphs,
         exporter_note=graphs.exporter_note, files={k: p.name for k, p in graphs.files.items()},
         inputs=inputs, outputs=outputs, optimization=graphs.optimization, atol=atol, rtol=rtol,
         validation_report=checks.report, validation_error=checks.error, benchmark=checks.benchmark,
+        pooling=prep.pooling, quantization=checks.quantization,
     )
 
 
@@ -179,7 +192,7 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 def _ticker(progress: Progress | None, opts: ExportOptions) -> Callable[[str], None]:
     """progress(stage, step, total) for each phase that runs."""
-    total = 2 + int(opts.optimize) + int(opts.dtype == "fp16") + int(opts.validation) + int(opts.benchmark)
+    total = 2 + int(opts.optimize) + int(opts.quantize is not None) + int(opts.dtype == "fp16") + int(opts.validation) + int(opts.benchmark)
     step = 0
 
     def tick(stage: str) -> None:
@@ -243,6 +256,9 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: Expo
             if opts.validation:
                 checks = _validate(prep, graphs.files, opts)
                 tick("validate")
+            if opts.quantize and not checks.failed:
+                checks.quantization = _quantize(prep, graphs, tmp, opts)
+                tick("quantize")
             if opts.benchmark and not checks.failed:
                 checks.benchmark = benchmark_onnx(graphs.files, prep.wrapper, prep.task, spec=prep.spec,
                                                   device=opts.device, threads=opts.threads)

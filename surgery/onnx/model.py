@@ -347,6 +347,7 @@ class Prepared:
     task: str
     config: Any  # transformers config, or None for a custom module
     source: str
+    pooling: dict[str, Any] | None = None  # sentence-transformers pooling built into the graph
 
     @property
     def model_type(self) -> str | None:
@@ -376,10 +377,18 @@ def prepare(model_dir: str | Path, opts: ExportOptions,
     model_dir = Path(model_dir)
     hf, config, task = load_hf_model(model_dir, opts.task, opts.adapters, allow_random_head=opts.allow_random_head)
     spec, extra = hf_spec(hf, config, task)
+    from surgery.onnx.pooling import POOLED_OUTPUTS, PooledModel, resolve_pooling
+
+    mode, normalize = resolve_pooling(model_dir, task, opts.pooling, opts.normalize)
+    if mode != "none":  # sentence-transformers: token and sentence embeddings
+        hf = PooledModel(hf, mode, normalize)
+        spec.outputs = {k: dict(v) for k, v in POOLED_OUTPUTS.items()}
     if outputs:
         spec.outputs = {k: dict(v) for k, v in outputs.items()}
     wrapper = Wrapped(hf, [i.name for i in spec.inputs], list(spec.outputs), hf=True, extra=extra)
-    return Prepared(wrapper.eval(), spec, task, config, str(model_dir))
+    prep = Prepared(wrapper.eval(), spec, task, config, str(model_dir))
+    prep.pooling = {"mode": mode, "normalize": normalize} if mode != "none" else None
+    return prep
 
 
 # ----------------------------------------------------------------------------- input sets

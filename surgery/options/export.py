@@ -122,6 +122,7 @@ class ExportOptions(Options):
                 f"must be True, False or None, got {self.normalize!r}")
         if self.quantize is not None:
             one_of(self.quantize, QUANTIZATIONS, "quantize")
+            require(self.dtype == "fp32", "quantize", "int8 quantises the fp32 graph; use dtype fp32 with it")
         if self.device != "auto":
             device_name(self.device, "device", extra=("auto",))
         require(isinstance(self.opset, int) and not isinstance(self.opset, bool) and self.opset >= MIN_OPSET,

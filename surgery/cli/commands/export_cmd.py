@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from surgery.errors import ValidationError
-from surgery.options.export import DEFAULT_OPSET, ONNX_DTYPES, TASKS, ExportOptions
+from surgery.options.export import DEFAULT_OPSET, ONNX_DTYPES, POOLINGS, QUANTIZATIONS, TASK_ALIASES, TASKS, ExportOptions
 
 from ..main import cli
 from ..util import (
@@ -50,6 +50,10 @@ def render_export(res) -> str:
              "exporter" + (f"; {escape_name(res.exporter_note)}" if res.exporter_note else "")]
     if res.optimized_path:
         lines.append(f"optimised graph: {escape_name(res.optimized_path)}")
+    if res.quantization:
+        worst = min((r["min_cosine"] or 0.0) for r in res.quantization["rows"])
+        lines.append(f"int8 graph: {escape_name(res.out_dir / res.quantization['file'])} (worst cosine {worst:.4f}, "
+                     f"{'ok' if res.quantization['passed'] else 'FAIL'})")
     if res.validation:
         lines += [f"validation on {res.provider_note}:", render_validation(res.validation)]
     if res.benchmark:
@@ -63,8 +67,15 @@ def render_export(res) -> str:
 @out_option()
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(path_type=str),
               help="LoRA adapter merged into the model before export (repeatable).")
-@click.option("--task", type=click.Choice(TASKS), default="auto", show_default=True,
-              help="What the graph computes (auto: from config.json's architectures).")
+@click.option("--task", type=click.Choice(TASKS + tuple(TASK_ALIASES)), default="auto", show_default=True,
+              help="What the graph computes, Optimum's names (auto: the head config.json's architectures name).")
+@click.option("--pooling", type=click.Choice(POOLINGS), default="auto", show_default=True,
+              help="Sentence-transformers pooling in the graph, output sentence_embedding "
+                   "(auto: from 1_Pooling/config.json beside the model).")
+@click.option("--normalize/--no-normalize", default=None,
+              help="L2-normalise the pooled embedding (default: as modules.json says).")
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None,
+              help="Also write model_int8.onnx (onnxruntime dynamic quantisation, CPU), checked at the task level.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @dtype_option("fp16: fp16 weights with fp32 inputs/outputs, validated with looser tolerances.",
               choices=ONNX_DTYPES, default="fp32")
