@@ -192,7 +192,8 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 def _ticker(progress: Progress | None, opts: ExportOptions) -> Callable[[str], None]:
     """progress(stage, step, total) for each phase that runs."""
-    total = 2 + int(opts.optimize) + int(opts.quantize is not None) + int(opts.dtype == "fp16") + int(opts.validation) + int(opts.benchmark)
+    total = (2 + int(opts.optimize) + int(opts.quantize is not None) + int(opts.dtype == "fp16")
+             + int(opts.validation) + int(opts.benchmark))
     step = 0
 
     def tick(stage: str) -> None:

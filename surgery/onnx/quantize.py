@@ -123,7 +123,8 @@ def quantize_int8(prep: Prepared, source: Path, out: Path, scratch: Path, thread
     scratch.mkdir(parents=True, exist_ok=True)
     raw = scratch / "int8.onnx"
     with quiet(capture_stdio=True):
-        quantize_dynamic(str(source), str(raw), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=OP_TYPES,
+        quantize_dynamic(str(source), str(raw), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=OP_TYPES,
                          nodes_to_exclude=wide_input_matmuls(source),
                          use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
     save_onnx(load_onnx(raw, with_data=True), out)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import click
 
 from surgery.errors import ValidationError
-from surgery.options.export import DEFAULT_OPSET, ONNX_DTYPES, POOLINGS, QUANTIZATIONS, TASK_ALIASES, TASKS, ExportOptions
+from surgery.options.export import (
+    DEFAULT_OPSET,
+    ONNX_DTYPES,
+    POOLINGS,
+    QUANTIZATIONS,
+    TASK_ALIASES,
+    TASKS,
+    ExportOptions,
+)
 
 from ..main import cli
 from ..util import (
