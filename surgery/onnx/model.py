@@ -81,6 +81,7 @@ def model_class(task: str, architectures: Any, model_type: str | None = None) ->
     """The class config.json names when it computes `task`, else the task's Auto class."""
     import transformers
 
+    task = TASK_ALIASES.get(task, task)
     auto = architecture_class(None, TASK_CLASSES[task])
     named = architecture_class(architectures, TASK_CLASSES[task])
     ok = (isinstance(named, type) and issubclass(named, transformers.PreTrainedModel)
