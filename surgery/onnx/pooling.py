@@ -82,7 +82,11 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None, mode: str, normalize: 
     else:
         m = (torch.ones(hidden.shape[:2], dtype=hidden.dtype) if mask is None else mask.to(hidden.dtype)).unsqueeze(-1)
         out = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(out, p=2.0, dim=1) if normalize else out
+    if not normalize:
+        return out
+    # = F.normalize(out, dim=1) (x / max(|x|, 1e-12)), without its Expand: onnxruntime's symbolic
+    # shape inference cannot follow that Expand, and the transformer fusions then stop early.
+    return out / torch.sqrt(torch.clamp((out * out).sum(1, keepdim=True), min=1e-24))
 
 
 class PooledModel(torch.nn.Module):
