@@ -59,7 +59,7 @@ def render_export(res) -> str:
     if res.optimized_path:
         lines.append(f"optimised graph: {escape_name(res.optimized_path)}")
     if res.quantization:
-        worst = min((r["min_cosine"] or 0.0) for r in res.quantization["rows"])
+        worst = min((r["min_cosine"] or 0.0) for r in res.quantization["rows"] if r.get("gated", True))
         lines.append(f"int8 graph: {escape_name(res.out_dir / res.quantization['file'])} (worst cosine {worst:.4f}, "
                      f"{'ok' if res.quantization['passed'] else 'FAIL'})")
     if res.validation:
