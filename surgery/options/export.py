@@ -62,8 +62,9 @@ class ExportOptions(Options):
     """How `export_onnx` exports and validates a model.
 
     Attributes:
-        task: "auto" (from config.json), "feature-extraction", "sequence-classification",
-            "causal-lm", or "custom" (a module passed from Python).
+        task: "auto" (the head config.json's architectures name; never drops it), one of TASKS
+            (Optimum's names; TASK_ALIASES accepted: sequence-classification, text-generation),
+            or "custom" (a module passed from Python).
         opset: ONNX opset, MIN_OPSET..the installed onnx's newest.
         dtype: "fp32", or "fp16" (fp16 weights and compute, fp32 inputs/outputs).
         device: where validation runs: "auto" (CUDA when onnxruntime really loads it), "cpu",

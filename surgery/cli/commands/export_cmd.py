@@ -115,6 +115,8 @@ def export_cmd(ctx, model_dir, out, as_json, quiet, **fields):
       surgery export-onnx out/demo/merged -o out/onnx --optimize
       surgery export-onnx fixtures/tiny-llama -o out/llama-onnx --adapter fixtures/tiny-llama-lora
       surgery export-onnx MODEL -o out/onnx --dtype fp16 --device cuda --benchmark
+      surgery export-onnx all-MiniLM-L6-v2 -o out/st --quantize int8 --benchmark   # sentence_embedding
+      surgery export-onnx vit-checkpoint -o out/vit --task image-classification
     """
     opts = build_options(ExportOptions, ctx, **fields)
     from surgery.onnx.export import export_onnx
