@@ -103,6 +103,20 @@ def test_dropped_head_is_detected(tmp_path):
     assert "shape" in _head_mismatch("bert-cls", r.out_dir, {"last_hidden_state": "logits"})
 
 
+def test_backbone_of_a_pooler_less_head(tmp_path):
+    """BertForTokenClassification has no pooler: its backbone still exports (last_hidden_state
+    never reads the pooler), while a missing encoder weight is still refused."""
+    src = build_model("bert-tok", tmp_path / "tok")
+    r = export_onnx(src, tmp_path / "o", task="feature-extraction", device="cpu", validate=False)
+    assert [o["name"] for o in r.outputs] == ["last_hidden_state"]
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(src / "model.safetensors")
+    save_file({k: v for k, v in w.items() if "layer.1.output.dense" not in k}, src / "model.safetensors")
+    with pytest.raises(CheckpointError, match="layer.1.output.dense"):  # control
+        export_onnx(src, tmp_path / "o2", task="feature-extraction", device="cpu")
+
+
 def test_audio_axes_symbolic(tmp_path):
     r = export_onnx(build_model("wav2vec2-ctc", tmp_path / "w"), tmp_path / "o", device="cpu")
     io = graph_io(r.model_path)
