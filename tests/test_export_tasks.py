@@ -42,6 +42,8 @@ HEADS = {
     "wav2vec2": ("feature-extraction", {"last_hidden_state": "last_hidden_state"}),
     "wav2vec2-ctc": ("automatic-speech-recognition", {"logits": "logits"}),
     "wav2vec2-cls": ("audio-classification", {"logits": "logits"}),
+    "clip": ("zero-shot-image-classification", {"logits_per_image": "logits_per_image",
+                                                "logits_per_text": "logits_per_text"}),
 }
 
 
@@ -50,7 +52,7 @@ def _fresh_inputs(session, batch: int = 3) -> dict[str, np.ndarray]:
     g = np.random.default_rng(11)
     feed = {}
     for i in session.get_inputs():
-        dims = [batch if d == "batch" else {"sequence": 9, "samples": 1234, "choices": 2}.get(d, d)
+        dims = [batch if d == "batch" else {"sequence": 9, "samples": 1234, "choices": 2, "image_batch": 2}.get(d, d)
                 for d in i.shape]
         if i.type == "tensor(float)":
             feed[i.name] = g.standard_normal(dims).astype(np.float32)
@@ -90,7 +92,7 @@ def test_auto_keeps_every_head(name, tmp_path):
     assert [o["name"] for o in r.outputs] == list(outputs)
     assert _head_mismatch(name, r.out_dir, outputs) is None
     io = graph_io(r.model_path)
-    assert all(dims[0] == "batch" for dims in io["inputs"].values())
+    assert all(dims[0] in ("batch", "image_batch") for dims in io["inputs"].values())
     assert len({tuple(row.shape) for row in r.validation}) >= 2  # the input sets differ in shape
 
 
@@ -132,13 +134,15 @@ def test_audio_axes_symbolic(tmp_path):
 def test_aliases_and_auto_mapping():
     assert ExportOptions(task="sequence-classification").task == "text-classification"
     assert ExportOptions(task="text-generation").task == "causal-lm"
+    assert resolve_task("zero-shot-image-classification", {"model_type": "siglip"}) == "zero-shot-image-classification"
     cases = {("bert", "BertForTokenClassification"): "token-classification",
              ("bert", "BertForMaskedLM"): "fill-mask", ("bert", "BertForQuestionAnswering"): "question-answering",
              ("bert", "BertModel"): "feature-extraction", ("gpt2", "GPT2LMHeadModel"): "causal-lm",
              ("llama", "LlamaForCausalLM"): "causal-lm", ("vit", "ViTForImageClassification"): "image-classification",
              ("vit", "ViTModel"): "image-feature-extraction", ("wav2vec2", "Wav2Vec2ForCTC"):
                  "automatic-speech-recognition", ("wav2vec2", "Wav2Vec2ForSequenceClassification"): "audio-classification",
-             ("roberta", "RobertaForSequenceClassification"): "text-classification"}
+             ("roberta", "RobertaForSequenceClassification"): "text-classification",
+             ("clip", "CLIPModel"): "zero-shot-image-classification"}
     for (mt, arch), task in cases.items():
         assert resolve_task("auto", {"model_type": mt, "architectures": [arch]}) == task, arch
     assert "image-classification" not in valid_tasks("bert") and "fill-mask" not in valid_tasks("vit")

@@ -271,6 +271,12 @@ def model_inputs(config: Any, params: Mapping[str, Any], task: str) -> list[Inpu
     """The inputs of a transformers model for `task`: token ids (+ mask, segments), pixel_values
     (batch, channels, height, width: fixed image size) or input_values (batch, samples)."""
     kind = modality(getattr(config, "model_type", None))
+    if kind == "text+vision":  # texts and images, each with its own batch
+        vision, text = getattr(config, "vision_config", config), getattr(config, "text_config", config)
+        h, w = _image_size(vision)
+        return _text_inputs(text, params, task) + [
+            InputSpec("pixel_values", ("image_batch", int(getattr(vision, "num_channels", 3) or 3), h, w),
+                      torch.float32)]
     if kind == "vision":
         h, w = _image_size(config)
         return [InputSpec("pixel_values", ("batch", int(getattr(config, "num_channels", 3) or 3), h, w),
@@ -292,8 +298,9 @@ def hf_spec(model: torch.nn.Module, config: Any, task: str) -> tuple[IOSpec, dic
     outputs = {name: {a: (seq if d == "seq" else d) for a, d in axes.items()}
                for name, axes in TASK_TABLE[task].outputs.items()} if task in TASK_TABLE else \
         {"last_hidden_state": {0: "batch", 1: "sequence"}}
-    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    pad = getattr(config, "pad_token_id", None)
+    text = getattr(config, "text_config", None) or config
+    max_pos = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    pad = getattr(text, "pad_token_id", None)
     return IOSpec(inputs, outputs, int(max_pos) if max_pos else None, int(pad) if pad is not None else 0), extra
 
 
@@ -409,7 +416,8 @@ def make_inputs(spec: IOSpec, batch: int, seq: int, pad_rows: Mapping[int, int] 
         seq = min(seq, spec.max_sequence)
     g = torch.Generator().manual_seed(seed)
     # raw audio: 160 samples a step (10 ms at 16 kHz); multiple choice: 3-5 choices
-    sizes = {"batch": batch, "sequence": seq, "samples": seq * 160, "choices": 3 + seed % 3}
+    sizes = {"batch": batch, "sequence": seq, "samples": seq * 160, "choices": 3 + seed % 3,
+             "image_batch": batch + 1}
     out: dict[str, torch.Tensor] = {}
     for inp in spec.inputs:
         shape = [sizes.get(d, 1) if isinstance(d, str) else int(d) for d in inp.shape]

@@ -57,6 +57,9 @@ TASK_TABLE: dict[str, Task] = {t.name: t for t in (
          ("audio",), {"logits": {0: "batch"}}),
     Task("automatic-speech-recognition", "AutoModelForCTC", "MODEL_FOR_CTC_MAPPING_NAMES", ("audio",),
          {"logits": _SEQ}),
+    Task("zero-shot-image-classification", "AutoModelForZeroShotImageClassification",
+         "MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES", ("text+vision",),
+         {"logits_per_image": {0: "image_batch", 1: "batch"}, "logits_per_text": {0: "batch", 1: "image_batch"}}),
     # Base models last.
     Task("feature-extraction", "AutoModel", "MODEL_MAPPING_NAMES", ("text", "audio"), {"last_hidden_state": _SEQ}),
     Task("image-feature-extraction", "AutoModel", "MODEL_MAPPING_NAMES", ("vision",),
@@ -93,6 +96,8 @@ def modality(model_type: str | None) -> str:
         if cls is None:
             continue
         params = inspect.signature(cls.forward).parameters
+        if "input_ids" in params and "pixel_values" in params:
+            return "text+vision"  # CLIP, SigLIP
         for arg, kind in _MODALITY_INPUT:
             if arg in params:
                 return kind

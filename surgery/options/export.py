@@ -27,7 +27,7 @@ from surgery.options.base import (
 #: what the exported graph computes (Optimum's task names); "auto" reads it from config.json's architectures
 TASKS = ("auto", "feature-extraction", "fill-mask", "text-classification", "token-classification",
          "question-answering", "multiple-choice", "image-classification", "image-feature-extraction",
-         "audio-classification", "automatic-speech-recognition", "causal-lm")
+         "audio-classification", "automatic-speech-recognition", "zero-shot-image-classification", "causal-lm")
 #: other names accepted for a task -> the name used (earlier names, Optimum's text-generation)
 TASK_ALIASES = {"sequence-classification": "text-classification", "text-generation": "causal-lm"}
 #: sentence-transformers pooling inside the graph ("auto": from 1_Pooling/config.json beside the model)
