@@ -75,14 +75,16 @@ class _Checks:
     report: ValidationReport | None = None
     error: str | None = None  # onnxruntime could not load or run a file
     benchmark: list[dict[str, Any]] = field(default_factory=list)
+    quantization: dict[str, Any] | None = None  # the int8 graph's task-level check (quantize.py)
 
     @property
     def failed(self) -> bool:
-        return self.report is not None and (self.error is not None or not self.report.passed)
+        q_failed = self.quantization is not None and not self.quantization["passed"]
+        return q_failed or (self.report is not None and (self.error is not None or not self.report.passed))
 
     @property
     def status(self) -> str:
-        return "not validated" if self.report is None else ("failed" if self.failed else "ok")
+        return "failed" if self.failed else ("not validated" if self.report is None else "ok")
 
 
 def _build_graphs(prep: Prepared, tmp: Path, opts: ExportOptions, tick: Callable[[str], None]) -> _Graphs:
@@ -124,6 +126,16 @@ def _validate(prep: Prepared, files: Mapping[str, Path], opts: ExportOptions) ->
     return _Checks(ValidationReport(rows, provider, note, atol, rtol), error)
 
 
+def _quantize(prep: Prepared, graphs: _Graphs, tmp: Path, opts: ExportOptions) -> dict[str, Any]:
+    """model_int8.onnx from the optimised graph (fusions first) or the plain one; checked at the task level."""
+    from surgery.onnx.quantize import INT8_FILE, quantize_int8
+
+    source = graphs.files.get("optimized", graphs.files["plain"])
+    info = quantize_int8(prep, source, tmp / INT8_FILE, tmp / ".scratch", opts.threads)
+    graphs.files["int8"] = tmp / INT8_FILE  # listed in the manifest, and benchmarked with the others
+    return info
+
+
 def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
@@ -156,6 +168,7 @@ def _result(out_dir: Path, prep: Prepared, opts: ExportOptions, graphs: _Graphs,
         exporter_note=graphs.exporter_note, files={k: p.name for k, p in graphs.files.items()},
         inputs=inputs, outputs=outputs, optimization=graphs.optimization, atol=atol, rtol=rtol,
         validation_report=checks.report, validation_error=checks.error, benchmark=checks.benchmark,
+        pooling=prep.pooling, quantization=checks.quantization,
     )
 
 
@@ -168,7 +181,8 @@ def _write_manifest(tmp: Path, result: ExportResult) -> None:
 
 def _ticker(progress: Progress | None, opts: ExportOptions) -> Callable[[str], None]:
     """progress(stage, step, total) for each phase that runs."""
-    total = 2 + int(opts.optimize) + int(opts.dtype == "fp16") + int(opts.validation) + int(opts.benchmark)
+    total = (2 + int(opts.optimize) + int(opts.quantize is not None) + int(opts.dtype == "fp16")
+             + int(opts.validation) + int(opts.benchmark))
     step = 0
 
     def tick(stage: str) -> None:
@@ -189,12 +203,16 @@ def _load(model_dir: str | Path | None, model: torch.nn.Module | None, inputs: S
     return prepare(model_dir, opts, outputs)
 
 
-def _run_checks(prep: Any, graphs: Any, opts: ExportOptions, tick: Callable[[str], None]) -> _Checks:
-    """Phases: validation against PyTorch, then (when it passed) the benchmark."""
+def _run_checks(prep: Any, graphs: Any, tmp: Path, opts: ExportOptions, tick: Callable[[str], None]) -> _Checks:
+    """Phases: validation against PyTorch, then (when it passed) int8 quantisation checked at the
+    task level, then the benchmark."""
     checks = _Checks()
     if opts.validation:
         checks = _validate(prep, graphs.files, opts)
         tick("validate")
+    if opts.quantize and not checks.failed:
+        checks.quantization = _quantize(prep, graphs, tmp, opts)
+        tick("quantize")
     if opts.benchmark and not checks.failed:
         checks.benchmark = benchmark_onnx(graphs.files, prep.wrapper, prep.task, spec=prep.spec,
                                           device=opts.device, threads=opts.threads)
@@ -247,7 +265,7 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: Expo
         tick("load")
         with atomic_output_dir(out_dir, overwrite=opts.overwrite, inputs=input_paths) as tmp:
             graphs = _build_graphs(prep, tmp, opts, tick)
-            checks = _run_checks(prep, graphs, opts, tick)
+            checks = _run_checks(prep, graphs, tmp, opts, tick)
             result = _result(out_dir, prep, opts, graphs, checks)
             _write_manifest(tmp, result)
             shutil.rmtree(tmp / ".scratch", ignore_errors=True)

@@ -20,11 +20,11 @@ from surgery.core.hf import architecture_class, config_dict, quiet
 from surgery.errors import CheckpointError, OptionError
 from surgery.io.guards import escape_name, load_json
 from surgery.onnx.spec import CUSTOM_TASK, InputSpec, IOSpec
-from surgery.options.export import ExportOptions
+from surgery.onnx.tasks import TASK_TABLE, arch_task, auto_task, check_task, modality, valid_tasks
+from surgery.options.export import TASK_ALIASES, ExportOptions
 
 #: the transformers Auto class that builds each task's model
-TASK_CLASSES = {"feature-extraction": "AutoModel", "sequence-classification": "AutoModelForSequenceClassification",
-                "causal-lm": "AutoModelForCausalLM"}
+TASK_CLASSES = {name: t.auto_class for name, t in TASK_TABLE.items()}
 #: Wrapped's extra key: compute position_ids from attention_mask (causal LMs, logits only)
 POSITIONS_FROM_MASK = "_positions_from_mask"
 #: the seed of weights transformers initialises itself (a head allowed by allow_random_head)
@@ -57,36 +57,37 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     return config_dict(model_dir, raw)  # the shared rules (auto_map, quantization_config refused)
 
 
-def _arch_task(arch: str) -> str | None:
-    """The task a transformers class name computes ("BertModel" -> feature-extraction), or None."""
-    if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
-        return "causal-lm"
-    if arch.endswith("ForSequenceClassification"):
-        return "sequence-classification"
-    if arch.endswith("Model"):
-        return "feature-extraction"
-    return None
-
-
 def resolve_task(task: str, raw: Mapping[str, Any]) -> str:
-    """`task`, or for "auto" the one config.json's architectures imply (feature-extraction otherwise)."""
-    if task != "auto":
-        return task
-    for arch in raw.get("architectures") or []:
-        found = _arch_task(arch) if isinstance(arch, str) else None
-        if found in ("causal-lm", "sequence-classification"):
-            return found
-    return "feature-extraction"
+    """`task` (an alias resolved), or for "auto" the one config.json's architectures compute
+    (never dropping the checkpoint's head); refused when the architecture cannot export it.
+
+    Raises:
+        OptionError: field task: a head no task computes, or a task the architecture lacks
+            (the message lists the valid ones).
+
+    Example: resolve_task("auto", {"model_type": "vit", "architectures": ["ViTForImageClassification"]})
+        == "image-classification"
+    """
+    task = TASK_ALIASES.get(task, task)
+    model_type = raw.get("model_type") if isinstance(raw.get("model_type"), str) else None
+    if task == "auto":
+        task = auto_task(raw)
+    if task not in TASK_TABLE:
+        raise OptionError(f"task '{task}' is not an export task; valid tasks: {', '.join(valid_tasks(model_type))}",
+                          field="task")
+    check_task(task, model_type)
+    return task
 
 
-def model_class(task: str, architectures: Any) -> Any:
+def model_class(task: str, architectures: Any, model_type: str | None = None) -> Any:
     """The class config.json names when it computes `task`, else the task's Auto class."""
     import transformers
 
+    task = TASK_ALIASES.get(task, task)
     auto = architecture_class(None, TASK_CLASSES[task])
     named = architecture_class(architectures, TASK_CLASSES[task])
     ok = (isinstance(named, type) and issubclass(named, transformers.PreTrainedModel)
-          and _arch_task(named.__name__) == task)
+          and arch_task(named.__name__, model_type) == task)
     return named if ok else auto
 
 
@@ -164,7 +165,7 @@ def _from_pretrained(model_dir: Path, raw: Mapping[str, Any], task: str, allow_r
         with quiet(capture_stdio=True), torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)  # whatever transformers initialises itself is the same every run
             config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
-            cls = model_class(task, raw.get("architectures"))
+            cls = model_class(task, raw.get("architectures"), getattr(config, "model_type", None))
             # Eager attention: plain MatMul/Softmax in the graph, which both exporters handle and
             # onnxruntime's Attention fusion recognises (SDPA's mask path does not fuse).
             # ignore_mismatched_sizes: a weight whose shape differs from config.json is then listed
@@ -179,6 +180,10 @@ def _from_pretrained(model_dir: Path, raw: Mapping[str, Any], task: str, allow_r
         raise CheckpointError(f"cannot load {escape_name(model_dir)} as {task} with transformers "
                               f"({escape_name(first, 200)}); check config.json's model_type/architectures and the "
                               "task") from None
+    if task.endswith("feature-extraction"):
+        # Head classes built without a pooler (BertForTokenClassification...) lack the base
+        # model's pooler weights; the export returns last_hidden_state, which never reads them.
+        info["missing_keys"] = [k for k in info.get("missing_keys") or [] if not str(k).startswith("pooler.")]
     _check_loading(model_dir, model, info, _dropped_head(raw, config, type(model)), allow_random_head)
     return model
 
@@ -239,22 +244,56 @@ def load_hf_model(model_dir: str | Path, task: str = "auto", adapters: Sequence[
 # ----------------------------------------------------------------------------- inputs and outputs
 
 
-def hf_spec(model: torch.nn.Module, config: Any, task: str) -> tuple[IOSpec, dict[str, Any]]:
-    """Inputs (from the forward signature and config) and outputs (from the task) of a
-    transformers model, and the fixed keyword arguments its forward gets: (spec, extra)."""
+def _text_inputs(config: Any, params: Mapping[str, Any], task: str) -> list[InputSpec]:
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     if vocab < 1:
-        raise CheckpointError(f"config of {escape_name(config.model_type, 80)} has no vocab_size; export-onnx handles "
-                              "token models only")
-    params = inspect.signature(model.forward).parameters
-    inputs = [InputSpec("input_ids", ("batch", "sequence"), torch.int64, 0, vocab)]
+        raise CheckpointError(f"config of {escape_name(config.model_type, 80)} has no vocab_size; a text model "
+                              "needs one")
+    axes: tuple[str, ...] = ("batch", "choices", "sequence") if task == "multiple-choice" else ("batch", "sequence")
+    inputs = [InputSpec("input_ids", axes, torch.int64, 0, vocab)]
     if "attention_mask" in params:
-        inputs.append(InputSpec("attention_mask", ("batch", "sequence"), torch.int64, 1, 2))
+        inputs.append(InputSpec("attention_mask", axes, torch.int64, 1, 2))
     # BERT-like segment embeddings (RoBERTa has type_vocab_size 1: its tokenizers send none;
     # GPT-2's forward takes token_type_ids but has no segment table).
     n_types = int(getattr(config, "type_vocab_size", 0) or 0)
     if n_types >= 2 and "token_type_ids" in params:
-        inputs.append(InputSpec("token_type_ids", ("batch", "sequence"), torch.int64, 0, n_types))
+        inputs.append(InputSpec("token_type_ids", axes, torch.int64, 0, n_types))
+    return inputs
+
+
+def _image_size(config: Any) -> tuple[int, int]:
+    size = getattr(config, "image_size", None) or 224
+    if isinstance(size, (list, tuple)):
+        return int(size[0]), int(size[-1])
+    if isinstance(size, Mapping):
+        return int(size.get("height", 224)), int(size.get("width", 224))
+    return int(size), int(size)
+
+
+def model_inputs(config: Any, params: Mapping[str, Any], task: str) -> list[InputSpec]:
+    """The inputs of a transformers model for `task`: token ids (+ mask, segments), pixel_values
+    (batch, channels, height, width: fixed image size) or input_values (batch, samples)."""
+    kind = modality(getattr(config, "model_type", None))
+    if kind == "text+vision":  # texts and images, each with its own batch
+        vision, text = getattr(config, "vision_config", config), getattr(config, "text_config", config)
+        h, w = _image_size(vision)
+        return _text_inputs(text, params, task) + [
+            InputSpec("pixel_values", ("image_batch", int(getattr(vision, "num_channels", 3) or 3), h, w),
+                      torch.float32)]
+    if kind == "vision":
+        h, w = _image_size(config)
+        return [InputSpec("pixel_values", ("batch", int(getattr(config, "num_channels", 3) or 3), h, w),
+                          torch.float32)]
+    if kind == "audio":
+        return [InputSpec("input_values", ("batch", "samples"), torch.float32)]
+    return _text_inputs(config, params, task)
+
+
+def hf_spec(model: torch.nn.Module, config: Any, task: str) -> tuple[IOSpec, dict[str, Any]]:
+    """Inputs (from the forward signature and config) and outputs (from the task) of a
+    transformers model, and the fixed keyword arguments its forward gets: (spec, extra)."""
+    params = inspect.signature(model.forward).parameters
+    inputs = model_inputs(config, params, task)
     extra: dict[str, Any] = {"return_dict": True}
     if "use_cache" in params or task == "causal-lm":
         extra["use_cache"] = False  # no KV cache in or out: logits only
@@ -262,11 +301,13 @@ def hf_spec(model: torch.nn.Module, config: Any, task: str) -> tuple[IOSpec, dic
         # Positions from the mask inside the graph, as generate computes them: a left-padded batch
         # is then right (GPT-2 and others count positions from the first column otherwise).
         extra[POSITIONS_FROM_MASK] = True
-    outputs = {"causal-lm": {"logits": {0: "batch", 1: "sequence"}},
-               "sequence-classification": {"logits": {0: "batch"}}}.get(
-        task, {"last_hidden_state": {0: "batch", 1: "sequence"}})
-    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    pad = getattr(config, "pad_token_id", None)
+    seq = "frames" if inputs[0].name == "input_values" else "sequence"
+    outputs = {name: {a: (seq if d == "seq" else d) for a, d in axes.items()}
+               for name, axes in TASK_TABLE[task].outputs.items()} if task in TASK_TABLE else \
+        {"last_hidden_state": {0: "batch", 1: "sequence"}}
+    text = getattr(config, "text_config", None) or config
+    max_pos = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    pad = getattr(text, "pad_token_id", None)
     return IOSpec(inputs, outputs, int(max_pos) if max_pos else None, int(pad) if pad is not None else 0), extra
 
 
@@ -335,6 +376,7 @@ class Prepared:
     task: str
     config: Any  # transformers config, or None for a custom module
     source: str
+    pooling: dict[str, Any] | None = None  # sentence-transformers pooling built into the graph
 
     @property
     def model_type(self) -> str | None:
@@ -364,10 +406,18 @@ def prepare(model_dir: str | Path, opts: ExportOptions,
     model_dir = Path(model_dir)
     hf, config, task = load_hf_model(model_dir, opts.task, opts.adapters, allow_random_head=opts.allow_random_head)
     spec, extra = hf_spec(hf, config, task)
+    from surgery.onnx.pooling import POOLED_OUTPUTS, PooledModel, resolve_pooling
+
+    mode, normalize = resolve_pooling(model_dir, task, opts.pooling, opts.normalize)
+    if mode != "none":  # sentence-transformers: token and sentence embeddings
+        hf = PooledModel(hf, mode, normalize)
+        spec.outputs = {k: dict(v) for k, v in POOLED_OUTPUTS.items()}
     if outputs:
         spec.outputs = {k: dict(v) for k, v in outputs.items()}
     wrapper = Wrapped(hf, [i.name for i in spec.inputs], list(spec.outputs), hf=True, extra=extra)
-    return Prepared(wrapper.eval(), spec, task, config, str(model_dir))
+    prep = Prepared(wrapper.eval(), spec, task, config, str(model_dir))
+    prep.pooling = {"mode": mode, "normalize": normalize} if mode != "none" else None
+    return prep
 
 
 # ----------------------------------------------------------------------------- input sets
@@ -383,7 +433,9 @@ def make_inputs(spec: IOSpec, batch: int, seq: int, pad_rows: Mapping[int, int] 
     if spec.max_sequence:
         seq = min(seq, spec.max_sequence)
     g = torch.Generator().manual_seed(seed)
-    sizes = {"batch": batch, "sequence": seq}
+    # raw audio: 160 samples a step (10 ms at 16 kHz); multiple choice: 3-5 choices
+    sizes = {"batch": batch, "sequence": seq, "samples": seq * 160, "choices": 3 + seed % 3,
+             "image_batch": batch + 1}
     out: dict[str, torch.Tensor] = {}
     for inp in spec.inputs:
         shape = [sizes.get(d, 1) if isinstance(d, str) else int(d) for d in inp.shape]
@@ -398,9 +450,9 @@ def make_inputs(spec: IOSpec, batch: int, seq: int, pad_rows: Mapping[int, int] 
         length = min(length, seq)
         cut = slice(0, seq - length) if left else slice(length, seq)
         if "attention_mask" in out:
-            out["attention_mask"][row, cut] = 0
+            out["attention_mask"][row, ..., cut] = 0  # (..., a choices axis for multiple-choice)
         if "input_ids" in out:
-            out["input_ids"][row, cut] = spec.pad_token_id
+            out["input_ids"][row, ..., cut] = spec.pad_token_id
     return out
 
 

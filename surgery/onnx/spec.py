@@ -158,6 +158,8 @@ class ExportResult:
     validation_report: ValidationReport | None = None
     validation_error: str | None = None
     benchmark: list[dict[str, Any]] = field(default_factory=list)
+    pooling: dict[str, Any] | None = None  # sentence-transformers pooling built into the graph
+    quantization: dict[str, Any] | None = None  # the int8 graph's task-level check
 
     # -- paths
     @property
@@ -197,6 +199,13 @@ class ExportResult:
         """Why validation failed (onnxruntime's error, or the worst row), or ""."""
         if not self.failed:
             return ""
+        q = self.quantization
+        if q is not None and not q.get("passed", True) and (self.validation_report is None
+                                                             or self.validation_report.passed):
+            bad = next(r for r in q["rows"] if not r["passed"])
+            return (f"int8 output '{bad['output']}' of {q['file']} misses the task-level thresholds on input set "
+                    f"'{bad['input_set']}' (min cosine {bad['min_cosine']}, top-1 {bad.get('top1_agreement')}; "
+                    f"need {q['thresholds']['min_cosine']} / {q['thresholds']['top1_agreement']})")
         return self.validation_error or (self.validation_report.failure_message() if self.validation_report else "")
 
     # -- manifest
@@ -235,4 +244,6 @@ class ExportResult:
                 "rows": [r.to_json() for r in report.rows],
             },
             "benchmark": self.benchmark or None,
+            "pooling": self.pooling,
+            "quantization": self.quantization,
         }

@@ -24,15 +24,22 @@ from surgery.options.base import (
     require,
 )
 
-#: what the exported graph computes; "auto" reads it from config.json's architectures (a causal LM:
-#: text-generation-with-past unless cache=False). "causal-lm" and "text-generation" are the
-#: logits-only graph (scoring); "text-generation-with-past" the decoder with its KV cache.
-TASKS = ("auto", "feature-extraction", "sequence-classification", "causal-lm", "text-generation",
+#: what the exported graph computes (Optimum's task names); "auto" reads it from config.json's architectures
+TASKS = ("auto", "feature-extraction", "fill-mask", "text-classification", "token-classification",
+         "question-answering", "multiple-choice", "image-classification", "image-feature-extraction",
+         "audio-classification", "automatic-speech-recognition", "zero-shot-image-classification", "causal-lm",
          "text-generation-with-past")
-#: the tasks exported as a decoder with past (Optimum's layout, surgery.onnx.decoder)
+#: the task exported as a decoder with past (Optimum's layout, surgery.onnx.decoder); "auto" on a
+#: causal LM means it too, unless cache=False
 WITH_PAST_TASK = "text-generation-with-past"
-#: the logits-only causal-LM tasks, one graph without a cache
+#: the logits-only causal-LM tasks, one graph without a cache (scoring)
 LOGITS_ONLY_TASKS = ("causal-lm", "text-generation")
+#: other names accepted for a task -> the name used (earlier names, Optimum's text-generation)
+TASK_ALIASES = {"sequence-classification": "text-classification", "text-generation": "causal-lm"}
+#: sentence-transformers pooling inside the graph ("auto": from 1_Pooling/config.json beside the model)
+POOLINGS = ("auto", "none", "mean", "cls")
+#: onnxruntime dynamic quantisation of the exported graph (CPU)
+QUANTIZATIONS = ("int8",)
 #: a module passed from Python (model=) with its own inputs/outputs
 CUSTOM_TASK = "custom"
 #: weight dtypes of the exported graph (fp16: fp16 weights, fp32 inputs/outputs)
@@ -62,8 +69,9 @@ class ExportOptions(Options):
     """How `export_onnx` exports and validates a model.
 
     Attributes:
-        task: "auto" (from config.json), "feature-extraction", "sequence-classification",
-            "causal-lm", or "custom" (a module passed from Python).
+        task: "auto" (the head config.json's architectures name; never drops it), one of TASKS
+            (Optimum's names; TASK_ALIASES accepted: sequence-classification, text-generation),
+            or "custom" (a module passed from Python).
         opset: ONNX opset, MIN_OPSET..the installed onnx's newest.
         dtype: "fp32", or "fp16" (fp16 weights and compute, fp32 inputs/outputs).
         device: where validation runs: "auto" (CUDA when onnxruntime really loads it), "cpu",
@@ -78,6 +86,12 @@ class ExportOptions(Options):
             False exports the logits-only graph (for scoring).
         adapters: LoRA adapter directories merged into the model before export.
         threads: CPU threads for torch and onnxruntime (None: their own choice).
+        pooling: sentence-transformers pooling inside the graph, output "sentence_embedding":
+            "mean", "cls", "none", or "auto" (what 1_Pooling/config.json beside the model says;
+            none without it). feature-extraction only.
+        normalize: L2-normalise the pooled embedding (None: as modules.json says, a Normalize module).
+        quantize: "int8": also write model_int8.onnx (onnxruntime dynamic quantisation, for the
+            CPU), validated at the task level (embedding cosine / top-1 agreement).
         allow_random_head: accept a task head the checkpoint lacks (e.g. a classifier on a base
             model), initialised randomly (seeded); its outputs mean nothing. Refused by default.
         overwrite: replace an existing output directory.
@@ -100,16 +114,27 @@ class ExportOptions(Options):
     allow_random_head: bool = False
     overwrite: bool = False
     cache: bool = True
+    pooling: str = "auto"
+    normalize: bool | None = None
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.adapters, (list, str, os.PathLike)):  # one path or a list: stored as a tuple
             adapters = [self.adapters] if isinstance(self.adapters, (str, os.PathLike)) else self.adapters
             object.__setattr__(self, "adapters", tuple(adapters))
+        if isinstance(self.task, str) and self.task in TASK_ALIASES:  # one name per task from here on
+            object.__setattr__(self, "task", TASK_ALIASES[self.task])
         super().__post_init__()
 
     def validate(self) -> None:  # noqa: D102 - see Options.validate
         one_of(self.task, TASKS + (CUSTOM_TASK,), "task")
         one_of(self.dtype, ONNX_DTYPES, "dtype")
+        one_of(self.pooling, POOLINGS, "pooling")
+        require(self.normalize is None or isinstance(self.normalize, bool), "normalize",
+                f"must be True, False or None, got {self.normalize!r}")
+        if self.quantize is not None:
+            one_of(self.quantize, QUANTIZATIONS, "quantize")
+            require(self.dtype == "fp32", "quantize", "int8 quantises the fp32 graph; use dtype fp32 with it")
         if self.device != "auto":
             device_name(self.device, "device", extra=("auto",))
         require(isinstance(self.opset, int) and not isinstance(self.opset, bool) and self.opset >= MIN_OPSET,

@@ -5,7 +5,15 @@ from __future__ import annotations
 import click
 
 from surgery.errors import ValidationError
-from surgery.options.export import DEFAULT_OPSET, ONNX_DTYPES, TASKS, ExportOptions
+from surgery.options.export import (
+    DEFAULT_OPSET,
+    ONNX_DTYPES,
+    POOLINGS,
+    QUANTIZATIONS,
+    TASK_ALIASES,
+    TASKS,
+    ExportOptions,
+)
 
 from ..main import cli
 from ..util import (
@@ -80,6 +88,10 @@ def render_export(res) -> str:
              "exporter" + (f"; {escape_name(res.exporter_note)}" if res.exporter_note else "")]
     if res.optimized_path:
         lines.append(f"optimised graph: {escape_name(res.optimized_path)}")
+    if res.quantization:
+        worst = min((r["min_cosine"] or 0.0) for r in res.quantization["rows"] if r.get("gated", True))
+        lines.append(f"int8 graph: {escape_name(res.out_dir / res.quantization['file'])} (worst cosine {worst:.4f}, "
+                     f"{'ok' if res.quantization['passed'] else 'FAIL'})")
     if res.validation:
         lines += [f"validation on {res.provider_note}:", render_validation(res.validation)]
     if res.benchmark:
@@ -93,9 +105,16 @@ def render_export(res) -> str:
 @out_option()
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(path_type=str),
               help="LoRA adapter merged into the model before export (repeatable).")
-@click.option("--task", type=click.Choice(TASKS), default="auto", show_default=True,
-              help="What the graph computes (auto: from config.json's architectures; a causal LM is exported "
-                   "with its KV cache, text-generation-with-past).")
+@click.option("--task", type=click.Choice(TASKS + tuple(TASK_ALIASES)), default="auto", show_default=True,
+              help="What the graph computes, Optimum's names (auto: the head config.json's architectures name; "
+                   "a causal LM is exported with its KV cache, text-generation-with-past).")
+@click.option("--pooling", type=click.Choice(POOLINGS), default="auto", show_default=True,
+              help="Sentence-transformers pooling in the graph, output sentence_embedding "
+                   "(auto: from 1_Pooling/config.json beside the model).")
+@click.option("--normalize/--no-normalize", default=None,
+              help="L2-normalise the pooled embedding (default: as modules.json says).")
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None,
+              help="Also write model_int8.onnx (onnxruntime dynamic quantisation, CPU), checked at the task level.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @dtype_option("fp16: fp16 weights with fp32 inputs/outputs, validated with looser tolerances.",
               choices=ONNX_DTYPES, default="fp32")
@@ -137,6 +156,8 @@ def export_cmd(ctx, model_dir, out, as_json, quiet, **fields):
       surgery export-onnx fixtures/tiny-llama -o out/llama-onnx --adapter fixtures/tiny-llama-lora
       surgery export-onnx MODEL -o out/onnx --dtype fp16 --device cuda --benchmark
       surgery export-onnx fixtures/tiny-llama -o out/llama-scoring --no-cache
+      surgery export-onnx all-MiniLM-L6-v2 -o out/st --quantize int8 --benchmark   # sentence_embedding
+      surgery export-onnx vit-checkpoint -o out/vit --task image-classification
     """
     opts = build_options(ExportOptions, ctx, **fields)
     from surgery.onnx.export import export_onnx
