@@ -292,6 +292,7 @@ def model_inputs(config: Any, params: Mapping[str, Any], task: str) -> list[Inpu
 def hf_spec(model: torch.nn.Module, config: Any, task: str) -> tuple[IOSpec, dict[str, Any]]:
     """Inputs (from the forward signature and config) and outputs (from the task) of a
     transformers model, and the fixed keyword arguments its forward gets: (spec, extra)."""
+    task = TASK_ALIASES.get(task, task)  # earlier names (sequence-classification) still work
     params = inspect.signature(model.forward).parameters
     inputs = model_inputs(config, params, task)
     extra: dict[str, Any] = {"return_dict": True}
