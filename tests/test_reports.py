@@ -324,3 +324,25 @@ def test_inspect_bottleneck(tiny_bert, tiny_bert_ft, tmp_path):
     init_adapter(tiny_bert, tmp_path / "b", bottleneck=2)
     info = inspect_checkpoint(tmp_path / "b")
     assert "bottleneck adapter" in info.what
+
+
+def test_every_output_directory_carries_a_model_card(tmp_path):
+    """merge, refine and export-onnx (both variants) write README.md with the Hub's YAML header;
+    inspect says what each directory is. Control: the base fixture's own directory has no card."""
+    from surgery import export_onnx, extract_lora, merge, refine_adapter
+    from surgery.report.cards import read_card_kind
+
+    fx = Path(__file__).resolve().parents[1] / "fixtures"
+    assert read_card_kind(fx / "tiny-bert") is None
+    extract_lora(fx / "tiny-bert", fx / "tiny-bert-ft", tmp_path / "lora", rank=2)
+    merge(fx / "tiny-bert", [tmp_path / "lora"], tmp_path / "merged")
+    calib = tuple(f"the model layer weight rank matrix tensor {i} one two" for i in range(16))
+    refine_adapter(fx / "tiny-bert", tmp_path / "lora", tmp_path / "refined", teacher=fx / "tiny-bert-ft",
+                   calibration=calib, steps=2, device="cpu")
+    export_onnx(tmp_path / "merged", tmp_path / "onnx", device="cpu")
+    export_onnx(fx / "tiny-llama", tmp_path / "gen", device="cpu")
+    for d, kind in [("lora", "extract-lora"), ("merged", "merge"), ("refined", "refine"), ("onnx", "export-onnx"),
+                    ("gen", "export-onnx")]:
+        card = (tmp_path / d / "README.md").read_text()
+        assert card.startswith("---\n") and "surgery" in card, d
+        assert read_card_kind(tmp_path / d) == kind, d

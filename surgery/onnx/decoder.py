@@ -562,6 +562,7 @@ def export_decoder_with_past(model: Any, out_dir: str | Path, *, dtype: str = "f
         with atomic_output_dir(out_dir, overwrite=overwrite, inputs=src_inputs) as tmp:
             exported = _write(tmp, torch_model, traced, layout, source, tokenizer, dtype, opset, tick,
                               manifest_extra or {})
+            _card(tmp, source, dtype, opset, exported[0])
             report = None
             if validate:
                 report = _validate_into(tmp, torch_model, exported[3], new_tokens, device,
@@ -572,6 +573,16 @@ def export_decoder_with_past(model: Any, out_dir: str | Path, *, dtype: str = "f
                            exporter, note, manifest["status"], report, manifest, export_s)
     _raise_if_failed(report, out_dir)
     return result
+
+
+def _card(tmp: Path, source: Path | None, dtype: str, opset: int, exporter: str) -> None:
+    """A model card (README.md): what the directory is and which runtimes load it."""
+    from surgery.report.cards import write_card
+
+    write_card(tmp, "export-onnx", str(source) if source is not None else None, {"dtype": dtype, "opset": opset},
+               {"variant": "text-generation-with-past (KV cache, Optimum's layout)", "exporter": exporter,
+                "loads in": "optimum ORTModelForCausalLM (use_cache=True), onnxruntime-genai og.Model"},
+               tags=["onnx", "text-generation"])
 
 
 def _raise_if_failed(report: Any, out_dir: Path) -> None:

@@ -172,8 +172,16 @@ def _result(out_dir: Path, prep: Prepared, opts: ExportOptions, graphs: _Graphs,
     )
 
 
-def _write_manifest(tmp: Path, result: ExportResult) -> None:
+def _write_manifest(tmp: Path, result: ExportResult, source: str | None = None,
+                    opts: ExportOptions | None = None) -> None:
+    """manifest.json, and a model card (README.md) that says what the export is and how it validated."""
     (tmp / MANIFEST_FILE).write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
+    if source is not None and opts is not None:
+        from surgery.report.cards import options_dict, write_card
+
+        m = result.to_json()
+        summary = {k: m[k] for k in ("status", "task", "dtype", "provider", "provider_note", "exporter") if m.get(k)}
+        write_card(tmp, "export-onnx", source, options_dict(opts), summary, tags=["onnx"])
 
 
 # ----------------------------------------------------------------------------- the command
@@ -267,7 +275,7 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: Expo
             graphs = _build_graphs(prep, tmp, opts, tick)
             checks = _run_checks(prep, graphs, tmp, opts, tick)
             result = _result(out_dir, prep, opts, graphs, checks)
-            _write_manifest(tmp, result)
+            _write_manifest(tmp, result, None if model_dir is None else str(model_dir), opts)
             shutil.rmtree(tmp / ".scratch", ignore_errors=True)
     if result.failed:  # after the files landed, for inspection
         raise ValidationError(f"{result.failure_message()}; files left in {escape_name(out_dir)} (manifest status "

@@ -1051,7 +1051,20 @@ def _refine(paths: _Paths, lora: tuple, opts: RefineOptions, setup: _Setup, prog
     report = json.dumps(result.to_json(), indent=2) + "\n"
     with staged_text(paths.report, report) if paths.report is not None else contextlib.nullcontext():
         _save(paths.out, cfg, modules, full, trained.best_state, opts.overwrite, list(paths.inputs))
+    _write_card(result, cfg, paths, opts)
     return result
+
+
+def _write_card(result: RefineResult, cfg: LoraAdapterConfig, paths: Any, opts: RefineOptions) -> None:
+    """The refined adapter's model card (README.md), written into the finished directory."""
+    from surgery.report.cards import options_dict, write_card
+
+    summary = {"objective": result.objective, "steps run": result.steps_run, "best step": result.best_step,
+               "held-out loss without the adapter": f"{result.no_adapter.loss:.4g}",
+               "held-out loss before refine": f"{result.before.loss:.4g}",
+               "held-out loss after refine": f"{result.after.loss:.4g}"}
+    base = cfg.base_model_name_or_path or str(paths.base)
+    write_card(paths.out, "refine", base, options_dict(opts), summary, inputs=list(paths.inputs), tags=["lora"])
 
 
 def refine_adapter(
