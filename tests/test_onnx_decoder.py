@@ -135,8 +135,8 @@ def test_exports_with_past_and_generates_like_pytorch(arch, exports):
 def test_llama_layout_files_and_genai_config(exports):
     model, r = exports("llama")
     out = r.out_dir
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "genai_config.json", "generation_config.json",
-                                                     "manifest.json", "model.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "genai_config.json",
+                                                     "generation_config.json", "manifest.json", "model.onnx"]
     assert r.data_path is None and not (out / DATA_FILE).exists()  # one file under 2 GB
     names = [i.name for i in onnx.load(str(r.model_path), load_external_data=False).graph.input]
     assert names == ["input_ids", "attention_mask", "position_ids", "past_key_values.0.key",
