@@ -5,7 +5,9 @@ Import them as `from helpers import ...`: pyproject.toml puts tests/ on pytest's
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,3 +35,45 @@ def load_fp32_model(path: Path) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return getattr(transformers, cfg["architectures"][0]).from_pretrained(path, dtype=torch.float32).eval()
+
+
+class FullDisk:
+    """`open` for surgery.io.writer: files opened for writing accept `budget` bytes in all,
+    then raise ENOSPC, on write or (close_fails) on the flush at close."""
+
+    def __init__(self, budget: int, close_fails: bool = False):
+        self.left, self.close_fails, self.hit = budget, close_fails, False
+
+    def __call__(self, file, mode="r", *a, **k):
+        f = open(file, mode, *a, **k)
+        if not any(c in mode for c in "wax+"):
+            return f
+        disk = self
+
+        class _F:
+            name = f.name
+
+            def __getattr__(self, attr):
+                return getattr(f, attr)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.close()
+
+            def write(self, b):
+                n = memoryview(b).nbytes
+                if n > disk.left and not disk.close_fails:
+                    disk.hit = True
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                disk.left -= n
+                return f.write(b)
+
+            def close(self):
+                f.close()
+                if disk.close_fails and disk.left < 0 and not disk.hit:
+                    disk.hit = True
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        return _F()

@@ -14,7 +14,6 @@ beside the output.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -41,6 +40,7 @@ from safetensors.torch import load_file
 
 import surgery.io.index as index_mod
 import surgery.io.writer as wmod
+from helpers import FullDisk
 from surgery.cli.main import cli
 from surgery.errors import CheckpointError, OutputError, SurgeryError
 from surgery.io import LazyReader, ShardedWriter, atomic_output_dir, escape_name, load_json, open_checkpoint
@@ -738,52 +738,10 @@ def test_sigterm_during_a_write_cleans_up(tmp_path):
 # ----------------------------------------------------------------------------- 10. ENOSPC
 
 
-class _FullDisk:
-    """`open` for surgery.io.writer: files opened for writing accept `budget` bytes in all,
-    then raise ENOSPC, on write or (close_fails) on the flush at close."""
-
-    def __init__(self, budget: int, close_fails: bool = False):
-        self.left, self.close_fails, self.hit = budget, close_fails, False
-
-    def __call__(self, file, mode="r", *a, **k):
-        f = open(file, mode, *a, **k)
-        if not any(c in mode for c in "wax+"):
-            return f
-        disk = self
-
-        class _F:
-            name = f.name
-
-            def __getattr__(self, attr):
-                return getattr(f, attr)
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                self.close()
-
-            def write(self, b):
-                n = memoryview(b).nbytes
-                if n > disk.left and not disk.close_fails:
-                    disk.hit = True
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                disk.left -= n
-                return f.write(b)
-
-            def close(self):
-                f.close()
-                if disk.close_fails and disk.left < 0 and not disk.hit:
-                    disk.hit = True
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        return _F()
-
-
 @pytest.mark.parametrize("close_fails", [False, True])
 @pytest.mark.parametrize("planned", [False, True])
 def test_enospc_is_one_line_and_leaves_nothing(planned, close_fails, tmp_path, monkeypatch, inputs):
-    disk = _FullDisk(300, close_fails=close_fails)
+    disk = FullDisk(300, close_fails=close_fails)
     monkeypatch.setattr(wmod, "open", disk, raising=False)
     before = tree_state(*inputs.values())
     out = tmp_path / "new" / "out"

@@ -39,6 +39,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import surgery.io.writer as wmod
+from helpers import FullDisk
 from surgery.cli.main import cli
 from surgery.core.tensors import available_memory, check_fits, matrix_bytes
 from surgery.errors import (
@@ -382,7 +383,7 @@ def test_refine_report_lands_with_its_output_or_not_at_all(inp, tmp_path, monkey
     assert not out.exists() and not rep.exists() and leftovers(tmp_path) == []
     monkeypatch.setattr(Path, "write_text", real)
     # a full disk when the adapter is written: no report either
-    monkeypatch.setattr(wmod, "open", _FullDisk(100), raising=False)
+    monkeypatch.setattr(wmod, "open", FullDisk(100), raising=False)
     raises_one_line(OutputError, lambda: refine_adapter(base, lora, out, **kw), r"^No space left on device writing")
     assert not out.exists() and not rep.exists() and leftovers(tmp_path) == []
     monkeypatch.delattr(wmod, "open")
@@ -535,51 +536,9 @@ def test_float8_weights_are_analysed(tmp_path, dtype):
 # ----------------------------------------------------------------------------- 7. ENOSPC in extract-lora
 
 
-class _FullDisk:
-    """`open` for surgery.io.writer: files opened for writing accept `budget` bytes in all, then
-    raise ENOSPC, on write or (close_fails) on the flush at close."""
-
-    def __init__(self, budget: int, close_fails: bool = False):
-        self.left, self.close_fails, self.hit = budget, close_fails, False
-
-    def __call__(self, file, mode="r", *a, **k):
-        f = open(file, mode, *a, **k)
-        if not any(c in mode for c in "wax+"):
-            return f
-        disk = self
-
-        class _F:
-            name = f.name
-
-            def __getattr__(self, attr):
-                return getattr(f, attr)
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                self.close()
-
-            def write(self, b):
-                n = memoryview(b).nbytes
-                if n > disk.left and not disk.close_fails:
-                    disk.hit = True
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                disk.left -= n
-                return f.write(b)
-
-            def close(self):
-                f.close()
-                if disk.close_fails and disk.left < 0 and not disk.hit:
-                    disk.hit = True
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        return _F()
-
-
 @pytest.mark.parametrize("budget, close_fails", [(100, False), (20000, False), (100, True)])
 def test_enospc_in_extract_is_one_output_error(inp, tmp_path, monkeypatch, budget, close_fails):
-    disk = _FullDisk(budget, close_fails)
+    disk = FullDisk(budget, close_fails)
     monkeypatch.setattr(wmod, "open", disk, raising=False)
     before = tree_state(*inp.values())
     out = tmp_path / "new" / "lora"
