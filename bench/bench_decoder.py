@@ -291,26 +291,13 @@ def decode_logits_only(sess, prompt, new: int) -> tuple[list[int], float]:
 
 
 def torch_generate_ms(model, prompt, new: int, device: str = "cpu") -> tuple[list[int], float, float]:
-    """PyTorch generate with the cache: (tokens, prefill ms, ms per decode step from t(new) - t(1))."""
+    """PyTorch generate with the cache: (tokens, prefill ms, ms per decode step from t(new) - t(1));
+    the timing export-onnx --benchmark uses (surgery.onnx.generation)."""
     import torch
-    from transformers import GenerationConfig
 
-    ids = torch.tensor([prompt], device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    from surgery.onnx.generation import torch_generate_ms as timed
 
-    def run(n: int):
-        gc = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, use_cache=True, pad_token_id=0)
-        sync()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc)
-        sync()
-        return out[0, len(prompt):].tolist(), time.perf_counter() - t0
-
-    run(2)  # warm-up
-    _, t1 = run(1)
-    toks, tn = run(new)
-    return toks, t1 * 1e3, (tn - t1) / (new - 1) * 1e3
+    return timed(model, prompt, new, torch.device(device))
 
 
 def speed(a) -> dict:

@@ -157,8 +157,8 @@ def _ort_decode(sess: Any, provider: str, prompt: Sequence[int], new: int) -> tu
     return tokens, times[0] * 1e3, sum(times[1:]) / max(len(times) - 1, 1) * 1e3
 
 
-def _torch_generate(model: Any, prompt: Sequence[int], new: int, device: torch.device) -> tuple[list[int], float,
-                                                                                                  float]:
+def torch_generate_ms(model: Any, prompt: Sequence[int], new: int,
+                      device: torch.device) -> tuple[list[int], float, float]:
     """PyTorch generate with its cache: (tokens, prefill ms = one-token generate, ms per further token)."""
     from transformers import GenerationConfig
 
@@ -222,7 +222,7 @@ def benchmark_generation(onnx_dir: str | Path, model: Any, *, device: str = "aut
             prompt = torch.randint(3, vocab, (ctx,), generator=torch.Generator().manual_seed(ctx)).tolist()
             _ort_decode(sess, provider, prompt[:4], 2)  # warm-up
             o_tok, o_pre, o_tok_ms = _ort_decode(sess, provider, prompt, new_tokens)
-            t_tok, t_pre, t_tok_ms = _torch_generate(ref, prompt, new_tokens, tdev)
+            t_tok, t_pre, t_tok_ms = torch_generate_ms(ref, prompt, new_tokens, tdev)
             rows.append({"context": ctx, "new_tokens": new_tokens, "device": tdev.type, "provider": provider,
                          "threads": threads, "ort_prefill_ms": round(o_pre, 3), "ort_ms_per_token": round(o_tok_ms, 3),
                          "torch_prefill_ms": round(t_pre, 3), "torch_ms_per_token": round(t_tok_ms, 3),
