@@ -218,7 +218,7 @@ def analyze(
         >>> {m.module: m.recommended_rank for m in res.modules}
     """
     t0 = time.perf_counter()
-    opts = options.replace(**fields) if options is not None else AnalyzeOptions(**fields)
+    opts = AnalyzeOptions.build(options, **fields)
     plan = _plan(model, base, opts)
     with torch_threads(opts.threads):
         rows, delta_spectra = _analyze_all(plan, opts, model, base, progress)

@@ -273,7 +273,7 @@ def init_adapter(
         >>> res.trainable_params
     """
     t0 = time.perf_counter()
-    opts = options.replace(**fields) if options is not None else InitAdapterOptions(**fields)
+    opts = InitAdapterOptions.build(options, **fields)
     out = Path(out)
     inputs = [Path(model)] + [Path(p) for p in opts.from_delta or ()]
     check_output_path(out, opts.overwrite, inputs)

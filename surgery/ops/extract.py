@@ -1097,14 +1097,6 @@ def _card(res: ExtractResult, inputs: _Inputs, options: dict | None) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 
-def _options(options: ExtractOptions | None, fields: dict[str, Any]) -> ExtractOptions:
-    if options is None:
-        return ExtractOptions(**fields)
-    if not isinstance(options, ExtractOptions):
-        raise TypeError(f"options must be an ExtractOptions, got {type(options).__name__}")
-    return options.replace(**fields) if fields else options
-
-
 def _open_models(base: Path, ft: Path) -> tuple[CheckpointIndex, CheckpointIndex]:
     base_idx, ft_idx = open_checkpoint(base), open_checkpoint(ft)
     for idx, what in ((base_idx, "BASE"), (ft_idx, "FT")):
@@ -1175,7 +1167,7 @@ def extract_lora(
         >>> res.overall_rel_error < 1, res.task_type
         (True, 'FEATURE_EXTRACTION')
     """
-    opts = _options(options, fields)
+    opts = ExtractOptions.build(options, **fields)
     t0 = time.perf_counter()
     inputs, out = _inputs(base, ft, opts.revision), Path(out)
     check_output_path(out, opts.overwrite, [inputs.base, inputs.ft])

@@ -151,7 +151,7 @@ def factorize(
         >>> res.params_saved, res.output_check["cosine_mean"]
     """
     t0 = time.perf_counter()
-    opts = options.replace(**fields) if options is not None else FactorizeOptions(**fields)
+    opts = FactorizeOptions.build(options, **fields)
     shard_bytes = parse_size(opts.shard_size)
     device = resolve_device(opts.device)
     out = Path(out)

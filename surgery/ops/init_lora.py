@@ -230,7 +230,7 @@ def init_lora(
         True
     """
     t0 = time.perf_counter()
-    opts = options.replace(**fields) if options is not None else InitLoraOptions(**fields)
+    opts = InitLoraOptions.build(options, **fields)
     out = Path(out)
     check_output_path(out, opts.overwrite, [Path(model)])
     device = resolve_device(opts.device)

@@ -906,15 +906,6 @@ def _base_from_index(idx: CheckpointIndex) -> _Base:
     )
 
 
-def _options(options: MergeOptions | None, fields: dict[str, Any]) -> MergeOptions:
-    """The options object of a call: `options`, with keyword `fields` overriding it."""
-    if options is not None and not isinstance(options, MergeOptions):
-        raise TypeError(f"options must be a MergeOptions, got {type(options).__name__}")
-    if not fields:
-        return options or MergeOptions()
-    return (options or MergeOptions()).replace(**fields)
-
-
 def _prepare(base: str | Path, adapters: Sequence[str | Path], opts: MergeOptions) -> tuple[CheckpointIndex, _Plan]:
     weights = opts.weight_list(len(adapters))
     dt, dev = parse_dtype(opts.dtype), resolve_device(opts.device)
@@ -978,7 +969,7 @@ def merged_state_dict_iter(
     Example:
         >>> sd = dict(merged_state_dict_iter("base/", ["lora/"], weights=[0.5]))  # doctest: +SKIP
     """
-    opts = _options(options, fields)
+    opts = MergeOptions.build(options, **fields)
     with torch_threads(opts.threads):
         idx, plan = _prepare(base, adapters, opts)
     return _iter_plan(idx, plan, progress)
@@ -1135,7 +1126,7 @@ def merge(
         >>> merge("base/", ["lora-a/", "lora-b/"], "out/", weights=[0.7, 0.3], dtype="bf16")  # doctest: +SKIP
     """
     t0 = time.perf_counter()
-    opts = _options(options, fields)
+    opts = MergeOptions.build(options, **fields)
     opts.check_adapters(len(adapters))
     inputs = [Path(base), *map(Path, adapters)]
     check_output_path(Path(out), opts.overwrite, inputs)

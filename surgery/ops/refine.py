@@ -943,13 +943,6 @@ def _split_biases(cfg: LoraAdapterConfig, full: Mapping[str, torch.Tensor],
 # ----------------------------------------------------------------------------- refine
 
 
-def _options(options: RefineOptions | None, fields: dict[str, Any]) -> RefineOptions:
-    """The options object: OPTIONS with FIELDS replaced, or RefineOptions(**FIELDS)."""
-    if options is None:
-        return RefineOptions(**fields)
-    return options.replace(**fields) if fields else options
-
-
 def _result_options(opts: RefineOptions, setup: _Setup) -> dict[str, Any]:
     """The options as they were applied (defaults resolved), for the report."""
     return {**opts.to_json(), "objective": setup.objective, "eval_every": opts.eval_interval,
@@ -1112,7 +1105,7 @@ def refine_adapter(
         True
     """
     t0 = time.perf_counter()
-    opts = _options(options, fields)
+    opts = RefineOptions.build(options, **fields)
     base, adapter, teacher, out = Path(base), Path(adapter), Path(teacher), Path(out)
     paths = _paths(base, adapter, teacher, out, opts, report, (base, adapter, teacher))
     lora = _read_lora(adapter)  # a bad adapter fails before the calibration text is tokenised
@@ -1157,7 +1150,7 @@ def extract_and_refine(
         >>> ex, res = extract_and_refine("base/", "ft/", "lora/", calibration="texts.txt",
         ...                              extract={"rank": 8})
     """
-    opts = _options(options, fields)
+    opts = RefineOptions.build(options, **fields)
     base, ft, out = Path(base), Path(ft), Path(out)
     paths = _paths(base, base, ft, out, opts, None, (base, ft))  # the adapter is set once extracted
     setup = _prepare(base, ft, opts)  # bad calibration text fails before the SVDs

@@ -46,6 +46,18 @@ class Options:
         return dataclasses.replace(self, **changes)
 
     @classmethod
+    def build(cls: type[T], options: T | None = None, **fields: Any) -> T:
+        """What every library entry point takes: `options` with `fields` replaced, or cls(**fields).
+
+        Raises TypeError when `options` is another command's options object.
+        Example: ExtractOptions.build(None, rank=4) == ExtractOptions(rank=4)"""
+        if options is not None and not isinstance(options, cls):
+            raise TypeError(f"options must be a {cls.__name__}, got {type(options).__name__}")
+        if options is None:
+            return cls(**fields)
+        return options.replace(**fields) if fields else options
+
+    @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
