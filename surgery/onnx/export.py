@@ -91,7 +91,7 @@ def _build_graphs(prep: Prepared, tmp: Path, opts: ExportOptions, tick: Callable
     """export -> [optimize] -> [fp16], into `tmp`."""
     scratch = tmp / ".scratch"
     plain = tmp / MODEL_FILE
-    exporter, note = export_graph(prep, plain, opts.opset, scratch)
+    exporter, note = export_graph(prep, plain, opts.opset, scratch, opts.exporter)
     tick("export")
     graphs = _Graphs({"plain": plain}, exporter, note)
     if opts.optimize:

@@ -1,5 +1,6 @@
 """torch.onnx, both ways: the dynamo exporter first, the legacy TorchScript exporter only when
-dynamo fails (raises, or specialises an axis the spec calls dynamic). Either way the result is
+dynamo fails (raises, or specialises an axis the spec calls dynamic); or the one the `exporter`
+option asks for. Either way the result is
 one graph file plus one `<name>.data` weight file, at an IR version onnxruntime reads.
 """
 
@@ -75,29 +76,44 @@ def export_legacy(prep: Prepared, path: Path, opset: int, scratch: Path) -> None
     save_onnx(load_onnx(raw, with_data=True), path)
 
 
-def export_graph(prep: Prepared, path: Path, opset: int, scratch: Path) -> tuple[str, str]:
-    """Export `prep` to `path`, symbolic axes checked: dynamo, else legacy.
+def export_graph(prep: Prepared, path: Path, opset: int, scratch: Path, exporter: str = "auto") -> tuple[str, str]:
+    """Export `prep` to `path`, symbolic axes checked: dynamo, else legacy (exporter "auto"), or the one asked.
+
+    Args:
+        prep, path, opset, scratch: the prepared module, the graph file, the opset, a scratch folder.
+        exporter: "auto" (dynamo first, legacy when it fails), "dynamo" or "legacy" (that one only).
 
     Returns:
-        (exporter, note): "dynamo" or "legacy", and why the legacy one ran.
+        (exporter, note): "dynamo" or "legacy", and why it ran.
 
     Raises:
-        ValidationError: the legacy export fixed a dynamic axis too.
-        SurgeryError: both exporters failed (the message carries both reasons).
+        ValidationError: the legacy export (the last one tried) fixed a dynamic axis.
+        SurgeryError: every exporter tried failed (the message carries each reason).
+
+    Example:
+        export_graph(prep, Path("out/model.onnx"), 18, Path("out/.scratch"), "legacy")  # ("legacy", "...")
     """
-    try:
-        export_dynamo(prep, path, opset)
-        check_symbolic(path, prep.spec)
-        return "dynamo", DYNAMO_NOTE
-    except Exception as e:  # noqa: BLE001 - any dynamo failure sends us to the fallback, with its reason
-        reason = first_line(e)
-    remove_model(path)
+    reason = ""
+    if exporter in ("auto", "dynamo"):
+        try:
+            export_dynamo(prep, path, opset)
+            check_symbolic(path, prep.spec)
+            return "dynamo", DYNAMO_NOTE if exporter == "auto" else f"exporter 'dynamo' asked: {DYNAMO_NOTE}"
+        except Exception as e:  # noqa: BLE001 - any dynamo failure sends us to the fallback, with its reason
+            reason = first_line(e)
+        remove_model(path)
+        if exporter == "dynamo":
+            raise SurgeryError(f"ONNX export of {escape_name(prep.source)} failed with the dynamo exporter "
+                               f"({reason}); try exporter 'auto'") from None
     try:
         export_legacy(prep, path, opset, scratch)
         check_symbolic(path, prep.spec)
     except SurgeryError:
         raise
     except Exception as e2:  # noqa: BLE001
-        raise SurgeryError(f"ONNX export of {escape_name(prep.source)} failed with both exporters: dynamo ({reason}); "
-                           f"legacy ({first_line(e2)}); try another opset or report the model type") from None
+        first = f"dynamo ({reason}); " if reason else ""
+        raise SurgeryError(f"ONNX export of {escape_name(prep.source)} failed: {first}legacy ({first_line(e2)}); "
+                           "try another opset or report the model type") from None
+    if exporter == "legacy":
+        return "legacy", "exporter 'legacy' asked: the legacy TorchScript exporter"
     return "legacy", f"dynamo export failed ({reason}); used the legacy TorchScript exporter"

@@ -60,7 +60,7 @@ def export_generation(model_dir: str | Path, out_dir: str | Path, opts: ExportOp
     Args:
         model_dir: a Hugging Face causal LM directory (offline, no remote code).
         out_dir: output directory (atomic; refused if it exists unless opts.overwrite).
-        opts: ExportOptions (dtype, opset, device, validation, benchmark, atol/rtol, threads, adapters).
+        opts: ExportOptions (dtype, opset, exporter, device, validation, benchmark, atol/rtol, threads, adapters).
         progress: callback(stage, step, total).
 
     Returns:
@@ -92,7 +92,7 @@ def export_generation(model_dir: str | Path, out_dir: str | Path, opts: ExportOp
         result = export_decoder_with_past(
             model, out_dir, dtype=opts.dtype, opset=opts.opset, validate=opts.validation, device=opts.device,
             tokenizer=Path(model_dir), overwrite=opts.overwrite, progress=progress, atol=opts.atol,
-            rtol=opts.rtol, threads=opts.threads, manifest_extra=extra)
+            rtol=opts.rtol, threads=opts.threads, manifest_extra=extra, exporter=opts.exporter)
         if opts.benchmark:
             rows = benchmark_generation(result.out_dir, model, device=opts.device, threads=opts.threads)
             result.manifest["benchmark"] = rows

@@ -42,6 +42,10 @@ POOLINGS = ("auto", "none", "mean", "cls")
 QUANTIZATIONS = ("int8",)
 #: a module passed from Python (model=) with its own inputs/outputs
 CUSTOM_TASK = "custom"
+#: which torch.onnx exporter writes the graph: "auto" tries the faster one first and falls back to
+#: the other (with past: legacy first, its graph checked against PyTorch; logits-only: dynamo first);
+#: "dynamo" / "legacy" run that one only
+EXPORTERS = ("auto", "dynamo", "legacy")
 #: weight dtypes of the exported graph (fp16: fp16 weights, fp32 inputs/outputs)
 ONNX_DTYPES = ("fp32", "fp16")
 # Opset 18: the dynamo exporter's native opset in torch 2.x, has LayerNormalization (17+),
@@ -94,6 +98,9 @@ class ExportOptions(Options):
             CPU), validated at the task level (embedding cosine / top-1 agreement).
         allow_random_head: accept a task head the checkpoint lacks (e.g. a classifier on a base
             model), initialised randomly (seeded); its outputs mean nothing. Refused by default.
+        exporter: "auto" (the faster exporter that gives a correct graph, the other one as fallback;
+            the manifest's "exporter"/"exporter_note" say which ran and why), "dynamo"
+            (torch.onnx.export(dynamo=True) only) or "legacy" (the TorchScript exporter only).
         overwrite: replace an existing output directory.
 
     Raises:
@@ -117,6 +124,7 @@ class ExportOptions(Options):
     pooling: str = "auto"
     normalize: bool | None = None
     quantize: str | None = None
+    exporter: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.adapters, (list, str, os.PathLike)):  # one path or a list: stored as a tuple
@@ -130,6 +138,7 @@ class ExportOptions(Options):
         one_of(self.task, TASKS + (CUSTOM_TASK,), "task")
         one_of(self.dtype, ONNX_DTYPES, "dtype")
         one_of(self.pooling, POOLINGS, "pooling")
+        one_of(self.exporter, EXPORTERS, "exporter")
         require(self.normalize is None or isinstance(self.normalize, bool), "normalize",
                 f"must be True, False or None, got {self.normalize!r}")
         if self.quantize is not None:

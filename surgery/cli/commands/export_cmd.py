@@ -7,6 +7,7 @@ import click
 from surgery.errors import ValidationError
 from surgery.options.export import (
     DEFAULT_OPSET,
+    EXPORTERS,
     ONNX_DTYPES,
     POOLINGS,
     QUANTIZATIONS,
@@ -116,6 +117,10 @@ def render_export(res) -> str:
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None,
               help="Also write model_int8.onnx (onnxruntime dynamic quantisation, CPU), checked at the task level.")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
+@click.option("--exporter", type=click.Choice(EXPORTERS), default="auto", show_default=True,
+              help="torch.onnx exporter. auto: the faster one that gives a correct graph, the other as fallback "
+                   "(with cache: legacy TorchScript first, checked against PyTorch; else dynamo first); "
+                   "dynamo / legacy: that one only. manifest.json says which ran and why.")
 @dtype_option("fp16: fp16 weights with fp32 inputs/outputs, validated with looser tolerances.",
               choices=ONNX_DTYPES, default="fp32")
 @device_option("Execution provider for validation (auto: CUDA when it really loads, else CPU).")
