@@ -16,7 +16,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from surgery.errors import CheckpointError, OptionError, OutputError, ValidationError
+from surgery.errors import CheckpointError, OptionError, OutputError, SurgeryError, ValidationError
 from surgery.onnx.check import validate_onnx
 from surgery.onnx.export import export_onnx
 from surgery.onnx.files import check_symbolic, clamp_ir_version, graph_io, max_ir_version_supported
@@ -207,6 +207,32 @@ def test_custom_module_and_legacy_fallback(tmp_path, capfd):
     assert r.exporter_note.startswith("dynamo export failed (")
     assert graph_io(r.model_path)["inputs"]["x"][:2] == ["batch", "sequence"]
     assert all(row.passed for row in r.validation)
+
+
+def test_exporter_option_runs_only_the_one_asked(tmp_path):
+    """exporter="dynamo": no legacy fallback (the module torch.export refuses fails in one line);
+    exporter="legacy": the TorchScript exporter straight away, and the note says it was asked."""
+
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            if x.abs().sum() > -1.0:  # data-dependent: torch.export cannot trace it
+                return torch.tanh(self.lin(x))
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    spec = [InputSpec("x", ("batch", "sequence", 16), torch.float32)]
+    kw = dict(model=Branchy(), inputs=spec, outputs={"y": {0: "batch", 1: "sequence"}}, device="cpu")
+    with pytest.raises(SurgeryError) as e:
+        export_onnx(None, tmp_path / "dyn", exporter="dynamo", **kw)
+    assert "dynamo exporter" in str(e.value) and "legacy" not in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "dyn").exists()
+    r = export_onnx(None, tmp_path / "leg", exporter="legacy", **kw)
+    assert r.status == "ok" and r.exporter == "legacy" and r.exporter_note.startswith("exporter 'legacy' asked")
+    assert json.loads((tmp_path / "leg" / "manifest.json").read_text())["exporter"] == "legacy"
 
 
 def test_real_minilm_optimized(minilm_dir, tmp_path, monkeypatch):

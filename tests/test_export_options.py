@@ -53,6 +53,7 @@ def test_frozen_and_adapters_normalised(tmp_path):
     ("task", "nope"), ("dtype", "bf16"), ("dtype", "int8"), ("device", "tpu"), ("device", "cuda:x"),
     ("opset", 3), ("opset", "18"), ("opset", True), ("opset", 10_000), ("atol", -1.0), ("atol", float("nan")),
     ("rtol", float("inf")), ("threads", 0), ("adapters", 5), ("optimize", "yes"), ("validation", None),
+    ("exporter", "onnxscript"), ("exporter", None),
 ])
 def test_each_rule_names_its_field(field, value):
     with pytest.raises(OptionError, match=f"^{field}: ") as e:
@@ -197,7 +198,8 @@ def test_cli_prints_the_table_from_the_error(monkeypatch, tmp_path, tiny_bert):
 
 
 @pytest.mark.parametrize("args,flag", [(["--opset", "5"], "--opset"), (["--atol", "-1"], "--atol"),
-                                       (["--device", "tpu"], "--device"), (["--threads", "0"], "--threads")])
+                                       (["--device", "tpu"], "--device"), (["--threads", "0"], "--threads"),
+                                       (["--exporter", "onnxscript"], "--exporter")])
 def test_cli_option_errors_name_the_flag(args, flag, tiny_bert, tmp_path):
     from surgery.cli.main import cli
 
