@@ -109,7 +109,8 @@ TESTED = ["llama", "gpt2", "qwen2", "phi3", "gemma2", "gpt_neox", "opt", "falcon
 @pytest.mark.parametrize("arch", TESTED)
 def test_exports_with_past_and_generates_like_pytorch(arch, exports):
     model, r = exports(arch)
-    assert r.status == "ok" and r.exporter == "dynamo", r.exporter_note
+    # exporter "auto": the legacy TorchScript exporter, its graph checked at other sizes (check_graph)
+    assert r.status == "ok" and r.exporter == "legacy" and r.exporter_note.startswith("auto: "), r.exporter_note
     v = r.validation
     assert isinstance(v, GenerationReport) and v.passed, v.failure_message()
     # a left-padded batch of three lengths, one past the export's dummy length; 16 tokens each
@@ -258,7 +259,8 @@ def test_recurrent_model_is_refused_in_one_line(tmp_path):
         probe_layout(model)
 
 
-@pytest.mark.parametrize("kwargs, field", [({"dtype": "bf16"}, "dtype"), ({"opset": 3}, "opset")])
+@pytest.mark.parametrize("kwargs, field", [({"dtype": "bf16"}, "dtype"), ({"opset": 3}, "opset"),
+                                           ({"exporter": "onnxscript"}, "exporter")])
 def test_bad_options(kwargs, field, tmp_path):
     with pytest.raises(OptionError) as ei:
         export_decoder_with_past(tiny("llama"), tmp_path / "x", **kwargs)
@@ -335,18 +337,90 @@ def test_wrapper_runs_prefill_with_empty_cache():
     torch.testing.assert_close(logits, ref)
 
 
-def test_legacy_exporter_fallback(monkeypatch, tmp_path):
+def _perturb(path: Path) -> None:
+    """Add noise to the largest float initializer of a saved graph (loads, computes wrongly). Noise, not
+    a constant: a constant shift of an embedding is removed by the next LayerNorm."""
+    proto = onnx.load(str(path))
+    t = max((t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT),
+            key=lambda t: int(np.prod(t.dims)))
+    arr = numpy_helper.to_array(t)
+    t.CopyFrom(numpy_helper.from_array(arr + np.random.default_rng(0).standard_normal(arr.shape).astype(arr.dtype),
+                                       t.name))
+    onnx.save(proto, str(path))
+
+
+def test_check_graph_passes_the_export_and_catches_a_wrong_graph(exports, tmp_path):
+    import shutil
+
+    from surgery.onnx.decoder import check_graph
+
+    model, r = exports("llama")
+    wrapper = DecoderWithPast(model, r.layout).eval()
+    check_graph(r.model_path, wrapper)  # positive: the legacy graph matches PyTorch at both shape sets
+    shutil.copy(r.model_path, tmp_path / "model.onnx")
+    _perturb(tmp_path / "model.onnx")  # negative control
+    with pytest.raises(ValidationError, match="differs from PyTorch at batch"):
+        check_graph(tmp_path / "model.onnx", wrapper)
+
+
+def _legacy_then_perturbed(dec):
+    real = dec._export_legacy
+
+    def wrong(wrapper, args, raw, opset):
+        real(wrapper, args, raw, opset)
+        _perturb(raw)
+
+    return wrong
+
+
+def test_auto_falls_back_to_dynamo_when_legacy_fails_or_is_wrong(monkeypatch, tmp_path):
     import surgery.onnx.decoder as dec
 
     def refuse(*args, **kwargs):
-        raise RuntimeError("dynamo refused this model")
+        raise RuntimeError("legacy refused this model")
 
-    monkeypatch.setattr(dec, "_export_dynamo", refuse)
-    r = export_decoder_with_past(tiny("llama"), tmp_path / "legacy", new_tokens=4)
-    assert r.exporter == "legacy" and "dynamo refused this model" in r.exporter_note
+    monkeypatch.setattr(dec, "_export_legacy", refuse)
+    r = export_decoder_with_past(tiny("llama"), tmp_path / "raised", new_tokens=4)
+    assert r.exporter == "dynamo" and "legacy export failed (RuntimeError: legacy refused" in r.exporter_note
     assert r.status == "ok" and r.validation.passed
+    assert json.loads((tmp_path / "raised" / "manifest.json").read_text())["exporter"] == "dynamo"
     dims = _io_dims(r.model_path)
     assert dims["attention_mask"] == [BATCH, TOTAL] and dims["past_key_values.1.value"][2] == PAST
+    monkeypatch.undo()
+    monkeypatch.setattr(dec, "_export_legacy", _legacy_then_perturbed(dec))  # loads, symbolic axes, wrong numbers
+    r = export_decoder_with_past(tiny("gpt2"), tmp_path / "wrong", new_tokens=4)
+    assert r.exporter == "dynamo" and "differs from PyTorch" in r.exporter_note
+    assert r.status == "ok" and r.validation.passed
+    assert sorted(p.name for p in (tmp_path / "wrong").iterdir() if "onnx" in p.name) == ["model.onnx"]
+
+
+def test_asked_exporter_runs_alone(monkeypatch, tmp_path):
+    """exporter="legacy" / "dynamo": that one only, no fallback, no files on failure; a forced legacy
+    graph is not checked by check_graph (validation by generation is the check)."""
+    import surgery.onnx.decoder as dec
+
+    monkeypatch.setattr(dec, "_export_dynamo", lambda *a: (_ for _ in ()).throw(RuntimeError("dynamo refused")))
+    with pytest.raises(SurgeryError) as e:
+        export_decoder_with_past(tiny("llama"), tmp_path / "dyn", exporter="dynamo")
+    msg = str(e.value)
+    assert "dynamo export failed (RuntimeError: dynamo refused)" in msg and "legacy" not in msg and "\n" not in msg
+    assert not (tmp_path / "dyn").exists()
+    r = export_decoder_with_past(tiny("llama"), tmp_path / "leg", exporter="legacy", new_tokens=4)
+    assert r.exporter == "legacy" and r.exporter_note.startswith("exporter 'legacy' asked") and r.validation.passed
+    monkeypatch.setattr(dec, "_export_legacy", _legacy_then_perturbed(dec))
+    monkeypatch.setattr(dec, "check_graph", lambda *a: pytest.fail("check_graph ran for an asked exporter"))
+    with pytest.raises(ValidationError):  # the wrong graph is caught by validation, files left marked failed
+        export_decoder_with_past(tiny("llama"), tmp_path / "bad", exporter="legacy", new_tokens=4)
+    assert json.loads((tmp_path / "bad" / "manifest.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_dynamo_exporter_still_generates_like_pytorch(arch, tmp_path):
+    """The fallback graph (dynamo) keeps its own check: plain and sliding-window attention."""
+    r = export_decoder_with_past(tiny(arch), tmp_path / "o", exporter="dynamo", new_tokens=8)
+    assert r.exporter == "dynamo" and r.status == "ok" and r.validation.passed, r.exporter_note
+    dims = _io_dims(r.model_path)
+    assert dims["attention_mask"] == [BATCH, TOTAL] and dims["present.0.key"][2] == TOTAL
 
 
 # ----------------------------------------------------------------------------- through export-onnx (CLI)
