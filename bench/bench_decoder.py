@@ -21,7 +21,11 @@ Greedy 32 tokens after a prompt of 16 / 240 / 1024 tokens, timed on the main ven
 every graph (so only the graphs differ): our with-past export, our logits-only export
 (surgery.onnx.export.export_onnx, task causal-lm: every step re-runs the whole sequence), and
 Optimum's with-past export; plus PyTorch eager generate. Export wall time and peak RSS of ours
-and Optimum's, each in a fresh process (os.wait4 rusage of that child).
+and Optimum's, each in a fresh process (os.wait4 rusage of that child: wall_s, cpu_s, peak_rss_mib),
+and node counts of each graph as saved and as onnxruntime's CPU session runs it (ORT_ENABLE_ALL).
+`--exporter auto dynamo legacy` times each of our exporters (auto keeps the ours_* names; the
+others are ours_<exporter>_*); `--skip-logits` leaves out the slow logits-only graph:
+    python bench/bench_decoder.py speed --exporter auto dynamo --contexts 16 240 --repeat 3
 
 The peer subcommands (peer-optimum, peer-genai, export-optimum) run inside the peer venvs and
 import nothing from surgery.
@@ -66,7 +70,9 @@ def run_measured(cmd: list[str], log: Path) -> dict:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
         _, status, ru = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
-    return {"wall_s": round(wall, 2), "peak_rss_mib": round(ru.ru_maxrss / 1024, 1),
+    # cpu_s (user + system of the child) moves far less than wall_s when the cores are shared
+    return {"wall_s": round(wall, 2), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
+            "peak_rss_mib": round(ru.ru_maxrss / 1024, 1),
             "rc": os.waitstatus_to_exitcode(status), "log": str(log)}
 
 
@@ -231,8 +237,9 @@ def export_ours(a) -> None:
     sys.path.insert(0, str(ROOT))
     from surgery.onnx.decoder import export_decoder_with_past
 
-    r = export_decoder_with_past(a.model, a.out, validate=not a.no_validate, overwrite=True)
-    print(json.dumps({"status": r.status, "exporter": r.exporter, "export_s": r.export_seconds}))
+    r = export_decoder_with_past(a.model, a.out, validate=not a.no_validate, overwrite=True, exporter=a.exporter)
+    print(json.dumps({"status": r.status, "exporter": r.exporter, "export_s": r.export_seconds,
+                      "note": r.exporter_note}))
 
 
 def export_logits_only(a) -> None:
@@ -311,20 +318,24 @@ def speed(a) -> dict:
     model_dir = base / "llama-4x256"
     _make_llama(model_dir)
     me = [sys.executable, __file__]
-    cost = {
-        "ours_export_only": run_measured(me + ["export-ours", "--model", str(model_dir), "--out",
-                                               str(base / "ours"), "--no-validate"], base / "logs" / "ours.log"),
-        "ours_export_and_validate": run_measured(me + ["export-ours", "--model", str(model_dir), "--out",
-                                                       str(base / "ours")], base / "logs" / "ours_validate.log"),
-        "logits_only_export_and_validate": run_measured(me + ["export-logits", "--model", str(model_dir), "--out",
-                                                              str(base / "logits")], base / "logs" / "logits.log"),
-    }
+    cost: dict[str, dict] = {}
+    graphs: dict[str, Path] = {}
+    for exp in a.exporter:  # "auto" keeps the earlier names (ours_*); the others are ours_<exporter>_*
+        tag = "ours" if exp == "auto" else f"ours_{exp}"
+        cmd = me + ["export-ours", "--model", str(model_dir), "--out", str(base / tag), "--exporter", exp]
+        cost[f"{tag}_export_only"] = run_measured(cmd + ["--no-validate"], base / "logs" / f"{tag}.log")
+        cost[f"{tag}_export_and_validate"] = run_measured(cmd, base / "logs" / f"{tag}_validate.log")
+        graphs[f"{tag}_with_past"] = base / tag / "model.onnx"
+    if not a.skip_logits:
+        cost["logits_only_export_and_validate"] = run_measured(
+            me + ["export-logits", "--model", str(model_dir), "--out", str(base / "logits")], base / "logs" / "logits.log")
     if Path(OPTIMUM_PY).exists():
         cost["optimum_main_export"] = run_measured([OPTIMUM_PY, __file__, "export-optimum", "--model", str(model_dir),
                                                     "--out", str(base / "optimum")], base / "logs" / "optimum.log")
-    graphs = {"ours_with_past": base / "ours" / "model.onnx", "optimum_with_past": base / "optimum" / "model.onnx"}
+    graphs["optimum_with_past"] = base / "optimum" / "model.onnx"
     sessions = {k: _session(p) for k, p in graphs.items() if p.is_file()}
-    logits_sess = _session(base / "logits" / "model.onnx") if (base / "logits" / "model.onnx").is_file() else None
+    logits_path = base / "logits" / "model.onnx"
+    logits_sess = _session(logits_path) if logits_path.is_file() and not a.skip_logits else None
     from transformers import AutoModelForCausalLM
 
     with quiet():
@@ -350,7 +361,27 @@ def speed(a) -> dict:
         print(json.dumps(row), flush=True)
     sizes = {k: round(sum(f.stat().st_size for f in p.parent.iterdir() if "onnx" in f.name) / 2**20, 1)
              for k, p in graphs.items() if p.is_file()}
-    return {"threads": 1, "export_cost": cost, "onnx_mib": sizes, "rows": rows, "load_avg": os.getloadavg()}
+    return {"threads": 1, "export_cost": cost, "onnx_mib": sizes, "nodes": {k: graph_nodes(p) for k, p in graphs.items()
+                                                                          if p.is_file()},
+            "rows": rows, "load_avg": os.getloadavg()}
+
+
+def graph_nodes(path: Path) -> dict[str, int]:
+    """Node count of the saved graph and of onnxruntime's CPU session graph (ORT_ENABLE_ALL, the
+    default level our sessions run at, written out with optimized_model_filepath)."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3  # not the warning about saving an NCHWc-optimised graph
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        optimized = len(onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node)
+    return {"saved": len(onnx.load(str(path), load_external_data=False).graph.node), "ort_enable_all": optimized}
 
 
 # ----------------------------------------------------------------------------- GPU (bench/gpu_check.sh)
@@ -476,6 +507,9 @@ def main() -> None:
     al = sub.add_parser("all")
     al.add_argument("--archs", nargs="*")
     for p in (s, al):
+        p.add_argument("--exporter", nargs="+", choices=["auto", "dynamo", "legacy"], default=["auto"],
+                       help="our with-past export(s) to time; auto keeps the ours_* names, others ours_<exporter>_*")
+        p.add_argument("--skip-logits", action="store_true", help="skip the (slow) logits-only graph")
         p.add_argument("--contexts", nargs="*", type=int, default=list(SPEED_CONTEXTS))
         p.add_argument("--repeat", type=int, default=3, help="decode runs per graph and context (best kept)")
     gp = sub.add_parser("gpu")
@@ -495,6 +529,7 @@ def main() -> None:
         p.add_argument("--model", required=True)
         p.add_argument("--out", required=True)
         p.add_argument("--no-validate", action="store_true")
+        p.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "legacy"])
     a = ap.parse_args()
     simple = {"peer-optimum": peer_optimum, "peer-genai": peer_genai, "export-optimum": export_optimum,
               "export-ours": export_ours, "export-logits": export_logits_only}
@@ -509,11 +544,11 @@ def main() -> None:
         print(_table(results["clients"]["rows"], ["arch", "export", "validation", "optimum", "genai", "genai_single"]))
     if a.cmd in ("speed", "all"):
         results["speed"] = speed(a)
-        cols = ["context", "torch_ms_per_token", "ours_with_past_ms_per_token", "optimum_with_past_ms_per_token",
-                "logits_only_ms_per_token", "ours_with_past_prefill_ms", "optimum_with_past_prefill_ms",
-                "ours_with_past_same_tokens", "optimum_with_past_same_tokens", "logits_only_same_tokens"]
+        keys = list(results["speed"]["nodes"])
+        cols = (["context", "torch_ms_per_token"] + [f"{k}_ms_per_token" for k in keys] + ["logits_only_ms_per_token"]
+                + [f"{k}_prefill_ms" for k in keys] + [f"{k}_same_tokens" for k in keys] + ["logits_only_same_tokens"])
         print(_table(results["speed"]["rows"], cols))
-        print(json.dumps(results["speed"]["export_cost"], indent=1))
+        print(json.dumps({k: results["speed"][k] for k in ("export_cost", "nodes", "onnx_mib")}, indent=1))
     if a.cmd == "gpu":
         results["gpu"] = gpu(a)
     if not a.cmd:
