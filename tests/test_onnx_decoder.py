@@ -293,6 +293,11 @@ def test_ir_version_is_clamped(monkeypatch, exports, tmp_path):
     monkeypatch.setattr(ex, "max_ir_version_supported", lambda: 8)
     save_decoder(proto, tmp_path / "model.onnx")
     assert onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).ir_version == 8
+    # the manifest's reader (first field of the file, no weights parsed) agrees with onnx's
+    from surgery.onnx.decoder import ir_version
+
+    assert ir_version(tmp_path / "model.onnx") == 8
+    assert r.manifest["ir_version"] == onnx.load(str(r.model_path), load_external_data=False).ir_version
 
 
 def test_external_data_past_the_size_limit(monkeypatch, exports, tmp_path):

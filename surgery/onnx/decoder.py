@@ -289,8 +289,9 @@ def _export_legacy(wrapper: DecoderWithPast, args: tuple[torch.Tensor, ...], raw
                           dynamic_axes=lay.axes(), do_constant_folding=LEGACY_CONSTANT_FOLDING)
 
 
-def name_axes(proto: Any, layout: DecoderLayout) -> None:
-    """Give every dynamic axis of the graph's inputs/outputs Optimum's name, in place.
+def name_axes(proto: Any, layout: DecoderLayout) -> bool:
+    """Give every dynamic axis of the graph's inputs/outputs Optimum's name, in place; returns whether
+    any name changed (the legacy exporter already writes Optimum's names).
 
     Raises ValidationError when an input or output is missing or extra, when an axis that must be
     dynamic was fixed by the exporter, or when one exporter symbol stands for two different axes
@@ -316,10 +317,12 @@ def name_axes(proto: Any, layout: DecoderLayout) -> None:
             if rename.setdefault(d.dim_param, label) != label:
                 raise ValidationError(f"the exporter tied '{label}' to '{rename[d.dim_param]}' (one symbol "
                                       f"{d.dim_param!r}); the graph would only run with them equal")
+    rename = {old: new for old, new in rename.items() if old != new}
     for v in [*graph.input, *graph.output, *graph.value_info]:
         for d in v.type.tensor_type.shape.dim:
             if d.dim_param in rename:
                 d.dim_param = rename[d.dim_param]
+    return bool(rename)
 
 
 def save_decoder(proto: Any, path: Path) -> Path | None:
@@ -376,11 +379,19 @@ def check_graph(path: Path, wrapper: DecoderWithPast) -> None:
     """
     import numpy as np
 
-    from surgery.onnx.decoder_check import GENERATION_TOLERANCES, make_session
+    from surgery.onnx.decoder_check import GENERATION_TOLERANCES
+    from surgery.onnx.files import ort
 
     param = next(wrapper.parameters())
     tol = GENERATION_TOLERANCES["fp16" if param.dtype == torch.float16 else "fp32"]
-    sess = make_session(path, "cpu")[0]
+    rt = ort()
+    so = rt.SessionOptions()
+    so.log_severity_level = 4
+    so.graph_optimization_level = rt.GraphOptimizationLevel.ORT_ENABLE_BASIC  # checks the export, loads faster
+    try:
+        sess = rt.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001
+        raise ValidationError(f"onnxruntime cannot load the exported graph ({_first_line(e)})") from None
     names = wrapper.layout.input_names
     for batch, seq, past in CHECK_SHAPES:
         args = _check_inputs(wrapper.layout, param.dtype, param.device, batch, seq, past)
@@ -400,13 +411,21 @@ def _export_one(name: str, wrapper: DecoderWithPast, args: tuple[torch.Tensor, .
     """One exporter into scratch, axes named, saved to path (+ data path, returned), optionally checked."""
     import onnx
 
+    from surgery.onnx.files import max_ir_version_supported
+
     raw = scratch / f"{name}.onnx"
     {"dynamo": _export_dynamo, "legacy": _export_legacy}[name](wrapper, args, raw, opset)
     proto = onnx.load(str(raw), load_external_data=True)
-    raw.unlink()  # the proto holds the weights now: no second copy on disk (the scratch may be large)
-    name_axes(proto, wrapper.layout)
-    data = save_decoder(proto, path)
-    del proto  # before the check's session loads the weights again
+    inline = not any(p != raw and p.name.startswith(raw.name) for p in scratch.iterdir())  # no external data
+    renamed = name_axes(proto, wrapper.layout)
+    if inline and not renamed and proto.ir_version <= max_ir_version_supported() and raw.stat().st_size < TWO_GB:
+        del proto
+        raw.replace(path)  # already what save_decoder would write (the legacy export): no re-serialising
+        data = None
+    else:
+        raw.unlink()  # the proto holds the weights now: no second copy on disk (the scratch may be large)
+        data = save_decoder(proto, path)
+        del proto  # before the check's session loads the weights again
     if check:
         check_graph(path, wrapper)
     return data
@@ -719,6 +738,25 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def ir_version(path: Path) -> int:
+    """The saved graph's IR version, read from the file's first field (protobuf writes ModelProto's
+    field 1, ir_version, first) without parsing the weights; a full parse of the graph otherwise.
+
+    Example: ir_version(Path("out/model.onnx")) -> 8"""
+    import onnx
+
+    with open(path, "rb") as f:
+        head = f.read(11)
+    if head[:1] == b"\x08":  # field 1, varint
+        value, shift = 0, 0
+        for byte in head[1:]:
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+    return int(onnx.load(str(path), load_external_data=False).ir_version)
+
+
 def _manifest(layout: DecoderLayout, dtype: str, opset: int, exporter: str, note: str, path: Path,
               data: Path | None, files: Sequence[str], export_s: float) -> dict[str, Any]:
     import onnx
@@ -727,7 +765,6 @@ def _manifest(layout: DecoderLayout, dtype: str, opset: int, exporter: str, note
 
     from surgery.onnx.files import max_ir_version_supported
 
-    proto = onnx.load(str(path), load_external_data=False)
     return {
         "status": "not validated",
         "task": "text-generation-with-past",
@@ -739,7 +776,7 @@ def _manifest(layout: DecoderLayout, dtype: str, opset: int, exporter: str, note
         "files": {"model": MODEL_FILE, "data": data.name if data else None, "genai_config": GENAI_FILE,
                   "side_files": list(files)},
         "opset": opset,
-        "ir_version": proto.ir_version,
+        "ir_version": ir_version(path),
         "max_ir_version_onnxruntime": max_ir_version_supported(),
         "exporter": exporter,
         "exporter_note": note,
