@@ -371,6 +371,9 @@ def check_graph(path: Path, wrapper: DecoderWithPast) -> None:
     (a TorchScript trace records Python ints). Tolerance: GENERATION_TOLERANCES of the weight dtype,
     atol relative to each output's max |value|.
 
+    Args:
+        path: the saved graph (model.onnx). wrapper: the DecoderWithPast it was exported from.
+
     Raises:
         ValidationError: an output differs (names it, with the shape set), or onnxruntime cannot run it.
 
