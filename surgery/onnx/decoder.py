@@ -67,6 +67,7 @@ from surgery.onnx.decoder_check import (
     GenerationReport,
     validate_generation,
 )
+from surgery.onnx.moe import dense_experts
 
 Progress = Callable[[str, int, int], None]
 
@@ -600,7 +601,9 @@ def _write(tmp: Path, model: Any, traced: torch.nn.Module, layout: DecoderLayout
     t0 = time.perf_counter()
     wrapper = DecoderWithPast(traced, layout).eval()
     args = dummy_inputs(layout, DTYPES[dtype], next(traced.parameters()).device)
-    exporter, note, data = _export_graph(wrapper, args, tmp / MODEL_FILE, opset, tmp / ".scratch")
+    with dense_experts(traced) as moe_note:  # MoE blocks: a traceable dense form while tracing only
+        exporter, note, data = _export_graph(wrapper, args, tmp / MODEL_FILE, opset, tmp / ".scratch")
+    note = f"{note}; {moe_note}" if moe_note else note
     shutil.rmtree(tmp / ".scratch", ignore_errors=True)
     export_s = time.perf_counter() - t0
     tick("export", 2)
