@@ -188,3 +188,24 @@ def test_moe_export_runs_in_real_clients(peer, arch, exports, tmp_path):
     assert got["tokens"] == ref
     if "single_tokens" in got:
         assert got["single_tokens"] == ref
+
+
+def test_legacy_exporter_traces_the_dense_form(monkeypatch, tmp_path):
+    """Without dynamo the TorchScript exporter runs (it stops on grouped_mm's histc without the swap)."""
+    import surgery.onnx.decoder as dec
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("dynamo refused this model")
+
+    monkeypatch.setattr(dec, "_export_dynamo", refuse)
+    r = export_decoder_with_past(make_model("olmoe"), tmp_path / "legacy", new_tokens=4)
+    assert r.exporter == "legacy" and "densely" in r.exporter_note
+    assert r.status == "ok" and r.validation.passed
+
+
+def test_fp16_moe_export_matches(tmp_path):
+    """fp16 (a cast copy is traced): the routing weights stay fp32 in the dense sum, as in transformers."""
+    model = make_model("mixtral")
+    r = export_decoder_with_past(model, tmp_path / "fp16", dtype="fp16", new_tokens=8)
+    assert r.status == "ok" and r.validation.dtype == "fp16" and r.validation.onnx_tokens == r.validation.torch_tokens
+    assert next(model.parameters()).dtype == torch.float32 and not any("forward" in e.__dict__ for e in _experts(model))
