@@ -19,6 +19,8 @@ input, so DecoderWithPast takes flat tensors, builds a DynamicCache, and returns
 Sliding-window layers (Gemma-2/3, Mistral) keep their whole past in the graph's cache: the
 window is applied by the attention mask, which gives the same attention as transformers' cropped
 cache and the uniform cache shape Optimum and onnxruntime-genai expect.
+Mixture-of-experts blocks (Mixtral, OLMoE, Qwen2/3-MoE) trace in surgery.onnx.moe's dense form
+while exporting only (the manifest's exporter_note says so); validation runs the sparse model.
 
 Pipeline (into a temporary sibling of OUT_DIR, renamed into place at the end):
 
