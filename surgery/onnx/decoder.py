@@ -19,6 +19,8 @@ input, so DecoderWithPast takes flat tensors, builds a DynamicCache, and returns
 Sliding-window layers (Gemma-2/3, Mistral) keep their whole past in the graph's cache: the
 window is applied by the attention mask, which gives the same attention as transformers' cropped
 cache and the uniform cache shape Optimum and onnxruntime-genai expect.
+Mixture-of-experts blocks (Mixtral, OLMoE, Qwen2/3-MoE) trace in surgery.onnx.moe's dense form
+while exporting only (the manifest's exporter_note says so); validation runs the sparse model.
 
 Pipeline (into a temporary sibling of OUT_DIR, renamed into place at the end):
 
@@ -67,6 +69,7 @@ from surgery.onnx.decoder_check import (
     GenerationReport,
     validate_generation,
 )
+from surgery.onnx.moe import dense_experts
 
 Progress = Callable[[str, int, int], None]
 
@@ -600,7 +603,9 @@ def _write(tmp: Path, model: Any, traced: torch.nn.Module, layout: DecoderLayout
     t0 = time.perf_counter()
     wrapper = DecoderWithPast(traced, layout).eval()
     args = dummy_inputs(layout, DTYPES[dtype], next(traced.parameters()).device)
-    exporter, note, data = _export_graph(wrapper, args, tmp / MODEL_FILE, opset, tmp / ".scratch")
+    with dense_experts(traced) as moe_note:  # MoE blocks: a traceable dense form while tracing only
+        exporter, note, data = _export_graph(wrapper, args, tmp / MODEL_FILE, opset, tmp / ".scratch")
+    note = f"{note}; {moe_note}" if moe_note else note
     shutil.rmtree(tmp / ".scratch", ignore_errors=True)
     export_s = time.perf_counter() - t0
     tick("export", 2)

@@ -15,6 +15,7 @@ from surgery.errors import SurgeryError
 from surgery.io.guards import escape_name
 from surgery.onnx.files import check_symbolic, first_line, load_onnx, patch_header, remove_model, save_onnx
 from surgery.onnx.model import Prepared, make_inputs
+from surgery.onnx.moe import dense_experts
 from surgery.onnx.spec import EXPORT_BATCH, EXPORT_SEQ, IOSpec, data_file
 
 DYNAMO_NOTE = "torch.onnx.export(dynamo=True) with symbolic batch/sequence dims"
@@ -76,7 +77,8 @@ def export_legacy(prep: Prepared, path: Path, opset: int, scratch: Path) -> None
 
 
 def export_graph(prep: Prepared, path: Path, opset: int, scratch: Path) -> tuple[str, str]:
-    """Export `prep` to `path`, symbolic axes checked: dynamo, else legacy.
+    """Export `prep` to `path`, symbolic axes checked: dynamo, else legacy. Mixture-of-experts
+    blocks trace in moe.dense_experts' form (the note says so); the model is unchanged afterwards.
 
     Returns:
         (exporter, note): "dynamo" or "legacy", and why the legacy one ran.
@@ -85,6 +87,13 @@ def export_graph(prep: Prepared, path: Path, opset: int, scratch: Path) -> tuple
         ValidationError: the legacy export fixed a dynamic axis too.
         SurgeryError: both exporters failed (the message carries both reasons).
     """
+    with dense_experts(prep.wrapper) as moe_note:
+        exporter, note = _export_either(prep, path, opset, scratch)
+    return exporter, (f"{note}; {moe_note}" if moe_note else note)
+
+
+def _export_either(prep: Prepared, path: Path, opset: int, scratch: Path) -> tuple[str, str]:
+    """dynamo, else legacy (export_graph's body): (exporter, note)."""
     try:
         export_dynamo(prep, path, opset)
         check_symbolic(path, prep.spec)
