@@ -121,7 +121,7 @@ def graph_specs(lay: Seq2SeqLayout) -> dict[str, GraphSpec]:
     else:
         enc = GraphSpec(["input_ids", "attention_mask"], ["last_hidden_state"],
                         {"input_ids": hidden, "attention_mask": hidden, "last_hidden_state": hidden})
-    common = {"encoder_attention_mask": hidden, "input_ids": {0: BATCH, 1: DEC_SEQ}, "logits": {0: BATCH, 1: DEC_SEQ}}
+    common = {n: hidden for n in mask} | {"input_ids": {0: BATCH, 1: DEC_SEQ}, "logits": {0: BATCH, 1: DEC_SEQ}}
     first_axes = dict(common, encoder_hidden_states=hidden)
     for n in pres_all:  # present.* are (batch, heads, length, head_dim): the length is axis 2
         first_axes[n] = {0: BATCH, 2: DEC_SEQ if ".decoder." in n else ENC_SEQ}
@@ -229,8 +229,8 @@ class DecoderGraph(torch.nn.Module):
             hidden = rest[2].new_zeros(rest[2].shape[0], rest[2].shape[2], lay.d_model)
         else:
             hidden = rest[0]
-        kwargs: dict[str, Any] = {"decoder_input_ids": ids, "encoder_outputs": BaseModelOutput(last_hidden_state=hidden),
-                                  lay.cache_arg: cache, "use_cache": True, "return_dict": True}
+        kwargs: dict[str, Any] = {"decoder_input_ids": ids, lay.cache_arg: cache, "use_cache": True,
+                                  "encoder_outputs": BaseModelOutput(last_hidden_state=hidden), "return_dict": True}
         if mask is not None:
             kwargs["attention_mask"] = mask
         out = self.model(**kwargs)
@@ -355,11 +355,12 @@ def _write_manifest(tmp: Path, manifest: dict[str, Any]) -> None:
 def _card(tmp: Path, source: Path | None, task: str, dtype: str, opset: int, exporter: str) -> None:
     from surgery.report.cards import write_card
 
-    runtime = "ORTModelForSpeechSeq2Seq" if task.startswith("automatic-speech") else "ORTModelForSeq2SeqLM"
+    speech = task.startswith("automatic-speech")
+    runtime = "ORTModelForSpeechSeq2Seq" if speech else "ORTModelForSeq2SeqLM"
     write_card(tmp, "export-onnx", str(source) if source is not None else None, {"dtype": dtype, "opset": opset},
                {"variant": f"{task} (Optimum's encoder/decoder layout)", "exporter": exporter,
                 "loads in": f"optimum {runtime} (use_cache=True when decoder_with_past_model.onnx is present)"},
-               tags=["onnx", "text2text-generation" if runtime == "ORTModelForSeq2SeqLM" else "automatic-speech-recognition"])
+               tags=["onnx", "automatic-speech-recognition" if speech else "text2text-generation"])
 
 
 #: files beside the graphs that seq2seq tokenizers / feature extractors need besides decoder.SIDE_FILES
@@ -371,8 +372,8 @@ def _side(model: Any, source: Path | None, tokenizer: Any, tmp: Path) -> list[st
 
     names = _side_files(model, source, tokenizer, tmp)
     folder = source if source is not None else (Path(tokenizer) if isinstance(tokenizer, (str, Path)) else None)
-    for name in EXTRA_SIDE_FILES if folder is not None else ():
-        if (folder / name).is_file():
+    for name in EXTRA_SIDE_FILES:
+        if folder is not None and (folder / name).is_file():
             shutil.copy2(folder / name, tmp / name)
             names.append(name)
     return sorted(names)
@@ -412,16 +413,13 @@ def export_seq2seq(model: Any, out_dir: str | Path, *, with_past: bool = True, d
         (generation differs; the files and a "failed" manifest land first; .report is the GenerationReport).
 
     Example:
-        >>> m = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4, vocab_size=96))
-        >>> export_seq2seq(m, "out/t5-onnx").status
-        'ok'
+        export_seq2seq(T5ForConditionalGeneration(T5Config(d_model=32, num_layers=2)), "out/t5").status  # 'ok'
     """
     from surgery.options.export import DEFAULT_OPSET
 
     opset = DEFAULT_OPSET if opset is None else opset
     _check_options(dtype, opset)
-    out_dir = Path(out_dir)
-    steps = 3 + int(validate)
+    out_dir, steps = Path(out_dir), 3 + int(validate)
     tick: Callable[[str, int], None] = (lambda s, i: progress(s, i, steps)) if progress else (lambda s, i: None)
     src_inputs = [Path(model)] if isinstance(model, (str, Path)) else []
     check_output_path(out_dir, overwrite, src_inputs)
@@ -441,18 +439,82 @@ def export_seq2seq(model: Any, out_dir: str | Path, *, with_past: bool = True, d
             _write_manifest(tmp, manifest)
             _card(tmp, source, task, dtype, opset, manifest["exporter"])
             tick("files", 3)
-            report = None
-            if validate:
-                report = validate_seq2seq(torch_model, tmp, new_tokens=new_tokens, device=device, atol=atol,
-                                          rtol=rtol, threads=threads, raise_on_failure=False)
-                manifest.update(status="ok" if report.passed else "failed", provider=report.provider,
-                                provider_note=report.provider_note, validation=dataclasses.asdict(report))
-                _write_manifest(tmp, manifest)
-                tick("validate", 4)
+            check = {"atol": atol, "rtol": rtol, "threads": threads}
+            report = _validate_into(tmp, torch_model, manifest, new_tokens, device, check) if validate else None
+            tick("validate", 4) if validate else None
     result = Seq2SeqExport(out_dir, {_ROLE[f]: f for f in graphs}, dtype, lay, manifest["exporter"],
                            manifest["status"], report, manifest, export_s)
     _raise_if_failed(report, out_dir)
     return result
 
 
+def _validate_into(tmp: Path, model: Any, manifest: dict[str, Any], new_tokens: int, device: str,
+                   check: dict[str, Any]) -> GenerationReport:
+    """validate_seq2seq on the written files; its report and the status go into the manifest."""
+    report = validate_seq2seq(model, tmp, new_tokens=new_tokens, device=device, raise_on_failure=False, **check)
+    manifest.update(status="ok" if report.passed else "failed", provider=report.provider,
+                    provider_note=report.provider_note, validation=dataclasses.asdict(report))
+    _write_manifest(tmp, manifest)
+    return report
+
+
 _ROLE = {ENCODER_FILE: "encoder", DECODER_FILE: "decoder", DECODER_PAST_FILE: "decoder_with_past"}
+
+
+# ----------------------------------------------------------------------------- export-onnx dispatch
+
+#: export-onnx task -> the task table's loader task (surgery.onnx.tasks)
+_LOADER_TASK = {"text2text-generation": "text2text-generation",
+                "text2text-generation-with-past": "text2text-generation",
+                "automatic-speech-recognition-with-past": "speech2seq-lm"}
+
+
+def seq2seq_task(model_dir: str | Path | None, opts: Any) -> str | None:
+    """The loader task ("text2text-generation" or "speech2seq-lm") when export_onnx exports `model_dir`
+    as an encoder-decoder: one of options.export.SEQ2SEQ_TASKS, or task auto on a checkpoint whose
+    architectures name a *ForConditionalGeneration seq2seq class (T5, BART, Marian, Whisper); else None.
+
+    Raises CheckpointError for an unreadable config.json.
+
+    Example: seq2seq_task("t5-dir", ExportOptions()) == "text2text-generation"."""
+    if opts.task in _LOADER_TASK:
+        return _LOADER_TASK[opts.task]
+    if model_dir is None or opts.task != "auto":
+        return None
+    from surgery.onnx.model import read_config, resolve_task
+
+    task = resolve_task("auto", read_config(Path(model_dir)))
+    return task if task in ("text2text-generation", "speech2seq-lm") else None
+
+
+def export_seq2seq_dir(model_dir: str | Path | None, out_dir: str | Path, opts: Any, model: Any = None,
+                       progress: Progress | None = None) -> Seq2SeqExport:
+    """export_onnx's seq2seq branch: a directory (adapters merged in memory) or a module, exported by
+    export_seq2seq with ExportOptions (cache=False, or task text2text-generation: no with-past graph).
+
+    Raises OptionError for options the seq2seq export does not take (optimize, quantize, benchmark),
+    and what export_seq2seq and surgery.onnx.model.load_hf_model raise."""
+    for name in ("optimize", "benchmark"):
+        if getattr(opts, name):
+            raise OptionError(f"{name} is not available for the encoder-decoder export (task {opts.task}); "
+                              f"turn it off", field=name)
+    if opts.quantize is not None:
+        raise OptionError(f"quantize is not available for the encoder-decoder export (task {opts.task})",
+                          field="quantize")
+    with_past = opts.cache and opts.task != "text2text-generation"
+    extra: dict[str, Any] = {"adapters": [str(a) for a in opts.adapters]}
+    if model is None:
+        from surgery.onnx.model import load_hf_model
+
+        loader = seq2seq_task(model_dir, opts) or "text2text-generation"
+        model, _, _ = load_hf_model(Path(model_dir or ""), loader, opts.adapters,
+                                    allow_random_head=opts.allow_random_head)
+        extra["source"] = str(model_dir)
+    from surgery.core.hf import torch_threads
+
+    with torch_threads(opts.threads):
+        return export_seq2seq(model, out_dir, with_past=with_past, dtype=opts.dtype, opset=opts.opset,
+                              validate=opts.validation, device=opts.device,
+                              tokenizer=Path(model_dir) if model_dir is not None else None,
+                              overwrite=opts.overwrite, progress=progress, atol=opts.atol, rtol=opts.rtol,
+                              threads=opts.threads, manifest_extra=extra)
