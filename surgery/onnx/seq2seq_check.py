@@ -89,8 +89,12 @@ def ort_greedy(sessions: dict[str, Any], source: dict[str, np.ndarray], sequence
 
 def _torch_reference(model: Any, source: dict[str, torch.Tensor], new_tokens: int, pad: int,
                      device: torch.device) -> tuple[np.ndarray, list[np.ndarray]]:
-    """PyTorch greedy generate with its cache (the GenerationMixin one, also for Whisper, so no
-    task/language tokens are forced): (sequences (b, 1 + n), raw logits per step (b, vocab))."""
+    """PyTorch greedy generate with its cache: (sequences (b, 1 + n), raw logits per step (b, vocab)).
+
+    Plain greedy decoding: the GenerationMixin generate (also for Whisper, so no task/language
+    tokens are forced) with only this config while it runs (generate fills unset values from the
+    model's generation_config, whose forced_bos/forced_eos/suppress_tokens would override the
+    argmax); the model's own generation_config is restored afterwards."""
     from transformers import GenerationConfig, GenerationMixin
 
     from surgery.core.hf import quiet
@@ -101,8 +105,14 @@ def _torch_reference(model: Any, source: dict[str, torch.Tensor], new_tokens: in
     gc = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                           use_cache=True, output_logits=True, return_dict_in_generate=True, pad_token_id=pad,
                           eos_token_id=_eos_ids(model) or None, decoder_start_token_id=start)
-    with quiet(), torch.no_grad():
-        out = GenerationMixin.generate(model, **{k: v.to(device) for k, v in source.items()}, generation_config=gc)
+    own = model.generation_config
+    model.generation_config = gc
+    try:
+        with quiet(), torch.no_grad():
+            out = GenerationMixin.generate(model, **{k: v.to(device) for k, v in source.items()},
+                                           generation_config=copy.deepcopy(gc))
+    finally:
+        model.generation_config = own
     return out.sequences.cpu().numpy(), [lg.detach().float().cpu().numpy() for lg in out.logits]
 
 
