@@ -250,3 +250,16 @@ def test_whisper_probe_reads_fixed_frames():
     lay = s2s.probe_seq2seq(make_model("whisper"))
     assert lay.speech and lay.frames == 64 and lay.num_mel_bins == 16 and lay.num_layers == 2
     assert torch.is_tensor(s2s.dummy_inputs(lay, s2s.graph_specs(lay)["encoder_model.onnx"], torch.float32)[0])
+
+
+def test_fp16_export_matches_on_cpu(tmp_path):
+    model = make_model("bart")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = s2s.export_seq2seq(model, tmp_path / "out", dtype="fp16", device="cpu")
+    assert res.status == "ok" and res.validation.dtype == "fp16" and res.validation.torch_tokens == \
+        res.validation.onnx_tokens
+    _, outs = _io(tmp_path / "out" / "decoder_with_past_model.onnx")
+    m = onnx.load(str(tmp_path / "out" / "decoder_with_past_model.onnx"), load_external_data=False)
+    assert {o.type.tensor_type.elem_type for o in m.graph.output} == {onnx.TensorProto.FLOAT16} and outs
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input is never modified
+    assert next(model.parameters()).dtype == torch.float32

@@ -35,6 +35,7 @@ from surgery.onnx.decoder_check import (
     _compare_step,
     _eos_ids,
     _pad_id,
+    _reference_model,
 )
 
 ENCODER_FILE, DECODER_FILE = "encoder_model.onnx", "decoder_model.onnx"
@@ -206,10 +207,8 @@ def validate_seq2seq(model: Any, onnx_dir: str | Path, *, sources: dict[str, dic
     tol = GENERATION_TOLERANCES[dtype]
     atol, rtol = (tol["atol"] if atol is None else atol), (tol["rtol"] if rtol is None else rtol)
     tdev = torch_device(provider, device)
-    want = torch.float16 if dtype == "fp16" else torch.float32
-    p = next(model.parameters())
-    ref = model if (p.dtype, p.device) == (want, tdev) else copy.deepcopy(model).to(device=tdev, dtype=want).eval()
-    sets = sources if sources is not None else default_sources(model, speech, want)
+    ref = _reference_model(model, np_dtype, tdev)
+    sets = sources if sources is not None else default_sources(model, speech, next(ref.parameters()).dtype)
     report = GenerationReport(provider, note, dtype, atol, rtol, new_tokens, None)
     eos = _eos_ids(model)
     for name, source in sets.items():
