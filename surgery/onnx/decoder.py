@@ -81,6 +81,8 @@ TWO_GB = 2**31 - 1
 #: Optimum's axis names
 BATCH, SEQ, PAST = "batch_size", "sequence_length", "past_sequence_length"
 TOTAL = "past_sequence_length + sequence_length"
+#: torch.export.Dim names (identifiers) of axis labels that are not identifiers
+_DIM_NAMES = {TOTAL: "total_sequence_length"}
 
 # Dummy sizes for export: all ≥ 2 and pairwise different, so torch.export specialises none of
 # them (it does 0 and 1) and unifies none (equal sizes can share one symbol). The total length
@@ -258,14 +260,16 @@ def _first_line(e: BaseException) -> str:
     return first(e)
 
 
-def _export_dynamo(wrapper: DecoderWithPast, args: tuple[torch.Tensor, ...], raw: Path, opset: int) -> None:
+def _export_dynamo(wrapper: Any, args: tuple[torch.Tensor, ...], raw: Path, opset: int) -> None:
+    """wrapper: a module whose `.layout` has input_names, output_names and axes() (DecoderLayout or alike)."""
     from surgery.core.hf import quiet
 
     lay = wrapper.layout
-    dims = {n: torch.export.Dim(n) for n in (BATCH, SEQ, PAST, "total_sequence_length")}
-    named = {BATCH: dims[BATCH], SEQ: dims[SEQ], PAST: dims[PAST], TOTAL: dims["total_sequence_length"]}
     axes = lay.axes()
-    shapes = tuple({a: named[label] for a, label in axes[n].items()} for n in lay.input_names)
+    named: dict[str, Any] = {}
+    for label in sorted({label for n in lay.input_names for label in axes.get(n, {}).values()}):
+        named[label] = torch.export.Dim(_DIM_NAMES.get(label, label))
+    shapes = tuple({a: named[label] for a, label in axes.get(n, {}).items()} for n in lay.input_names)
     with quiet(capture_stdio=True), torch.no_grad():
         prog = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, dynamic_shapes=(shapes,),
                                  input_names=lay.input_names, output_names=lay.output_names,
@@ -275,7 +279,7 @@ def _export_dynamo(wrapper: DecoderWithPast, args: tuple[torch.Tensor, ...], raw
         prog.save(str(raw), external_data=True)
 
 
-def _export_legacy(wrapper: DecoderWithPast, args: tuple[torch.Tensor, ...], raw: Path, opset: int) -> None:
+def _export_legacy(wrapper: Any, args: tuple[torch.Tensor, ...], raw: Path, opset: int) -> None:
     from surgery.core.hf import quiet
 
     lay = wrapper.layout
@@ -285,8 +289,10 @@ def _export_legacy(wrapper: DecoderWithPast, args: tuple[torch.Tensor, ...], raw
                           dynamic_axes=lay.axes(), do_constant_folding=True)
 
 
-def name_axes(proto: Any, layout: DecoderLayout) -> None:
+def name_axes(proto: Any, layout: Any) -> None:
     """Give every dynamic axis of the graph's inputs/outputs Optimum's name, in place.
+
+    `layout` is a DecoderLayout or any object with input_names, output_names and axes().
 
     Raises ValidationError when an input or output is missing or extra, when an axis that must be
     dynamic was fixed by the exporter, or when one exporter symbol stands for two different axes
@@ -319,29 +325,31 @@ def name_axes(proto: Any, layout: DecoderLayout) -> None:
 
 
 def save_decoder(proto: Any, path: Path) -> Path | None:
-    """Save with the IR version clamped: one file under 2 GB, else weights in model.onnx_data.
-    Returns the data file's path, or None."""
+    """Save with the IR version clamped: one file under 2 GB, else weights in PATH_data (Optimum's
+    name: model.onnx -> model.onnx_data). Returns the data file's path, or None."""
     import onnx
 
     from surgery.onnx.files import clamp_ir_version
 
     clamp_ir_version(proto)
     size = sum(len(t.raw_data) for t in proto.graph.initializer) + 64 * 2**20  # graph + small tensors margin
-    data = path.with_name(DATA_FILE)
+    data = path.with_name(path.name + "_data")
     if data.exists():
         data.unlink()
     if size < TWO_GB:
         onnx.save_model(proto, str(path))
         return None
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024, convert_attribute=False)
+                    location=data.name, size_threshold=1024, convert_attribute=False)
     data.chmod(0o644)
     return data
 
 
-def _export_graph(wrapper: DecoderWithPast, args: tuple[torch.Tensor, ...], path: Path, opset: int,
+def _export_graph(wrapper: Any, args: tuple[torch.Tensor, ...], path: Path, opset: int,
                   scratch: Path) -> tuple[str, str, Path | None]:
-    """dynamo first; legacy when dynamo raises or specialises an axis. (exporter, note, data path)."""
+    """dynamo first; legacy when dynamo raises or specialises an axis. (exporter, note, data path).
+
+    `wrapper` is any module with a `.layout` (input_names, output_names, axes()) taking flat tensors."""
     import onnx
 
     scratch.mkdir(parents=True, exist_ok=True)
