@@ -1,9 +1,9 @@
 """A hard refine benchmark: a causal LM fully fine-tuned on a second domain (a high-rank delta).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_refine_hard.py --work bench/work/hard [--device cpu|cuda]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_refine_hard.py [--arch llama|gpt2] [--device cpu|cuda]
 
 Deterministic (fixed seeds, one thread): builds everything under --work, then prints a table.
-1. base: LlamaForCausalLM (hidden 128, 2 layers, 4 heads, vocab 128 = 4 specials + the fixture
+1. base: LlamaForCausalLM, or GPT2LMHeadModel with --arch gpt2 (Conv1D layers) (hidden 128, 2 layers, 4 heads, vocab 128 = 4 specials + the fixture
    word list) trained from scratch on domain A: template sentences ("the red cat see a dog .")
    mixed with pairs "w g(w) , ..." under a fixed random bijection g of 117 words.
 2. ft: the base FULLY fine-tuned on domain B: the same pairs under another bijection f (re-mapping
@@ -93,10 +93,21 @@ def train_lm(model, tok, texts: list[str], steps: int, lr: float, seed: int, dev
     model.eval()
 
 
+def new_model(arch: str) -> torch.nn.Module:
+    """A randomly initialised causal LM: Llama-style (Linear layers) or GPT-2 (Conv1D layers), same size."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    if arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=128, n_inner=256, n_layer=2, n_head=4,
+                                          n_positions=64, tie_word_embeddings=False, **ids))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                                        tie_word_embeddings=False, **ids))
+
+
 def build(work: Path, a: argparse.Namespace, device) -> tuple[list[str], list[str]]:
     """base/ and ft/ under WORK (reused when present); returns (calibration texts, held-out texts)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     rng = random.Random(0)
     f = dict(zip(PAIR_WORDS, rng.sample(PAIR_WORDS, len(PAIR_WORDS)), strict=True))
     g = dict(zip(PAIR_WORDS, rng.sample(PAIR_WORDS, len(PAIR_WORDS)), strict=True))
@@ -106,11 +117,8 @@ def build(work: Path, a: argparse.Namespace, device) -> tuple[list[str], list[st
     tok = make_wordlevel_tokenizer(SPECIALS, WORDS, prepend_bos=True)
     tok.model_max_length = 64
     if not (work / "ft" / "config.json").exists():
-        cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
         torch.manual_seed(0)
-        model = LlamaForCausalLM(cfg).to(device)
+        model = new_model(a.arch).to(device)
         t0 = time.perf_counter()
         train_lm(model, tok, texts_a, a.base_steps, 3e-3, 1, device)
         model.save_pretrained(work / "base")
@@ -134,7 +142,8 @@ def paired(x: torch.Tensor, y: torch.Tensor) -> tuple[int, int, float, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=Path("bench/work/hard"))
+    ap.add_argument("--work", type=Path, default=None, help="default bench/work/hard[-gpt2]")
+    ap.add_argument("--arch", choices=("llama", "gpt2"), default="llama")
     ap.add_argument("--ranks", default="1,4,8,16")
     ap.add_argument("--base-steps", type=int, default=600)
     ap.add_argument("--ft-steps", type=int, default=1000)
@@ -148,6 +157,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
+    a.work = a.work or Path("bench/work/hard" + ("-gpt2" if a.arch == "gpt2" else ""))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     from surgery.ops.extract import extract_lora
     from surgery.ops.refine import _load_model, load_student, refine_adapter

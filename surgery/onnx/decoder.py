@@ -19,6 +19,8 @@ input, so DecoderWithPast takes flat tensors, builds a DynamicCache, and returns
 Sliding-window layers (Gemma-2/3, Mistral) keep their whole past in the graph's cache: the
 window is applied by the attention mask, which gives the same attention as transformers' cropped
 cache and the uniform cache shape Optimum and onnxruntime-genai expect.
+Mixture-of-experts blocks (Mixtral, OLMoE, Qwen2/3-MoE) trace in surgery.onnx.moe's dense form
+while exporting only (the manifest's exporter_note says so); validation runs the sparse model.
 
 Pipeline (into a temporary sibling of OUT_DIR, renamed into place at the end):
 
@@ -68,6 +70,7 @@ from surgery.onnx.decoder_check import (
     GenerationReport,
     validate_generation,
 )
+from surgery.onnx.moe import dense_experts
 
 Progress = Callable[[str, int, int], None]
 
@@ -79,6 +82,8 @@ TWO_GB = 2**31 - 1
 #: Optimum's axis names
 BATCH, SEQ, PAST = "batch_size", "sequence_length", "past_sequence_length"
 TOTAL = "past_sequence_length + sequence_length"
+#: torch.export.Dim names (identifiers) of axis labels that are not identifiers
+_DIM_NAMES = {TOTAL: "total_sequence_length"}
 
 # Dummy sizes for export: all ≥ 2 and pairwise different, so torch.export specialises none of
 # them (it does 0 and 1) and unifies none (equal sizes can share one symbol). The total length
@@ -256,14 +261,16 @@ def _first_line(e: BaseException) -> str:
     return first(e)
 
 
-def _export_dynamo(wrapper: DecoderWithPast, args: tuple[torch.Tensor, ...], raw: Path, opset: int) -> None:
+def _export_dynamo(wrapper: Any, args: tuple[torch.Tensor, ...], raw: Path, opset: int) -> None:
+    """wrapper: a module whose `.layout` has input_names, output_names and axes() (DecoderLayout or alike)."""
     from surgery.core.hf import quiet
 
     lay = wrapper.layout
-    dims = {n: torch.export.Dim(n) for n in (BATCH, SEQ, PAST, "total_sequence_length")}
-    named = {BATCH: dims[BATCH], SEQ: dims[SEQ], PAST: dims[PAST], TOTAL: dims["total_sequence_length"]}
     axes = lay.axes()
-    shapes = tuple({a: named[label] for a, label in axes[n].items()} for n in lay.input_names)
+    named: dict[str, Any] = {}
+    for label in sorted({label for n in lay.input_names for label in axes.get(n, {}).values()}):
+        named[label] = torch.export.Dim(_DIM_NAMES.get(label, label))
+    shapes = tuple({a: named[label] for a, label in axes.get(n, {}).items()} for n in lay.input_names)
     with quiet(capture_stdio=True), torch.no_grad():
         prog = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, dynamic_shapes=(shapes,),
                                  input_names=lay.input_names, output_names=lay.output_names,
@@ -279,7 +286,7 @@ def _export_dynamo(wrapper: DecoderWithPast, args: tuple[torch.Tensor, ...], raw
 LEGACY_CONSTANT_FOLDING = False
 
 
-def _export_legacy(wrapper: DecoderWithPast, args: tuple[torch.Tensor, ...], raw: Path, opset: int) -> None:
+def _export_legacy(wrapper: Any, args: tuple[torch.Tensor, ...], raw: Path, opset: int) -> None:
     from surgery.core.hf import quiet
 
     lay = wrapper.layout
@@ -289,9 +296,11 @@ def _export_legacy(wrapper: DecoderWithPast, args: tuple[torch.Tensor, ...], raw
                           dynamic_axes=lay.axes(), do_constant_folding=LEGACY_CONSTANT_FOLDING)
 
 
-def name_axes(proto: Any, layout: DecoderLayout) -> bool:
+def name_axes(proto: Any, layout: Any) -> bool:
     """Give every dynamic axis of the graph's inputs/outputs Optimum's name, in place; returns whether
     any name changed (the legacy exporter already writes Optimum's names).
+
+    `layout` is a DecoderLayout or any object with input_names, output_names and axes().
 
     Raises ValidationError when an input or output is missing or extra, when an axis that must be
     dynamic was fixed by the exporter, or when one exporter symbol stands for two different axes
@@ -326,29 +335,31 @@ def name_axes(proto: Any, layout: DecoderLayout) -> bool:
 
 
 def save_decoder(proto: Any, path: Path) -> Path | None:
-    """Save with the IR version clamped: one file under 2 GB, else weights in model.onnx_data.
-    Returns the data file's path, or None."""
+    """Save with the IR version clamped: one file under 2 GB, else weights in PATH_data (Optimum's
+    name: model.onnx -> model.onnx_data). Returns the data file's path, or None."""
     import onnx
 
     from surgery.onnx.files import clamp_ir_version
 
     clamp_ir_version(proto)
     size = sum(len(t.raw_data) for t in proto.graph.initializer) + 64 * 2**20  # graph + small tensors margin
-    data = path.with_name(DATA_FILE)
+    data = path.with_name(path.name + "_data")
     if data.exists():
         data.unlink()
     if size < TWO_GB:
         onnx.save_model(proto, str(path))
         return None
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_FILE, size_threshold=1024, convert_attribute=False)
+                    location=data.name, size_threshold=1024, convert_attribute=False)
     data.chmod(0o644)
     return data
 
 
 #: exporters tried for the with-past graph, in order, per `exporter` option. auto: legacy first (about
 #: 3x faster than dynamo on decoders; its graph is checked against PyTorch at other shapes), dynamo next
-EXPORTER_ORDER = {"auto": ("legacy", "dynamo"), "dynamo": ("dynamo",), "legacy": ("legacy",)}
+#: ("dynamo-first": the order of the other graphs that reuse _export_graph, e.g. seq2seq, unchecked)
+EXPORTER_ORDER = {"auto": ("legacy", "dynamo"), "dynamo": ("dynamo",), "legacy": ("legacy",),
+                  "dynamo-first": ("dynamo", "legacy")}
 #: (batch, sequence, past) of the graph check: a prefill with an empty cache, a one-token decode step
 CHECK_SHAPES = ((2, 4, 0), (1, 1, 9))
 _WHAT = {"dynamo": "torch.onnx.export(dynamo=True)", "legacy": "the legacy TorchScript exporter"}
@@ -409,7 +420,7 @@ def check_graph(path: Path, wrapper: DecoderWithPast) -> None:
                                       f"{seq}, past {past} (shape {g.shape} vs {r.shape})")
 
 
-def _export_one(name: str, wrapper: DecoderWithPast, args: tuple[torch.Tensor, ...], path: Path, opset: int,
+def _export_one(name: str, wrapper: Any, args: tuple[torch.Tensor, ...], path: Path, opset: int,
                 scratch: Path, check: bool) -> Path | None:
     """One exporter into scratch, axes named, saved to path (+ data path, returned), optionally checked."""
     import onnx
@@ -419,14 +430,16 @@ def _export_one(name: str, wrapper: DecoderWithPast, args: tuple[torch.Tensor, .
     raw = scratch / f"{name}.onnx"
     {"dynamo": _export_dynamo, "legacy": _export_legacy}[name](wrapper, args, raw, opset)
     proto = onnx.load(str(raw), load_external_data=True)
-    inline = not any(p != raw and p.name.startswith(raw.name) for p in scratch.iterdir())  # no external data
+    extra = [p for p in scratch.iterdir() if p != raw and p.name.startswith(raw.name)]  # external data files
+    inline = not extra
     renamed = name_axes(proto, wrapper.layout)
     if inline and not renamed and proto.ir_version <= max_ir_version_supported() and raw.stat().st_size < TWO_GB:
         del proto
         raw.replace(path)  # already what save_decoder would write (the legacy export): no re-serialising
         data = None
     else:
-        raw.unlink()  # the proto holds the weights now: no second copy on disk (the scratch may be large)
+        for p in [raw, *extra]:  # the proto holds the weights now: no second copy on disk
+            p.unlink()
         data = save_decoder(proto, path)
         del proto  # before the check's session loads the weights again
     if check:
@@ -435,6 +448,9 @@ def _export_one(name: str, wrapper: DecoderWithPast, args: tuple[torch.Tensor, .
 
 
 def _note(name: str, exporter: str, failed: Sequence[str]) -> str:
+    if exporter == "dynamo-first":
+        return (f"{'; '.join(failed)}; used {_WHAT[name]}" if failed
+                else f"{_WHAT[name]}, symbolic batch/sequence/past axes")
     if exporter != "auto":
         return f"exporter {exporter!r} asked: {_WHAT[name]}, symbolic batch/sequence/past axes"
     if failed:
@@ -443,10 +459,12 @@ def _note(name: str, exporter: str, failed: Sequence[str]) -> str:
             "past sizes other than the export's), symbolic batch/sequence/past axes")
 
 
-def _export_graph(wrapper: DecoderWithPast, args: tuple[torch.Tensor, ...], path: Path, opset: int,
-                  scratch: Path, exporter: str = "auto") -> tuple[str, str, Path | None]:
+def _export_graph(wrapper: Any, args: tuple[torch.Tensor, ...], path: Path, opset: int,
+                  scratch: Path, exporter: str = "dynamo-first") -> tuple[str, str, Path | None]:
     """The exporters of EXPORTER_ORDER[exporter] in turn until one gives a graph with symbolic axes
-    (in auto, the first one's graph must also pass check_graph). (exporter, note, data path)."""
+    (in auto, the first one's graph must also pass check_graph, so auto needs a DecoderWithPast).
+    (exporter, note, data path). `wrapper` is any module with a `.layout` (input_names,
+    output_names, axes()) taking flat tensors."""
     scratch.mkdir(parents=True, exist_ok=True)
     order = EXPORTER_ORDER[exporter]
     failed: list[str] = []
@@ -454,12 +472,12 @@ def _export_graph(wrapper: DecoderWithPast, args: tuple[torch.Tensor, ...], path
         try:
             data = _export_one(name, wrapper, args, path, opset, scratch, check=i < len(order) - 1)
         except Exception as e:  # noqa: BLE001 - any failure of one exporter sends us to the next, with its reason
-            for p in (path, path.with_name(DATA_FILE)):
+            for p in (path, path.with_name(path.name + "_data")):
                 p.unlink(missing_ok=True)
             failed.append(f"{name} export failed ({_first_line(e)})")
             continue
         return name, _note(name, exporter, failed), data
-    fix = "try another opset or report the model type" if exporter == "auto" else "try exporter 'auto'"
+    fix = "try another opset or report the model type" if len(order) > 1 else "try exporter 'auto'"
     raise SurgeryError(f"ONNX export with past failed: {'; '.join(failed)}; {fix}")
 
 
@@ -595,7 +613,7 @@ def _load(model: Any) -> tuple[torch.nn.Module, Path | None]:
     return load_pretrained(path, cls, attn_implementation="eager"), path
 
 
-def _check_options(dtype: str, opset: int | None, exporter: str) -> int:
+def _check_options(dtype: str, opset: int | None, exporter: str = "auto") -> int:
     """OptionError naming the field for a bad dtype, opset or exporter; returns the opset (None: the default)."""
     import onnx
 
@@ -707,7 +725,9 @@ def _write(tmp: Path, model: Any, traced: torch.nn.Module, layout: DecoderLayout
     t0 = time.perf_counter()
     wrapper = DecoderWithPast(traced, layout).eval()
     args = dummy_inputs(layout, DTYPES[dtype], next(traced.parameters()).device)
-    exporter, note, data = _export_graph(wrapper, args, tmp / MODEL_FILE, opset, tmp / ".scratch", asked)
+    with dense_experts(traced) as moe_note:  # MoE blocks: a traceable dense form while tracing only
+        exporter, note, data = _export_graph(wrapper, args, tmp / MODEL_FILE, opset, tmp / ".scratch", asked)
+    note = f"{note}; {moe_note}" if moe_note else note
     shutil.rmtree(tmp / ".scratch", ignore_errors=True)
     export_s = time.perf_counter() - t0
     tick("export", 2)

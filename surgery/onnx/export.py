@@ -40,6 +40,7 @@ from surgery.onnx.files import check_symbolic, load_onnx, max_ir_version_support
 from surgery.onnx.generation import export_generation, logits_only_task, with_past
 from surgery.onnx.model import Prepared, prepare, prepare_module
 from surgery.onnx.optimize import optimize_graph, to_fp16
+from surgery.onnx.seq2seq import Seq2SeqExport, export_seq2seq_dir, seq2seq_task
 from surgery.onnx.spec import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -49,7 +50,7 @@ from surgery.onnx.spec import (
     ValidationReport,
     ValidationRow,
 )
-from surgery.options.export import ExportOptions
+from surgery.options.export import SEQ2SEQ_TASKS, ExportOptions
 
 Progress = Callable[[str, int, int], None]
 
@@ -231,11 +232,14 @@ def _run_checks(prep: Any, graphs: Any, tmp: Path, opts: ExportOptions, tick: Ca
 def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: ExportOptions | None = None, *,
                 model: torch.nn.Module | None = None, inputs: Sequence[InputSpec] | None = None,
                 outputs: Mapping[str, Mapping[int, str]] | None = None, progress: Progress | None = None,
-                **fields: Any) -> ExportResult | DecoderExport:
+                **fields: Any) -> ExportResult | DecoderExport | Seq2SeqExport:
     """Export a model to OUT_DIR/model.onnx (+ model.onnx.data), validated against PyTorch.
 
     A causal LM (task "auto" + cache, or "text-generation-with-past") is exported with its KV cache: see
     onnx.generation.export_generation (validated by greedy generation; returns a DecoderExport).
+    An encoder-decoder (task "auto" on T5/BART/Marian/Whisper *ForConditionalGeneration, or one of
+    SEQ2SEQ_TASKS) is exported in Optimum's encoder_model/decoder_model/decoder_with_past_model layout:
+    see onnx.seq2seq.export_seq2seq (validated by greedy generation; returns a Seq2SeqExport).
 
     Args:
         model_dir: a Hugging Face model directory (None with `model=`).
@@ -246,7 +250,8 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: Expo
         progress: callback(stage, step, total) after each phase.
 
     Returns:
-        The ExportResult (also written as OUT_DIR/manifest.json), or the DecoderExport (with past).
+        The ExportResult (also written as OUT_DIR/manifest.json), the DecoderExport (with past), or the
+        Seq2SeqExport (encoder-decoder).
 
     Raises:
         OptionError: a bad option (naming its field).
@@ -264,6 +269,8 @@ def export_onnx(model_dir: str | Path | None, out_dir: str | Path, options: Expo
     out_dir = Path(out_dir)
     input_paths = [Path(p) for p in ([model_dir] if model_dir is not None else []) + list(opts.adapters)]
     check_output_path(out_dir, opts.overwrite, input_paths)  # refuse before the (slow) model load
+    if (model is None or opts.task in SEQ2SEQ_TASKS) and seq2seq_task(model_dir, opts):  # T5/BART/Marian/Whisper
+        return export_seq2seq_dir(model_dir, out_dir, opts, model, progress)
     if model is None and with_past(model_dir, opts):  # a causal LM for generation: with its KV cache
         return export_generation(model_dir, out_dir, opts, progress)  # type: ignore[arg-type]
     opts = logits_only_task(opts)

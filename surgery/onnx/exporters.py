@@ -16,6 +16,7 @@ from surgery.errors import SurgeryError
 from surgery.io.guards import escape_name
 from surgery.onnx.files import check_symbolic, first_line, load_onnx, patch_header, remove_model, save_onnx
 from surgery.onnx.model import Prepared, make_inputs
+from surgery.onnx.moe import dense_experts
 from surgery.onnx.spec import EXPORT_BATCH, EXPORT_SEQ, IOSpec, data_file
 
 DYNAMO_NOTE = "torch.onnx.export(dynamo=True) with symbolic batch/sequence dims"
@@ -77,7 +78,9 @@ def export_legacy(prep: Prepared, path: Path, opset: int, scratch: Path) -> None
 
 
 def export_graph(prep: Prepared, path: Path, opset: int, scratch: Path, exporter: str = "auto") -> tuple[str, str]:
-    """Export `prep` to `path`, symbolic axes checked: dynamo, else legacy (exporter "auto"), or the one asked.
+    """Export `prep` to `path`, symbolic axes checked: dynamo, else legacy (exporter "auto"), or the one
+    asked. Mixture-of-experts blocks trace in moe.dense_experts' form (the note says so); the model is
+    unchanged afterwards.
 
     Args:
         prep, path, opset, scratch: the prepared module, the graph file, the opset, a scratch folder.
@@ -93,6 +96,13 @@ def export_graph(prep: Prepared, path: Path, opset: int, scratch: Path, exporter
     Example:
         export_graph(prep, Path("out/model.onnx"), 18, Path("out/.scratch"), "legacy")  # ("legacy", "...")
     """
+    with dense_experts(prep.wrapper) as moe_note:
+        used, note = _export_either(prep, path, opset, scratch, exporter)
+    return used, (f"{note}; {moe_note}" if moe_note else note)
+
+
+def _export_either(prep: Prepared, path: Path, opset: int, scratch: Path, exporter: str) -> tuple[str, str]:
+    """export_graph's body: (exporter, note)."""
     reason = ""
     if exporter in ("auto", "dynamo"):
         try:

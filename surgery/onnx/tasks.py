@@ -42,6 +42,12 @@ TASK_TABLE: dict[str, Task] = {t.name: t for t in (
     # Heads first: auto picks the first task whose table lists the checkpoint's class.
     Task("causal-lm", "AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", ("text",),
          {"logits": _SEQ}),
+    # Encoder-decoder generation (T5, BART, Marian; Whisper): exported as Optimum's encoder_model.onnx +
+    # decoder graphs (surgery.onnx.seq2seq), never through the one-graph path.
+    Task("text2text-generation", "AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", ("text",),
+         {"logits": _SEQ}),
+    Task("speech2seq-lm", "AutoModelForSpeechSeq2Seq", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
+         ("audio features",), {"logits": _SEQ}),
     Task("fill-mask", "AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", ("text",), {"logits": _SEQ}),
     Task("text-classification", "AutoModelForSequenceClassification",
          "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", ("text",), {"logits": {0: "batch"}}),
@@ -157,8 +163,9 @@ def check_task(task: str, model_type: str | None) -> None:
     Raises:
         OptionError: field task, e.g. "task 'fill-mask' does not apply to vit; valid tasks: ..."."""
     kind = modality(model_type)
-    if kind == "audio features":
-        raise OptionError(f"{model_type} takes input_features (spectrograms): export-onnx does not export it yet",
+    if kind == "audio features" and task != "speech2seq-lm":
+        raise OptionError(f"{model_type} takes input_features (spectrograms): export-onnx exports it only as "
+                          "speech2seq-lm (automatic-speech-recognition-with-past), an encoder-decoder",
                           field="task")
     valid = valid_tasks(model_type)
     if task not in valid:

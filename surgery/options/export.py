@@ -28,10 +28,14 @@ from surgery.options.base import (
 TASKS = ("auto", "feature-extraction", "fill-mask", "text-classification", "token-classification",
          "question-answering", "multiple-choice", "image-classification", "image-feature-extraction",
          "audio-classification", "automatic-speech-recognition", "zero-shot-image-classification", "causal-lm",
-         "text-generation-with-past")
+         "text-generation-with-past", "text2text-generation", "text2text-generation-with-past",
+         "automatic-speech-recognition-with-past")
 #: the task exported as a decoder with past (Optimum's layout, surgery.onnx.decoder); "auto" on a
 #: causal LM means it too, unless cache=False
 WITH_PAST_TASK = "text-generation-with-past"
+#: encoder-decoder tasks (surgery.onnx.seq2seq): encoder_model.onnx + decoder_model.onnx, and with past
+#: decoder_with_past_model.onnx (Optimum's layout); "auto" on a *ForConditionalGeneration means one of them
+SEQ2SEQ_TASKS = ("text2text-generation", "text2text-generation-with-past", "automatic-speech-recognition-with-past")
 #: the logits-only causal-LM tasks, one graph without a cache (scoring)
 LOGITS_ONLY_TASKS = ("causal-lm", "text-generation")
 #: other names accepted for a task -> the name used (earlier names, Optimum's text-generation)
@@ -87,7 +91,9 @@ class ExportOptions(Options):
         benchmark: time PyTorch eager vs onnxruntime at 1x128 and 8x128 (with past: prefill and
             per-token decode latency at contexts 16/240/1024 vs PyTorch generate with its cache).
         cache: a causal LM with task "auto" is exported with its KV cache (text-generation-with-past);
-            False exports the logits-only graph (for scoring).
+            False exports the logits-only graph (for scoring). An encoder-decoder with task "auto" is
+            exported as text2text-generation-with-past (Whisper: automatic-speech-recognition-with-past);
+            False leaves out decoder_with_past_model.onnx.
         adapters: LoRA adapter directories merged into the model before export.
         threads: CPU threads for torch and onnxruntime (None: their own choice).
         pooling: sentence-transformers pooling inside the graph, output "sentence_embedding":
@@ -160,10 +166,12 @@ class ExportOptions(Options):
         for name in ("optimize", "validation", "benchmark", "allow_random_head", "overwrite", "cache"):
             value = getattr(self, name)
             require(isinstance(value, bool), name, f"must be True or False, got {value!r}")
-        require(self.cache or self.task != WITH_PAST_TASK, "cache",
-                f"cannot be False with task {WITH_PAST_TASK!r} (that task is the graph with the cache)")
+        require(self.cache or not self.task.endswith("-with-past"), "cache",
+                f"cannot be False with task {self.task!r} (that task is the graph with the cache)")
         require(not (self.optimize and self.task == WITH_PAST_TASK), "optimize",
                 f"applies to the logits-only graph; task {WITH_PAST_TASK!r} writes one graph (Optimum's layout)")
+        require(not (self.optimize and self.task in SEQ2SEQ_TASKS), "optimize",
+                f"applies to the one-graph export; task {self.task!r} writes Optimum's encoder/decoder graphs")
 
     def tolerances(self) -> tuple[float, float]:
         """(atol, rtol): the ones given, else the defaults for `dtype`.

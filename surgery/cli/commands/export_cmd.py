@@ -52,6 +52,29 @@ def render_benchmark(rows) -> str:
                  "lll" + "r" * len(keys))
 
 
+def generation_line(v) -> str:
+    """One line for a GenerationReport: provider, steps, prompt sets, worst tolerance ratio, verdict."""
+    w = v.worst
+    return (f"validation ({v.provider_note or v.provider}): greedy {v.new_tokens} tokens, "
+            f"{len(v.rows)} steps, prompt sets {', '.join(v.prompt_lengths)}; worst "
+            f"{w.tol_ratio if w else 0:.3g}x the tolerance; "
+            f"{'same tokens as PyTorch generate' if v.passed else v.failure_message()}")
+
+
+def render_seq2seq(res) -> str:
+    """An encoder-decoder export (Seq2SeqExport): graphs, side files, validation by generation."""
+    from surgery.io import escape_name
+
+    m = res.manifest
+    graphs = ", ".join(res.files.values())
+    lines = [f"exported {graphs} into {escape_name(res.out_dir)} ({m['task']}, {res.dtype}, Optimum's layout) with "
+             f"the {res.exporter} exporter; side files: {', '.join(m['files']['side_files']) or 'none'}"]
+    if res.validation is not None:
+        lines.append(generation_line(res.validation))
+    lines.append(f"status: {res.status}; manifest: {escape_name(res.out_dir / 'manifest.json')}")
+    return "\n".join(lines)
+
+
 def render_generation(res) -> str:
     """A with-past export (DecoderExport): files, validation by generation, benchmark rows."""
     from surgery.io import escape_name
@@ -60,13 +83,8 @@ def render_generation(res) -> str:
     side = ", ".join(m["files"]["side_files"] + ["genai_config.json"])
     lines = [f"exported {escape_name(res.model_path)} with its KV cache (text-generation-with-past, {res.dtype}) "
              f"with the {res.exporter} exporter; side files: {side}"]
-    v = res.validation
-    if v is not None:
-        w = v.worst
-        lines.append(f"validation ({v.provider_note or v.provider}): greedy {v.new_tokens} tokens, "
-                     f"{len(v.rows)} steps, prompt sets {', '.join(v.prompt_lengths)}; worst "
-                     f"{w.tol_ratio if w else 0:.3g}x the tolerance; "
-                     f"{'same tokens as PyTorch generate' if v.passed else v.failure_message()}")
+    if res.validation is not None:
+        lines.append(generation_line(res.validation))
     rows = m.get("benchmark") or []
     if rows:
         body = [[r["context"], r["provider"].removesuffix("ExecutionProvider"), r["threads"],
@@ -82,8 +100,8 @@ def render_generation(res) -> str:
 def render_export(res) -> str:
     from surgery.io import escape_name
 
-    if hasattr(res, "layout"):  # DecoderExport: the with-past export
-        return render_generation(res)
+    if hasattr(res, "layout"):  # DecoderExport (with past) or Seq2SeqExport (encoder-decoder)
+        return render_generation(res) if hasattr(res, "model_path") else render_seq2seq(res)
 
     lines = [f"exported {escape_name(res.model_path)} (+ {escape_name(res.data_path.name)}) with the {res.exporter} "
              "exporter" + (f"; {escape_name(res.exporter_note)}" if res.exporter_note else "")]
@@ -132,7 +150,8 @@ def render_export(res) -> str:
 @click.option("--validate/--no-validate", "validation", default=True, show_default=True,
               help="Compare onnxruntime with PyTorch (--no-validate: not recommended).")
 @click.option("--cache/--no-cache", default=True, show_default=True,
-              help="Causal LMs: export with the KV cache for generation (--no-cache: logits only, for scoring).")
+              help="Causal LMs and encoder-decoders: export with the KV cache for generation (--no-cache: "
+                   "logits only / no decoder_with_past_model.onnx).")
 @click.option("--benchmark", is_flag=True,
               help="Time PyTorch eager vs onnxruntime (with cache: prefill and ms/token at contexts 16/240/1024).")
 @click.option("--allow-random-head", is_flag=True,
@@ -154,6 +173,12 @@ def export_cmd(ctx, model_dir, out, as_json, quiet, **fields):
     text-generation-with-past layout; ORTModelForCausalLM and onnxruntime-genai run
     the directory as written), validated by greedy decoding against PyTorch generate.
     --no-cache (or --task text-generation) exports the logits-only graph for scoring.
+
+    An encoder-decoder (T5, BART, Marian, Whisper *ForConditionalGeneration) is exported
+    as Optimum's text2text-generation-with-past (Whisper: automatic-speech-recognition-
+    with-past): encoder_model.onnx, decoder_model.onnx, decoder_with_past_model.onnx,
+    which ORTModelForSeq2SeqLM / ORTModelForSpeechSeq2Seq load; --no-cache leaves out
+    the with-past decoder.
 
     \b
     Examples:
