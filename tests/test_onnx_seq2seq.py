@@ -204,6 +204,15 @@ def test_auto_task_and_options():
     assert e.value.field == "optimize"
 
 
+def test_exporter_other_than_auto_is_refused(tmp_path):
+    """The seq2seq graphs pick their exporter themselves (dynamo first); an asked one is refused
+    before the model loads, naming the field."""
+    src = build_model("marian", tmp_path / "marian")
+    with pytest.raises(OptionError) as e:
+        export_onnx(src, tmp_path / "out", exporter="legacy", device="cpu")
+    assert e.value.field == "exporter" and not (tmp_path / "out").exists()
+
+
 _OPTIMUM_SCRIPT = r"""
 import json, sys, warnings
 warnings.filterwarnings("ignore")
