@@ -44,6 +44,8 @@ sys.path.insert(0, str(ROOT))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
            TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
 OPTIMUM = "/tmp/venv-optimum/bin/optimum-cli"
+#: what `--task auto` must resolve to on a seq2seq row (BART's head is also listed as fill-mask)
+SEQ2SEQ_TASKS = r"text2text|seq2seq|speech|generation"
 CAUSAL = ("text-generation-with-past", "text-generation-with-past")
 
 
@@ -88,7 +90,7 @@ def _rows() -> list[Row]:
     rows.append(Row("vit-base", "vit-base", "image-feature-extraction", "feature-extraction"))
     # seq2seq: surgery's task name is not settled yet, so auto (the head config.json names)
     rows += [Row(n, n, "auto", "text2text-generation-with-past", "seq2seq") for n in ("t5", "bart", "marian")]
-    rows.append(Row("whisper", "whisper", "auto", "automatic-speech-recognition-with-past", "seq2seq"))
+    rows.append(Row("whisper", "whisper-1500", "auto", "automatic-speech-recognition-with-past", "seq2seq"))
     rows += [Row(n, n, *CAUSAL, "moe") for n in ("mixtral", "olmoe", "qwen2-moe", "qwen3-moe")]
     return rows
 
@@ -227,10 +229,13 @@ def run_surgery(row: Row, model_dir: Path, out: Path, res: Result, timeout: floa
         res.surgery = "ok"
         if row.ours == "auto":
             res.note = f"auto -> {m.get('task')}"
+        if row.kind == "seq2seq" and not re.search(SEQ2SEQ_TASKS, str(m.get("task"))):
+            res.surgery, res.surgery_reason = "wrong task", f"auto -> {m.get('task')}, not a generation task"
     else:
         written = any(out.glob("*.onnx")) if out.is_dir() else False
-        res.surgery = "failed" if (rc is None or written or "Traceback" in text or "--debug" in text) else "refused"
         res.surgery_reason = "timeout" if rc is None else _last_error(text)
+        crashed = rc is None or written or "Traceback" in text or "--debug" in text
+        res.surgery = "failed" if crashed or "failed" in res.surgery_reason else "refused"
     if res.surgery == "ok":
         found, err = onnx_outputs(out)
         res.surgery_head = err or head_intact(found, expected)
