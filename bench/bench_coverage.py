@@ -270,9 +270,8 @@ def run_row(row: Row, args: argparse.Namespace) -> Result:
     hf_logging.disable_progress_bar()
     res = Result(row.name, row.ours, row.optimum, row.kind, load_before=list(os.getloadavg()))
     model_dir = args.out / "models" / row.name
-    if not (model_dir / "config.json").is_file():
-        shutil.rmtree(model_dir, ignore_errors=True)
-        build_extra(row.model, model_dir, seed=0)
+    shutil.rmtree(model_dir, ignore_errors=True)  # rebuilt every run (under a second): never a stale config
+    build_extra(row.model, model_dir, seed=0)
     expected = expected_head(row.model, row.ours)
     if not args.no_surgery:
         run_surgery(row, model_dir, args.out / "surgery" / row.name, res, args.timeout, expected)
