@@ -15,6 +15,8 @@ Deterministic (fixed seeds, offline): builds everything under --work, then print
 Metric: retrieval of each held-out query's passage among all held-out passages (recall@1, MRR).
 gain kept = (metric_adapter − metric_base) / (metric_ft − metric_base). Paired test refined vs SVD
 on per-query outcomes: McNemar (exact) on recall@1 hits, sign test on reciprocal ranks.
+Fidelity to the fine-tune (less noisy when the retrieval gain is small): share of queries whose
+top-1 passage is the fine-tune's (McNemar refined vs SVD) and mean 1 − cos to its embeddings.
 Bench scaffolding: it prints, and is not library code.
 """
 
@@ -91,12 +93,21 @@ def pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
 
 
-def ranks_of(model, tok, held: list[tuple[str, str]], max_length: int) -> torch.Tensor:
-    """Per held-out query: the rank (1 = best) of its own passage among all held-out passages."""
-    q = embed(model, tok, [x for x, _ in held], max_length)
-    p = embed(model, tok, [y for _, y in held], max_length)
-    s = q @ p.T
-    return (s > s.diag().unsqueeze(1)).sum(1) + 1
+class Run:
+    """One model on the held-out set: per-query rank of its own passage (1 = best), top-1 passage, embeddings."""
+
+    def __init__(self, model, tok, held: list[tuple[str, str]], max_length: int):
+        q = embed(model, tok, [x for x, _ in held], max_length)
+        p = embed(model, tok, [y for _, y in held], max_length)
+        s = q @ p.T
+        self.ranks = (s > s.diag().unsqueeze(1)).sum(1) + 1
+        self.top1 = s.argmax(1)
+        self.emb = torch.cat([q, p])
+
+    def fidelity(self, ft: Run) -> dict[str, float]:
+        """Against the fine-tune: share of queries with the same top-1 passage, mean 1 − cos of the embeddings."""
+        return {"top1_agree": float((self.top1 == ft.top1).double().mean()),
+                "one_minus_cos": float(1 - (self.emb * ft.emb).sum(-1).mean())}
 
 
 def metrics(r: torch.Tensor) -> dict[str, float]:
@@ -211,9 +222,10 @@ def main() -> int:
     calib = [t for pair in train for t in pair][: a.calibration]
     tok = AutoTokenizer.from_pretrained(a.work / "base")
     dev = torch.device(a.device)
-    r_base = ranks_of(_load_model(a.work / "base", dev), tok, held, a.max_length)
-    r_ft = ranks_of(_load_model(a.work / "ft", dev), tok, held, a.max_length)
-    m_base, m_ft = metrics(r_base), metrics(r_ft)
+    run_base = Run(_load_model(a.work / "base", dev), tok, held, a.max_length)
+    run_ft = Run(_load_model(a.work / "ft", dev), tok, held, a.max_length)
+    m_base, m_ft = metrics(run_base.ranks), metrics(run_ft.ranks)
+    print(f"base against ft: {run_base.fidelity(run_ft)}", flush=True)
     print(f"held-out: base R@1 {m_base['r@1']:.3f} MRR {m_base['mrr']:.3f}   ft R@1 {m_ft['r@1']:.3f} "
           f"MRR {m_ft['mrr']:.3f}   ({len(held)} queries)", flush=True)
     rows, refine_ranks = [], {int(x) for x in a.refine_ranks.split(",") if x}
@@ -221,26 +233,32 @@ def main() -> int:
         svd = a.work / f"svd{r}"
         if not (svd / "adapter_model.safetensors").exists():
             extract_lora(a.work / "base", a.work / "ft", svd, rank=r, overwrite=True)
-        r_svd = ranks_of(load_student(a.work / "base", svd, a.device), tok, held, a.max_length)
+        run_svd = Run(load_student(a.work / "base", svd, a.device), tok, held, a.max_length)
+        r_svd, f_svd = run_svd.ranks, run_svd.fidelity(run_ft)
         k_svd = kept(metrics(r_svd), m_base, m_ft)
-        row = {"rank": r, "svd": metrics(r_svd), "svd_kept": k_svd}
-        line = f"r{r:<3} SVD R@1 kept {100 * k_svd['r@1']:6.1f} %  MRR kept {100 * k_svd['mrr']:6.1f} %"
+        row = {"rank": r, "svd": metrics(r_svd), "svd_kept": k_svd, "svd_fidelity": f_svd}
+        line = (f"r{r:<3} SVD R@1 kept {100 * k_svd['r@1']:6.1f} %  MRR kept {100 * k_svd['mrr']:6.1f} %  "
+                f"top-1 = ft {100 * f_svd['top1_agree']:.1f} %  1-cos {f_svd['one_minus_cos']:.2e}")
         if r in refine_ranks:
             ref = a.work / f"ref{r}{a.tag}"
             res = refine_adapter(a.work / "base", svd, ref, teacher=a.work / "ft", calibration=calib,
                                  threads=torch.get_num_threads(), device=a.device, overwrite=True, max_length=a.max_length,
                                  **refine_kwargs(a))
-            r_ref = ranks_of(load_student(a.work / "base", ref, a.device), tok, held, a.max_length)
+            run_ref = Run(load_student(a.work / "base", ref, a.device), tok, held, a.max_length)
+            r_ref, f_ref = run_ref.ranks, run_ref.fidelity(run_ft)
             k_ref = kept(metrics(r_ref), m_base, m_ft)
             only_ref, only_svd, p_mc = mcnemar(r_ref == 1, r_svd == 1)
+            agree = mcnemar(run_ref.top1 == run_ft.top1, run_svd.top1 == run_ft.top1)
             better, worse, p_sign, t = paired(-1.0 / r_ref.double(), -1.0 / r_svd.double())
             row.update({"refined": metrics(r_ref), "refined_kept": k_ref, "hit1_only_refined": only_ref,
-                        "hit1_only_svd": only_svd, "mcnemar_p": p_mc, "rr_better": better, "rr_worse": worse,
+                        "hit1_only_svd": only_svd, "mcnemar_p": p_mc,
+                        "refined_fidelity": f_ref, "top1_agree_only_ref_svd_p": agree, "rr_better": better, "rr_worse": worse,
                         "sign_p": p_sign, "paired_t": t, "refine_s": res.seconds, "steps_run": res.steps_run,
                         "best_step": res.best_step, "objective": res.objective, "options": refine_kwargs(a)})
             line += (f" | refined R@1 {100 * k_ref['r@1']:6.1f} %  MRR {100 * k_ref['mrr']:6.1f} %  "
                      f"hit@1 only ref/svd {only_ref}/{only_svd} McNemar p {p_mc:.1e}  RR better/worse "
-                     f"{better}/{worse} sign p {p_sign:.1e}  refine {res.seconds:.0f} s (best step "
+                     f"{better}/{worse} sign p {p_sign:.1e}  top-1 = ft {100 * f_ref['top1_agree']:.1f} % (only ref/svd "
+                     f"{agree[0]}/{agree[1]}, McNemar p {agree[2]:.1e})  1-cos {f_ref['one_minus_cos']:.2e}  refine {res.seconds:.0f} s (best step "
                      f"{res.best_step}/{res.steps_run}, {res.objective})")
         rows.append(row)
         print(line, flush=True)
