@@ -121,13 +121,14 @@ def test_plot_refused_into_input_or_bad_suffix(tiny_bert, tiny_bert_ft, tmp_path
     assert r.exit_code != 0 and not (Path(tiny_bert) / "x.png").exists() and not (tmp_path / "l").exists()
 
 
-def _refine_result(out="out") -> RefineResult:
+def _refine_result(out="out", steps=40) -> RefineResult:
     losses = [0.5, 0.2, 0.05, 0.01, 0.012]
     curve = [EvalPoint(10 * i, v, 1 - v, None, v * 3) for i, v in enumerate(losses)]
-    return RefineResult(out=Path(out), objective="pooled", steps=40, best_step=30, train_samples=80,
+    return RefineResult(out=Path(out), objective="pooled", steps=steps, best_step=30, train_samples=80,
                         holdout_samples=20, trainable_params=1000, no_adapter=EvalPoint(0, 1.0, 0.0, None, 2.0),
                         before=curve[0], after=curve[3], curve=curve,
-                        train_loss=[(10, 0.3), (20, 0.1), (30, 0.02), (40, 0.01)])
+                        train_loss=[(10, 0.3), (20, 0.1), (30, 0.02), (40, 0.01)], steps_run=40,
+                        options={"patience": 1})
 
 
 def test_refine_figure(tmp_path):
@@ -138,6 +139,23 @@ def test_refine_figure(tmp_path):
     assert fig.axes[0].get_yscale() == "log"  # the loss spans two decades
     plots.save_figure(fig, tmp_path / "r.png")
     assert_png(tmp_path / "r.png")
+
+
+def test_refine_figure_marks_early_stop():
+    """Stopped by patience at step 40 of 100: both panels mark step 40; a run of all its steps marks none."""
+    def stop_lines(fig):
+        return [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_label().startswith("early stop")]
+
+    fig = plots.refine_figure(_refine_result(steps=100))
+    lines = stop_lines(fig)
+    assert len(lines) == 2 and all(list(ln.get_xdata()) == [40, 40] for ln in lines)
+    assert lines[0].get_label() == "early stop: step 40 of 100, patience 1"
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
+    assert labels.count("early stop: step 40 of 100, patience 1") == 2
+    matplotlib.pyplot.close(fig)
+    fig = plots.refine_figure(_refine_result(steps=40))  # negative control: every step ran
+    assert stop_lines(fig) == []
+    matplotlib.pyplot.close(fig)
 
 
 def test_refine_cli_plot(tiny_bert, tiny_bert_ft, tmp_path):

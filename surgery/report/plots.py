@@ -317,7 +317,8 @@ def plot_extract(result: Any, path: str | Path, *, inputs: Sequence[str | Path] 
 
 def refine_figure(result: Any) -> Any:
     """refine's figure: train and held-out loss per step (the bare base's loss as a reference) and
-    the share of the base→teacher gap closed at each evaluation; the saved (best) step marked.
+    the share of the base→teacher gap closed at each evaluation; the saved (best) step marked, and,
+    when early stopping (patience) ended the run before its steps, the step where it stopped.
 
     Args:
         result: a RefineResult.
@@ -350,6 +351,7 @@ def refine_figure(result: Any) -> Any:
     ax_g.plot([result.best_step], [100 * result.gap_closed], "*", ms=12, color="crimson",
               label=f"best (saved): {100 * result.gap_closed:.1f}%")
     ax_g.axhline(100, color="grey", ls=":", lw=0.8, label="teacher (100%)")
+    _mark_early_stop(result, (ax_l, ax_g))
     ax_g.set_xlabel("optimizer step")
     ax_g.set_ylabel("gap to the teacher closed (%)")
     ax_g.set_title("gain per evaluation", fontsize=9)
@@ -359,6 +361,18 @@ def refine_figure(result: Any) -> Any:
         ax.legend(fontsize=7)
     fig.suptitle(f"refine {escape_name(result.out)}: {result.objective}, {result.steps} steps", fontsize=10)
     return fig
+
+
+def _mark_early_stop(result: Any, axes: Sequence[Any]) -> None:
+    """A vertical line at the step where early stopping ended the run (none when every step ran)."""
+    stopped = getattr(result, "steps_run", 0) or 0
+    if not 0 < stopped < result.steps:
+        return
+    patience = (getattr(result, "options", None) or {}).get("patience")
+    why = f", patience {patience}" if patience is not None else ""
+    for ax in axes:
+        ax.axvline(stopped, color="darkorange", ls="-.", lw=1,
+                   label=f"early stop: step {stopped} of {result.steps}{why}")
 
 
 def plot_refine(result: Any, path: str | Path, *, inputs: Sequence[str | Path] = (), overwrite: bool = False) -> Path:
