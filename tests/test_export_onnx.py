@@ -1,4 +1,5 @@
-"""export-onnx: tiny BERT / GPT-2 / Llama and the real MiniLM exported with dynamo, validated on onnxruntime.
+"""export-onnx: tiny BERT / GPT-2 / Llama and the real MiniLM exported (auto: legacy, gated; else dynamo),
+validated on onnxruntime.
 
 onnxruntime is the oracle: every export is run there and compared with eager PyTorch; the
 negative controls perturb a weight in the saved ONNX, or tighten the tolerance, and must fail.
@@ -50,7 +51,8 @@ def bert_export(tiny_bert, tmp_path_factory):
 
 def test_tiny_bert_exports_and_validates(bert_export):
     r = bert_export
-    assert r.status == "ok" and r.exporter == "dynamo"
+    assert r.status == "ok" and r.exporter == "legacy"  # auto: legacy first, its graph passed the gate
+    assert r.exporter_note.startswith("auto: the legacy TorchScript exporter (its graph matched PyTorch")
     assert r.provider == "CPUExecutionProvider" and r.provider_note == "CPU requested"
     _assert_layout(r.out_dir, ("model.onnx", "model_optimized.onnx"))
     # 2 files × 3 input sets × 1 output, all within fp32 tolerance
@@ -58,7 +60,7 @@ def test_tiny_bert_exports_and_validates(bert_export):
     assert {row.input_set for row in r.validation} == {"b1_s5", "b3_s13", "b4_s11_padded"}
     assert max(row.max_abs_diff for row in r.validation) < TOLERANCES["fp32"]["atol"]
     m = json.loads(r.manifest_path.read_text())
-    assert m["status"] == "ok" and m["exporter"] == "dynamo" and m["opset"] == 18
+    assert m["status"] == "ok" and m["exporter"] == "legacy" and m["opset"] == 18
     assert set(m["versions"]) >= {"torch", "onnx", "onnxruntime", "transformers"}
     assert [i["name"] for i in m["inputs"]] == ["input_ids", "attention_mask", "token_type_ids"]
     assert m["validation"]["execution_provider"] == "CPUExecutionProvider"
@@ -181,8 +183,9 @@ def test_bert_sequence_classification_fp16(tiny_bert, tmp_path):
     assert r.validation[0].shape == [1, 2]  # num_labels 2
 
 
-def test_custom_module_and_legacy_fallback(tmp_path, capfd):
-    """model= from Python; a data-dependent branch torch.export refuses sends it to the legacy exporter."""
+def test_custom_module_auto_is_legacy_first(tmp_path, capfd):
+    """model= from Python; auto runs the legacy exporter first (a data-dependent branch torch.export
+    refuses does not matter to it) and keeps its graph once it matched PyTorch at other sizes."""
 
     class Branchy(torch.nn.Module):
         def __init__(self):
@@ -204,9 +207,61 @@ def test_custom_module_and_legacy_fallback(tmp_path, capfd):
     assert r.status == "ok" and r.exporter == "legacy"
     if r.provider == "CPUExecutionProvider":  # this machine: onnxruntime-gpu without a usable GPU
         assert r.provider_note.startswith("CUDA unavailable")
-    assert r.exporter_note.startswith("dynamo export failed (")
+    assert r.exporter_note.startswith("auto: the legacy TorchScript exporter (its graph matched")
     assert graph_io(r.model_path)["inputs"]["x"][:2] == ["batch", "sequence"]
     assert all(row.passed for row in r.validation)
+
+
+class _WrongWhenTraced(torch.nn.Module):
+    """Computes something else under the TorchScript tracer: a legacy graph that loads, has symbolic
+    axes, and is wrong (what a trace that baked in a size looks like to the gate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        y = torch.tanh(self.lin(x))
+        return y * 1.5 if torch.jit.is_tracing() else y
+
+
+def test_auto_falls_back_to_dynamo_when_the_legacy_graph_is_wrong(tmp_path):
+    torch.manual_seed(0)
+    kw = dict(model=_WrongWhenTraced(), inputs=[InputSpec("x", ("batch", "sequence", 16), torch.float32)],
+              outputs={"y": {0: "batch", 1: "sequence"}}, device="cpu")
+    r = export_onnx(None, tmp_path / "auto", **kw)
+    assert r.status == "ok" and r.exporter == "dynamo" and all(row.passed for row in r.validation)
+    assert r.exporter_note.startswith("auto: legacy export failed (") and "used torch.onnx.export" in r.exporter_note
+    assert "differs from PyTorch on input set 'b1_s5'" in r.exporter_note  # the gate's reason, its set named
+    m = json.loads((tmp_path / "auto" / "manifest.json").read_text())
+    assert m["exporter"] == "dynamo" and m["exporter_note"] == r.exporter_note
+    # negative control: the legacy graph really is wrong (asked alone, the full validation fails it)
+    with pytest.raises(ValidationError, match="differs from PyTorch"):
+        export_onnx(None, tmp_path / "leg", exporter="legacy", **kw)
+
+
+def test_auto_falls_back_to_dynamo_when_legacy_raises(tmp_path, monkeypatch, tiny_bert):
+    from surgery.onnx import exporters
+
+    def boom(*a, **k):
+        raise RuntimeError("legacy refused this model\nsecond line")
+
+    monkeypatch.setattr(exporters, "export_legacy", boom)
+    r = export_onnx(tiny_bert, tmp_path / "o", device="cpu")
+    assert r.status == "ok" and r.exporter == "dynamo"
+    assert r.exporter_note.startswith("auto: legacy export failed (RuntimeError: legacy refused this model); "
+                                      "used torch.onnx")
+    # both failing: one line carrying each reason
+    def refuse(*a, **k):
+        raise RuntimeError("dynamo refused it too")
+
+    monkeypatch.setattr(exporters, "export_dynamo", refuse)
+    with pytest.raises(SurgeryError) as e:
+        export_onnx(tiny_bert, tmp_path / "both", device="cpu")
+    msg = str(e.value)
+    assert "legacy export failed (RuntimeError: legacy refused this model); dynamo export failed (RuntimeError: " \
+        "dynamo refused it too); try another opset" in msg and "\n" not in msg
+    assert not (tmp_path / "both").exists()
 
 
 def test_exporter_option_runs_only_the_one_asked(tmp_path):

@@ -97,6 +97,7 @@ def test_moe_no_cache_export_validates(arch, tmp_path):
     export_onnx(src, tmp_path / "onnx", ExportOptions(cache=False, device="cpu"))
     m = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
     assert m["task"] == "causal-lm" and m["status"] == "ok", m
+    assert m["exporter"] == "legacy", m["exporter_note"]  # auto: legacy first, gated (the dense form traces)
     assert "densely" in m["exporter_note"] and "4/2 = 2x" in m["exporter_note"]
     names = {i.name for i in onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph.input}
     assert not any(n.startswith("past_") for n in names)

@@ -34,7 +34,7 @@ def test_merged_outputs_close_to_ft_and_base_far(demo_report):
 
 def test_export_validated(demo_report):
     exp = demo_report["export"]
-    assert exp["status"] == "ok" and exp["exporter"] == "dynamo"
+    assert exp["status"] == "ok" and exp["exporter"] == "legacy"  # auto: legacy first, gated
     assert len(exp["validation"]) >= 3 and all(r["passed"] for r in exp["validation"])
     assert "CPU" in exp["provider_note"] or exp["provider"] == "CUDAExecutionProvider"
 

@@ -1,7 +1,9 @@
-"""torch.onnx, both ways: the dynamo exporter first, the legacy TorchScript exporter only when
-dynamo fails (raises, or specialises an axis the spec calls dynamic); or the one the `exporter`
-option asks for. Either way the result is
-one graph file plus one `<name>.data` weight file, at an IR version onnxruntime reads.
+"""torch.onnx, both ways. exporter "auto": the legacy TorchScript exporter first (several times
+faster than dynamo on small models, and the graph Optimum ships), its graph checked: symbolic axes
+(check_symbolic) and onnxruntime against PyTorch at batch/sequence sizes other than the export's
+(check_export, catching a size the trace baked in); when any step fails, torch.onnx.export(dynamo=True)
+(decoder.EXPORTER_ORDER, as for the with-past graph). "dynamo"/"legacy" run that one only. Either way
+the result is one graph file plus one `<name>.data` weight file, at an IR version onnxruntime reads.
 """
 
 from __future__ import annotations
@@ -14,12 +16,18 @@ import torch
 from surgery.core.hf import quiet
 from surgery.errors import SurgeryError
 from surgery.io.guards import escape_name
+from surgery.onnx.check import validate_onnx
+from surgery.onnx.decoder import EXPORTER_ORDER
 from surgery.onnx.files import check_symbolic, first_line, load_onnx, patch_header, remove_model, save_onnx
-from surgery.onnx.model import Prepared, make_inputs
+from surgery.onnx.model import Prepared, default_input_sets, make_inputs
 from surgery.onnx.moe import dense_experts
 from surgery.onnx.spec import EXPORT_BATCH, EXPORT_SEQ, IOSpec, data_file
 
 DYNAMO_NOTE = "torch.onnx.export(dynamo=True) with symbolic batch/sequence dims"
+LEGACY_NOTE = "the legacy TorchScript exporter"
+#: default_input_sets the auto legacy graph must pass before it is kept: batch 1 (a batch of 2 baked in
+#: broadcasts wrongly or fails) and a padded 4x11 (the mask path), both unlike the export's 2x7
+GATE_SETS = ("b1_s5", "b4_s11_padded")
 
 
 def export_args(spec: IOSpec) -> tuple[tuple[torch.Tensor, ...], tuple[dict[int, Any], ...],
@@ -77,20 +85,41 @@ def export_legacy(prep: Prepared, path: Path, opset: int, scratch: Path) -> None
     save_onnx(load_onnx(raw, with_data=True), path)
 
 
+def check_export(prep: Prepared, path: Path) -> None:
+    """Run the saved graph on onnxruntime (CPU) at GATE_SETS and compare every output with prep.wrapper.
+
+    The gate of an auto legacy export: a TorchScript trace records Python ints, so a graph can load and
+    have symbolic axes yet compute with a size of the export's 2x7. Tolerances: fp32 (the export runs
+    in fp32; fp16 conversion comes later and has its own validation).
+
+    Args:
+        prep: the prepared module the graph was exported from. path: the saved graph.
+
+    Raises:
+        ValidationError: onnxruntime cannot load or run the graph, or an output differs (named).
+
+    Example:
+        check_export(prep, Path("out/model.onnx"))
+    """
+    sets = default_input_sets(prep.spec)
+    validate_onnx(path, prep.wrapper, prep.task, spec=prep.spec, input_sets={k: sets[k] for k in GATE_SETS},
+                  device="cpu")
+
+
 def export_graph(prep: Prepared, path: Path, opset: int, scratch: Path, exporter: str = "auto") -> tuple[str, str]:
-    """Export `prep` to `path`, symbolic axes checked: dynamo, else legacy (exporter "auto"), or the one
-    asked. Mixture-of-experts blocks trace in moe.dense_experts' form (the note says so); the model is
-    unchanged afterwards.
+    """Export `prep` to `path`, symbolic axes checked: legacy, checked by check_export, else dynamo
+    (exporter "auto"), or the one asked. Mixture-of-experts blocks trace in moe.dense_experts' form
+    (the note says so); the model is unchanged afterwards.
 
     Args:
         prep, path, opset, scratch: the prepared module, the graph file, the opset, a scratch folder.
-        exporter: "auto" (dynamo first, legacy when it fails), "dynamo" or "legacy" (that one only).
+        exporter: "auto" (legacy first, dynamo when it fails), "dynamo" or "legacy" (that one only).
 
     Returns:
-        (exporter, note): "dynamo" or "legacy", and why it ran.
+        (exporter, note): "dynamo" or "legacy", and why it ran (in auto, why legacy was refused).
 
     Raises:
-        ValidationError: the legacy export (the last one tried) fixed a dynamic axis.
+        ValidationError: the legacy export, asked, fixed a dynamic axis.
         SurgeryError: every exporter tried failed (the message carries each reason).
 
     Example:
@@ -101,29 +130,42 @@ def export_graph(prep: Prepared, path: Path, opset: int, scratch: Path, exporter
     return used, (f"{note}; {moe_note}" if moe_note else note)
 
 
+def _export_one(name: str, prep: Prepared, path: Path, opset: int, scratch: Path, gate: bool) -> None:
+    """One exporter to `path`, its axes checked, and with `gate` its numbers (check_export)."""
+    if name == "dynamo":
+        export_dynamo(prep, path, opset)
+    else:
+        export_legacy(prep, path, opset, scratch)
+    check_symbolic(path, prep.spec)
+    if gate:
+        check_export(prep, path)
+
+
+def _note(name: str, exporter: str, failed: list[str]) -> str:
+    what = DYNAMO_NOTE if name == "dynamo" else LEGACY_NOTE
+    if exporter != "auto":
+        return f"exporter {exporter!r} asked: {what}"
+    if failed:
+        return f"auto: {'; '.join(failed)}; used {what}"
+    return (f"auto: {what} (its graph matched PyTorch at batch/sequence sizes other than the export's), "
+            "symbolic batch/sequence dims")
+
+
 def _export_either(prep: Prepared, path: Path, opset: int, scratch: Path, exporter: str) -> tuple[str, str]:
-    """export_graph's body: (exporter, note)."""
-    reason = ""
-    if exporter in ("auto", "dynamo"):
+    """export_graph's body: the exporters of EXPORTER_ORDER[exporter] in turn; (exporter, note)."""
+    order = EXPORTER_ORDER[exporter]
+    failed: list[str] = []
+    for i, name in enumerate(order):
         try:
-            export_dynamo(prep, path, opset)
-            check_symbolic(path, prep.spec)
-            return "dynamo", DYNAMO_NOTE if exporter == "auto" else f"exporter 'dynamo' asked: {DYNAMO_NOTE}"
-        except Exception as e:  # noqa: BLE001 - any dynamo failure sends us to the fallback, with its reason
+            _export_one(name, prep, path, opset, scratch, gate=i < len(order) - 1)
+            return name, _note(name, exporter, failed)
+        except Exception as e:  # noqa: BLE001 - any failure of one exporter sends us to the next, with its reason
+            if exporter == "legacy" and isinstance(e, SurgeryError):  # asked, our own check refused it: as it is
+                raise
             reason = first_line(e)
         remove_model(path)
-        if exporter == "dynamo":
-            raise SurgeryError(f"ONNX export of {escape_name(prep.source)} failed with the dynamo exporter "
-                               f"({reason}); try exporter 'auto'") from None
-    try:
-        export_legacy(prep, path, opset, scratch)
-        check_symbolic(path, prep.spec)
-    except SurgeryError:
-        raise
-    except Exception as e2:  # noqa: BLE001
-        first = f"dynamo ({reason}); " if reason else ""
-        raise SurgeryError(f"ONNX export of {escape_name(prep.source)} failed: {first}legacy ({first_line(e2)}); "
-                           "try another opset or report the model type") from None
-    if exporter == "legacy":
-        return "legacy", "exporter 'legacy' asked: the legacy TorchScript exporter"
-    return "legacy", f"dynamo export failed ({reason}); used the legacy TorchScript exporter"
+        failed.append(f"{name} export failed ({reason})")
+    src = escape_name(prep.source)
+    if exporter == "dynamo":
+        raise SurgeryError(f"ONNX export of {src} failed with the dynamo exporter ({reason}); try exporter 'auto'")
+    raise SurgeryError(f"ONNX export of {src} failed: {'; '.join(failed)}; try another opset or report the model type")
