@@ -204,13 +204,18 @@ def test_auto_task_and_options():
     assert e.value.field == "optimize"
 
 
-def test_exporter_other_than_auto_is_refused(tmp_path):
-    """The seq2seq graphs pick their exporter themselves (dynamo first); an asked one is refused
-    before the model loads, naming the field."""
+def test_exporter_auto_is_legacy_first_and_an_asked_one_runs_alone(tmp_path):
+    """auto: every graph from the legacy exporter, each checked against PyTorch at other sizes (the
+    note says so); an asked exporter runs alone; a bad name is refused before the model loads."""
     src = build_model("marian", tmp_path / "marian")
+    r = export_onnx(src, tmp_path / "auto", device="cpu", validate=False)
+    graphs = r.manifest["files"]["graphs"].values()
+    assert r.manifest["exporter"] == "legacy" and all("matched PyTorch" in g["note"] for g in graphs)
+    r = export_onnx(src, tmp_path / "dyn", exporter="dynamo", cache=False, device="cpu", validate=False)
+    assert r.manifest["exporter"] == "dynamo"
     with pytest.raises(OptionError) as e:
-        export_onnx(src, tmp_path / "out", exporter="legacy", device="cpu")
-    assert e.value.field == "exporter" and not (tmp_path / "out").exists()
+        export_onnx(src, tmp_path / "bad", exporter="fast", device="cpu")
+    assert e.value.field == "exporter" and not (tmp_path / "bad").exists()
 
 
 _OPTIMUM_SCRIPT = r"""
@@ -272,3 +277,32 @@ def test_fp16_export_matches_on_cpu(tmp_path):
     assert {o.type.tensor_type.elem_type for o in m.graph.output} == {onnx.TensorProto.FLOAT16} and outs
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input is never modified
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_auto_falls_back_to_dynamo_when_a_legacy_graph_is_wrong(tmp_path, monkeypatch):
+    """The gate is real: a legacy encoder graph that computes something else (its weights scaled
+    after export) is rejected and that graph comes from dynamo; the others stay legacy and the
+    export still validates."""
+    import onnx
+    from onnx import numpy_helper
+
+    import surgery.onnx.decoder as dec
+
+    real = dec._export_legacy
+
+    def corrupt_encoder(wrapper, args, raw, opset):
+        real(wrapper, args, raw, opset)
+        if type(wrapper).__name__ == "EncoderGraph":
+            proto = onnx.load(str(raw))
+            big = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+            big.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(big) * 1.5, big.name))
+            onnx.save(proto, str(raw))
+
+    monkeypatch.setattr(dec, "_export_legacy", corrupt_encoder)
+    src = build_model("bart", tmp_path / "bart")
+    r = export_onnx(src, tmp_path / "out", device="cpu")
+    graphs = r.manifest["files"]["graphs"]
+    assert r.status == "ok"
+    assert graphs["encoder_model.onnx"]["exporter"] == "dynamo"
+    assert "differs from PyTorch" in graphs["encoder_model.onnx"]["note"]
+    assert {g["exporter"] for n, g in graphs.items() if n != "encoder_model.onnx"} == {"legacy"}

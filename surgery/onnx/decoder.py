@@ -357,7 +357,7 @@ def save_decoder(proto: Any, path: Path) -> Path | None:
 
 #: exporters tried for the with-past graph, in order, per `exporter` option. auto: legacy first (about
 #: 3x faster than dynamo on decoders; its graph is checked against PyTorch at other shapes), dynamo next
-#: ("dynamo-first": the order of the other graphs that reuse _export_graph, e.g. seq2seq, unchecked)
+#: ("dynamo-first": the unchecked dynamo-then-legacy order, for callers without a check)
 EXPORTER_ORDER = {"auto": ("legacy", "dynamo"), "dynamo": ("dynamo",), "legacy": ("legacy",),
                   "dynamo-first": ("dynamo", "legacy")}
 #: (batch, sequence, past) of the graph check: a prefill with an empty cache, a one-token decode step
@@ -375,7 +375,8 @@ def _check_inputs(layout: DecoderLayout, dtype: torch.dtype, device: torch.devic
     return tuple(args)
 
 
-def check_graph(path: Path, wrapper: DecoderWithPast) -> None:
+def check_graph(path: Path, wrapper: Any,
+                input_sets: Sequence[tuple[str, tuple[torch.Tensor, ...]]] | None = None) -> None:
     """Run the saved graph on onnxruntime (CPU) at CHECK_SHAPES and compare every output with PyTorch.
 
     Catches a graph that loads and has symbolic axes but computes with a size the exporter baked in
@@ -383,7 +384,9 @@ def check_graph(path: Path, wrapper: DecoderWithPast) -> None:
     atol relative to each output's max |value|.
 
     Args:
-        path: the saved graph (model.onnx). wrapper: the DecoderWithPast it was exported from.
+        path: the saved graph (model.onnx). wrapper: the DecoderWithPast it was exported from (or any
+            module with a .layout taking flat tensors, when input_sets is given).
+        input_sets: [(label, inputs in layout.input_names order)]; default: CHECK_SHAPES of the decoder.
 
     Raises:
         ValidationError: an output differs (names it, with the shape set), or onnxruntime cannot run it.
@@ -407,17 +410,20 @@ def check_graph(path: Path, wrapper: DecoderWithPast) -> None:
     except Exception as e:  # noqa: BLE001
         raise ValidationError(f"onnxruntime cannot load the exported graph ({_first_line(e)})") from None
     names = wrapper.layout.input_names
-    for batch, seq, past in CHECK_SHAPES:
-        args = _check_inputs(wrapper.layout, param.dtype, param.device, batch, seq, past)
+    if input_sets is None:
+        input_sets = [(f"batch {b}, sequence {s}, past {p}", _check_inputs(wrapper.layout, param.dtype, param.device,
+                                                                           b, s, p)) for b, s, p in CHECK_SHAPES]
+    for label, args in input_sets:
         with torch.no_grad():
-            ref = [t.float().cpu().numpy() for t in wrapper(*args)]
+            out = wrapper(*args)
+        ref = [t.float().cpu().numpy() for t in ((out,) if isinstance(out, torch.Tensor) else out)]
         got = sess.run(None, {n: t.cpu().numpy() for n, t in zip(names, args, strict=True)})
         for name, r, g in zip(wrapper.layout.output_names, ref, got, strict=True):
             g = np.asarray(g, dtype=np.float32)
             bound = tol["atol"] * float(np.abs(r).max(initial=0.0)) + tol["rtol"] * np.abs(r)
             if g.shape != r.shape or not np.all(np.abs(g - r) <= bound):
-                raise ValidationError(f"the graph's {name!r} differs from PyTorch at batch {batch}, sequence "
-                                      f"{seq}, past {past} (shape {g.shape} vs {r.shape})")
+                raise ValidationError(f"the graph's {name!r} differs from PyTorch at {label} (shape {g.shape} "
+                                      f"vs {r.shape})")
 
 
 def _export_one(name: str, wrapper: Any, args: tuple[torch.Tensor, ...], path: Path, opset: int,
@@ -442,8 +448,8 @@ def _export_one(name: str, wrapper: Any, args: tuple[torch.Tensor, ...], path: P
             p.unlink()
         data = save_decoder(proto, path)
         del proto  # before the check's session loads the weights again
-    if check:
-        check_graph(path, wrapper)
+    if check:  # a wrapper may bring its own check inputs (seq2seq graphs); decoders use CHECK_SHAPES
+        check_graph(path, wrapper, wrapper.check_inputs() if hasattr(wrapper, "check_inputs") else None)
     return data
 
 
@@ -462,7 +468,8 @@ def _note(name: str, exporter: str, failed: Sequence[str]) -> str:
 def _export_graph(wrapper: Any, args: tuple[torch.Tensor, ...], path: Path, opset: int,
                   scratch: Path, exporter: str = "dynamo-first") -> tuple[str, str, Path | None]:
     """The exporters of EXPORTER_ORDER[exporter] in turn until one gives a graph with symbolic axes
-    (in auto, the first one's graph must also pass check_graph, so auto needs a DecoderWithPast).
+    (in auto, the first one's graph must also pass check_graph: a DecoderWithPast, or a wrapper with
+    check_inputs()).
     (exporter, note, data path). `wrapper` is any module with a `.layout` (input_names,
     output_names, axes()) taking flat tensors."""
     scratch.mkdir(parents=True, exist_ok=True)

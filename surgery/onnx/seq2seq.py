@@ -22,8 +22,9 @@ layout when no merged file is present.
 
 The wrappers take flat tensors and build transformers' EncoderDecoderCache inside, so no exporter
 sees a Cache object; the cross-attention cache fed to decoder_with_past is marked computed, so the
-graph never recomputes it from encoder states. The export machinery (dynamo first, legacy
-fallback, axes renamed to Optimum's names and checked symbolic, IR clamp, side files) is
+graph never recomputes it from encoder states. The export machinery (exporter "auto":
+legacy first, each graph checked at other sizes through the wrapper's check_inputs(), dynamo as
+fallback; axes renamed to Optimum's names and checked symbolic, IR clamp, side files) is
 surgery.onnx.decoder's; the check is surgery.onnx.seq2seq_check.validate_seq2seq.
 """
 
@@ -192,6 +193,10 @@ class EncoderGraph(torch.nn.Module):
         self.encoder = model.get_encoder()
         self.s2s, self.layout = lay, spec
 
+    def check_inputs(self) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+        """decoder.check_graph's input sets: CHECK_SIZES, unpadded."""
+        return _check_sets(self)
+
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         if self.s2s.speech:
             out = self.encoder(input_features=args[0], return_dict=True)
@@ -212,6 +217,10 @@ class DecoderGraph(torch.nn.Module):
     def __init__(self, model: Any, lay: Seq2SeqLayout, spec: GraphSpec, with_past: bool):
         super().__init__()
         self.model, self.s2s, self.layout, self.with_past = model, lay, spec, with_past
+
+    def check_inputs(self) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+        """decoder.check_graph's input sets: CHECK_SIZES, unpadded."""
+        return _check_sets(self)
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache, EncoderDecoderCache
@@ -241,13 +250,20 @@ class DecoderGraph(torch.nn.Module):
         return (out["logits"], *flat)
 
 
-def dummy_inputs(lay: Seq2SeqLayout, spec: GraphSpec, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
-    """Export inputs in spec.input_names order; row 0 of the encoder mask is right-padded by two."""
+#: (batch, encoder sequence, decoder sequence, past) of the legacy graphs' check: other sizes than the export's
+CHECK_SIZES = ((2, 4, 3, 6), (1, 6, 1, 2))
+
+
+def dummy_inputs(lay: Seq2SeqLayout, spec: GraphSpec, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 sizes: tuple[int, int, int, int] = (EXPORT_BATCH, EXPORT_ENC_SEQ, EXPORT_DEC_SEQ, EXPORT_PAST),
+                 padded: bool = True) -> tuple[torch.Tensor, ...]:
+    """Inputs in spec.input_names order at sizes (batch, encoder seq, decoder seq, past; the export's by
+    default); padded: row 0 of the encoder mask is right-padded by two (else all ones)."""
     g = torch.Generator().manual_seed(0)
-    b, s, d = EXPORT_BATCH, EXPORT_ENC_SEQ, EXPORT_DEC_SEQ
+    b, s, d, past = sizes
     mask = torch.ones(b, s, dtype=torch.long)
-    mask[0, -2:] = 0
+    if padded:
+        mask[0, -2:] = 0
     made: dict[str, torch.Tensor] = {
         "input_features": torch.randn(b, lay.num_mel_bins or 80, lay.frames or 3000, generator=g).to(dtype),
         "attention_mask": mask, "encoder_attention_mask": mask,
@@ -258,7 +274,7 @@ def dummy_inputs(lay: Seq2SeqLayout, spec: GraphSpec, dtype: torch.dtype,
             out.append(torch.randint(0, lay.vocab_size, (b, s if "attention_mask" in spec.input_names else d),
                                      generator=g))
         elif name.startswith("past_key_values."):
-            length = EXPORT_PAST if ".decoder." in name else s
+            length = past if ".decoder." in name else s
             out.append(torch.randn(b, lay.num_heads, length, lay.head_dim, generator=g).to(dtype))
         else:
             out.append(made[name])
@@ -303,7 +319,7 @@ def _load(model: Any) -> tuple[torch.nn.Module, Path | None]:
 
 
 def _export_graphs(tmp: Path, traced: torch.nn.Module, lay: Seq2SeqLayout, dtype: str, opset: int,
-                   with_past: bool) -> dict[str, Any]:
+                   with_past: bool, exporter: str = "auto") -> dict[str, Any]:
     """The three (two without past) graphs into tmp: {file: {"exporter", "note", "data"}}."""
     specs = graph_specs(lay)
     device = next(traced.parameters()).device
@@ -314,8 +330,8 @@ def _export_graphs(tmp: Path, traced: torch.nn.Module, lay: Seq2SeqLayout, dtype
         wrapper: torch.nn.Module = (EncoderGraph(traced, lay, spec) if name == ENCODER_FILE
                                     else DecoderGraph(traced, lay, spec, name == DECODER_PAST_FILE))
         args = dummy_inputs(lay, spec, DTYPES[dtype], device)
-        exporter, note, data = _export_graph(wrapper.eval(), args, tmp / name, opset, tmp / ".scratch")
-        done[name] = {"exporter": exporter, "note": note, "data": data.name if data else None}
+        used, note, data = _export_graph(wrapper.eval(), args, tmp / name, opset, tmp / ".scratch", exporter)
+        done[name] = {"exporter": used, "note": note, "data": data.name if data else None}
     import shutil
 
     shutil.rmtree(tmp / ".scratch", ignore_errors=True)
@@ -379,6 +395,14 @@ def _side(model: Any, source: Path | None, tokenizer: Any, tmp: Path) -> list[st
     return sorted(names)
 
 
+def _check_sets(graph: Any) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+    """[(label, inputs)] at CHECK_SIZES for an EncoderGraph/DecoderGraph, on its weights' dtype and device."""
+    p = next(graph.parameters())
+    return [(f"batch {b}, encoder sequence {s}, decoder sequence {d}, past {past}",
+             dummy_inputs(graph.s2s, graph.layout, p.dtype, p.device, (b, s, d, past), padded=False))
+            for b, s, d, past in CHECK_SIZES]
+
+
 def default_task(lay: Seq2SeqLayout, with_past: bool) -> str:
     """Optimum's task name for the layout: automatic-speech-recognition-with-past for Whisper,
     text2text-generation[-with-past] otherwise."""
@@ -391,7 +415,7 @@ def export_seq2seq(model: Any, out_dir: str | Path, *, with_past: bool = True, d
                    opset: int | None = None, validate: bool = True, new_tokens: int = 8, device: str = "auto",
                    tokenizer: Any = None, overwrite: bool = False, progress: Progress | None = None,
                    atol: float | None = None, rtol: float | None = None, threads: int | None = None,
-                   manifest_extra: dict[str, Any] | None = None) -> Seq2SeqExport:
+                   manifest_extra: dict[str, Any] | None = None, exporter: str = "auto") -> Seq2SeqExport:
     """Export an encoder-decoder (T5, BART, Marian, Whisper) in Optimum's seq2seq layout, validated by generation.
 
     Args:
@@ -403,6 +427,7 @@ def export_seq2seq(model: Any, out_dir: str | Path, *, with_past: bool = True, d
         tokenizer: a tokenizer (save_pretrained) or a directory whose tokenizer files are copied.
         progress: callback(stage, step, total). atol, rtol: validation tolerances.
         manifest_extra: more manifest.json keys.
+        exporter: "auto" (legacy first, checked against PyTorch at other sizes; else dynamo), "dynamo", "legacy".
 
     Returns:
         Seq2SeqExport: files, layout, exporter, validation report, manifest.
@@ -418,7 +443,7 @@ def export_seq2seq(model: Any, out_dir: str | Path, *, with_past: bool = True, d
     from surgery.options.export import DEFAULT_OPSET
 
     opset = DEFAULT_OPSET if opset is None else opset
-    _check_options(dtype, opset)
+    _check_options(dtype, opset, exporter)
     out_dir, steps = Path(out_dir), 3 + int(validate)
     tick: Callable[[str, int], None] = (lambda s, i: progress(s, i, steps)) if progress else (lambda s, i: None)
     src_inputs = [Path(model)] if isinstance(model, (str, Path)) else []
@@ -431,7 +456,7 @@ def export_seq2seq(model: Any, out_dir: str | Path, *, with_past: bool = True, d
         task = default_task(lay, with_past)
         with atomic_output_dir(out_dir, overwrite=overwrite, inputs=src_inputs) as tmp:
             t0 = time.perf_counter()
-            graphs = _export_graphs(tmp, traced, lay, dtype, opset, with_past)
+            graphs = _export_graphs(tmp, traced, lay, dtype, opset, with_past, exporter)
             export_s = time.perf_counter() - t0
             tick("export", 2)
             manifest = _manifest(lay, task, dtype, opset, graphs, _side(torch_model, source, tokenizer, tmp),
@@ -498,10 +523,9 @@ def export_seq2seq_dir(model_dir: str | Path | None, out_dir: str | Path, opts: 
         if getattr(opts, name):
             raise OptionError(f"{name} is not available for the encoder-decoder export (task {opts.task}); "
                               f"turn it off", field=name)
-    if opts.quantize is not None or opts.exporter != "auto":
-        name = "quantize" if opts.quantize is not None else "exporter"
-        raise OptionError(f"{name} is not available for the encoder-decoder export (task {opts.task}; its "
-                          "graphs take dynamo first, legacy as fallback)", field=name)
+    if opts.quantize is not None:
+        raise OptionError(f"quantize is not available for the encoder-decoder export (task {opts.task})",
+                          field="quantize")
     with_past = opts.cache and opts.task != "text2text-generation"
     extra: dict[str, Any] = {"adapters": [str(a) for a in opts.adapters]}
     if model is None:
@@ -518,4 +542,4 @@ def export_seq2seq_dir(model_dir: str | Path | None, out_dir: str | Path, opts: 
                               validate=opts.validation, device=opts.device,
                               tokenizer=Path(model_dir) if model_dir is not None else None,
                               overwrite=opts.overwrite, progress=progress, atol=opts.atol, rtol=opts.rtol,
-                              threads=opts.threads, manifest_extra=extra)
+                              threads=opts.threads, manifest_extra=extra, exporter=opts.exporter)

@@ -47,7 +47,7 @@ QUANTIZATIONS = ("int8",)
 #: a module passed from Python (model=) with its own inputs/outputs
 CUSTOM_TASK = "custom"
 #: which torch.onnx exporter writes the graph: "auto" tries the faster one first and falls back to
-#: the other (legacy first, its graph checked against PyTorch at other sizes; seq2seq: dynamo first);
+#: the other (legacy first, its graph checked against PyTorch at other sizes);
 #: "dynamo" / "legacy" run that one only
 EXPORTERS = ("auto", "dynamo", "legacy")
 #: weight dtypes of the exported graph (fp16: fp16 weights, fp32 inputs/outputs)

@@ -137,7 +137,7 @@ def render_export(res) -> str:
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset.")
 @click.option("--exporter", type=click.Choice(EXPORTERS), default="auto", show_default=True,
               help="torch.onnx exporter. auto: the faster one that gives a correct graph, the other as fallback "
-                   "(legacy TorchScript first, checked against PyTorch at other sizes; seq2seq: dynamo first); "
+                   "(legacy TorchScript first, each graph checked against PyTorch at other sizes); "
                    "dynamo / legacy: that one only. manifest.json says which ran and why.")
 @dtype_option("fp16: fp16 weights with fp32 inputs/outputs, validated with looser tolerances.",
               choices=ONNX_DTYPES, default="fp32")
