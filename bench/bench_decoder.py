@@ -176,11 +176,11 @@ def clients(a) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
     import torch
-    from test_onnx_decoder import tiny  # the tests' tiny configs
 
     from surgery.core.hf import quiet
     from surgery.onnx.decoder import EXPORT_PAST, EXPORT_SEQ, export_decoder_with_past
     from surgery.onnx.decoder_check import _eos_ids, _left_pad, _pad_id, default_prompts
+    from test_onnx_decoder import tiny  # the tests' tiny configs
 
     rows = []
     for arch in a.archs or CLIENT_ARCHS:

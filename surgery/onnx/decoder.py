@@ -598,22 +598,34 @@ def _eager_attention(model: Any) -> Iterator[None]:
         model.set_attn_implementation(old)
 
 
-def _load(model: Any) -> tuple[torch.nn.Module, Path | None]:
+def model_or_dir(model: Any, what: str) -> torch.nn.Module | Path:
+    """`model` itself when it is a module with a .config, else the Path of an existing directory.
+
+    Raises OptionError (field "model") for a module without a config or another type, CheckpointError
+    for a missing directory. `what` names the expected model in the message ("causal LM")."""
     if isinstance(model, torch.nn.Module):
         if getattr(model, "config", None) is None:
-            raise OptionError("model must be a transformers causal LM (it has no .config)", field="model")
-        return model, None
+            raise OptionError(f"model must be a transformers {what} (it has no .config)", field="model")
+        return model
     if not isinstance(model, (str, Path)):
         raise OptionError(f"model must be a model directory or a transformers model, got {type(model).__name__}",
                           field="model")
-    from transformers import AutoModelForCausalLM
-
-    from surgery.core.hf import architecture_class, config_dict, load_pretrained
-
     path = Path(model)
     if not path.is_dir():
         raise CheckpointError(f"model directory {escape_name(path)} does not exist; pass a Hugging Face model "
                               "directory")
+    return path
+
+
+def _load(model: Any) -> tuple[torch.nn.Module, Path | None]:
+    found = model_or_dir(model, "causal LM")
+    if isinstance(found, torch.nn.Module):
+        return found, None
+    from transformers import AutoModelForCausalLM
+
+    from surgery.core.hf import architecture_class, config_dict, load_pretrained
+
+    path = found
     cls = architecture_class(config_dict(path).get("architectures"), "AutoModelForCausalLM")
     if not hasattr(cls, "generate"):
         cls = AutoModelForCausalLM

@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
-from surgery.errors import CheckpointError, OptionError, SurgeryError
-from surgery.io import atomic_output_dir, check_output_path, escape_name
+from surgery.errors import OptionError, SurgeryError
+from surgery.io import atomic_output_dir, check_output_path
 from surgery.onnx.decoder import (
     DTYPES,
     _cache_pairs,
@@ -54,6 +54,7 @@ from surgery.onnx.decoder import (
     _json_safe,
     _raise_if_failed,
     _side_files,
+    model_or_dir,
 )
 from surgery.onnx.decoder_check import MANIFEST_FILE, GenerationReport
 from surgery.onnx.seq2seq_check import (
@@ -301,17 +302,9 @@ class Seq2SeqExport:
 
 def _load(model: Any) -> tuple[torch.nn.Module, Path | None]:
     """A transformers encoder-decoder, or a directory loaded with surgery.onnx.model.load_hf_model."""
-    if isinstance(model, torch.nn.Module):
-        if getattr(model, "config", None) is None:
-            raise OptionError("model must be a transformers encoder-decoder (it has no .config)", field="model")
-        return model, None
-    if not isinstance(model, (str, Path)):
-        raise OptionError(f"model must be a model directory or a transformers model, got {type(model).__name__}",
-                          field="model")
-    path = Path(model)
-    if not path.is_dir():
-        raise CheckpointError(f"model directory {escape_name(path)} does not exist; pass a Hugging Face model "
-                              "directory")
+    path = model_or_dir(model, "encoder-decoder")
+    if isinstance(path, torch.nn.Module):
+        return path, None
     from surgery.onnx.model import load_hf_model
 
     loaded, _, _ = load_hf_model(path, "auto")
