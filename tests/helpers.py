@@ -77,3 +77,20 @@ class FullDisk:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
         return _F()
+
+
+def copy_export_editing(src: Path, dst: Path, pick: Any, edit: Any) -> str:
+    """Copy the export directory SRC to DST with one initializer of model.onnx changed (a negative
+    control): `pick(initializers)` chooses it, `edit(array)` returns its new value. Returns its name."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(src / "model.onnx"))
+    target = pick(list(proto.graph.initializer))
+    target.CopyFrom(numpy_helper.from_array(edit(numpy_helper.to_array(target).copy()), target.name))
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.name != "model.onnx":
+            (dst / p.name).write_bytes(p.read_bytes())
+    onnx.save_model(proto, str(dst / "model.onnx"))
+    return target.name

@@ -19,6 +19,7 @@ import torch
 import transformers as tf
 from onnx import numpy_helper
 
+from helpers import copy_export_editing
 from surgery.errors import OptionError, SurgeryError, ValidationError
 from surgery.onnx.decoder import (
     BATCH,
@@ -173,17 +174,11 @@ def test_export_from_directory_copies_tokenizer_and_config(tiny_gpt2, tmp_path):
 
 def _perturb_largest(src: Path, dst: Path, scale: float) -> str:
     """Copy an export with its largest float initializer scaled by `scale`; returns its name."""
-    proto = onnx.load(str(src / "model.onnx"))
-    floats = [t for t in proto.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
-    target = max(floats, key=lambda t: int(np.prod(t.dims)))
-    arr = numpy_helper.to_array(target)
-    target.CopyFrom(numpy_helper.from_array((arr * scale).astype(arr.dtype), target.name))
-    dst.mkdir()
-    for p in src.iterdir():
-        if p.name != "model.onnx":
-            (dst / p.name).write_bytes(p.read_bytes())
-    onnx.save_model(proto, str(dst / "model.onnx"))
-    return target.name
+    def largest(inits):
+        floats = [t for t in inits if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+        return max(floats, key=lambda t: int(np.prod(t.dims)))
+
+    return copy_export_editing(src, dst, largest, lambda arr: (arr * scale).astype(arr.dtype))
 
 
 def test_perturbed_initializer_fails_validation(exports, tmp_path):

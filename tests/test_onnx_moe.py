@@ -17,9 +17,9 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from onnx import numpy_helper
 
 from fixtures.zoo import build_model, make_model
+from helpers import copy_export_editing
 from surgery.errors import ValidationError
 from surgery.onnx import moe
 from surgery.onnx.decoder import export_decoder_with_past
@@ -109,17 +109,12 @@ def test_moe_no_cache_export_validates(arch, tmp_path):
 def _copy_with_expert_scaled(src: Path, dst: Path, scale: float) -> str:
     """Copy an export with expert 0 of its first 3-D initializer scaled (the only 3-D weights are the
     experts' stacked (experts, in, out) projections, constant-folded transposes); its name."""
-    proto = onnx.load(str(src / "model.onnx"))
-    target = next(t for t in proto.graph.initializer if len(t.dims) == 3 and t.dims[0] == 4)
-    arr = numpy_helper.to_array(target).copy()
-    arr[0] *= scale
-    target.CopyFrom(numpy_helper.from_array(arr, target.name))
-    dst.mkdir()
-    for p in src.iterdir():
-        if p.name != "model.onnx":
-            (dst / p.name).write_bytes(p.read_bytes())
-    onnx.save_model(proto, str(dst / "model.onnx"))
-    return target.name
+    def scaled(arr):
+        arr[0] *= scale
+        return arr
+
+    return copy_export_editing(src, dst, lambda inits: next(t for t in inits if len(t.dims) == 3 and t.dims[0] == 4),
+                               scaled)
 
 
 def test_corrupted_expert_fails_validation(exports, tmp_path):
