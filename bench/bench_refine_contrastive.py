@@ -222,6 +222,7 @@ def args() -> argparse.Namespace:
     ap.add_argument("--weights", default=None, help="comma-separated objective weights")
     ap.add_argument("--patience", type=int, default=None)
     ap.add_argument("--layers", default=None, help="comma-separated hidden-state indices for the hidden objective")
+    ap.add_argument("--seed", type=int, default=None, help="refine seed (None = refine's default)")
     ap.add_argument("--train-vectors", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tag", default="", help="suffix of the refined adapter directories")
@@ -230,7 +231,7 @@ def args() -> argparse.Namespace:
 
 
 def refine_kwargs(a: argparse.Namespace) -> dict:
-    kw = {"steps": a.steps, "lr": a.lr, "objective": a.objective, "patience": a.patience,
+    kw = {"steps": a.steps, "lr": a.lr, "objective": a.objective, "patience": a.patience, "seed": a.seed,
           "weights": tuple(float(w) for w in a.weights.split(",")) if a.weights else None,
           "layers": tuple(int(v) for v in a.layers.split(",")) if a.layers else None}
     kw = {k: v for k, v in kw.items() if v is not None}
