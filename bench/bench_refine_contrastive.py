@@ -17,6 +17,11 @@ gain kept = (metric_adapter − metric_base) / (metric_ft − metric_base). Pair
 on per-query outcomes: McNemar (exact) on recall@1 hits, sign test on reciprocal ranks.
 Fidelity to the fine-tune (less noisy when the retrieval gain is small): share of queries whose
 top-1 passage is the fine-tune's (McNemar refined vs SVD) and mean 1 − cos to its embeddings.
+--query-cipher K (the judging variant, see bench/RESULTS.md): every query has its K most frequent
+train-query words spelt backwards ("Return the value" -> "nruter eht eulav"), a fixed code the base
+cannot read and the fine-tune must learn, so the held-out gain is large:
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_refine_contrastive.py --work bench/work/c2 \
+        --query-cipher 300 --ft-steps 400 --ft-lr 2e-4 --ft-batch 32 --ft-warmup 40
 Bench scaffolding: it prints, and is not library code.
 """
 
@@ -28,6 +33,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import sysconfig
@@ -43,6 +49,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from bench_refine_hard import paired  # noqa: E402  (exact sign test)
 
+WORD = re.compile(r"[A-Za-z]+")
 SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "ensurepip", "turtledemo", "__pycache__"}
 
 
@@ -75,7 +82,26 @@ def stdlib_pairs(min_passage: int) -> list[tuple[str, str]]:
 def split_pairs(a: argparse.Namespace) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     pairs = stdlib_pairs(a.min_passage)
     random.Random(0).shuffle(pairs)
-    return pairs[a.holdout:], pairs[:a.holdout]
+    train, held = pairs[a.holdout:], pairs[:a.holdout]
+    if a.query_cipher:
+        code = cipher(train, a.query_cipher)
+        train, held = ([(encipher(q, code), p) for q, p in part] for part in (train, held))
+    return train, held
+
+
+def cipher(train: list[tuple[str, str]], k: int) -> dict[str, str]:
+    """The K most frequent lowercase words of the train-split queries -> the word spelt backwards (a fixed code)."""
+    counts: dict[str, int] = {}
+    for q, _ in train:
+        for w in WORD.findall(q.lower()):
+            counts[w] = counts.get(w, 0) + 1
+    top = sorted(counts, key=lambda w: (-counts[w], w))[:k]
+    return {w: w[::-1] for w in top}
+
+
+def encipher(text: str, code: dict[str, str]) -> str:
+    """Replace every word of TEXT found in CODE (case-insensitively) by its code word."""
+    return WORD.sub(lambda m: code.get(m.group(0).lower(), m.group(0)), text)
 
 
 def embed(model, tok, texts: list[str], max_length: int, bs: int = 64) -> torch.Tensor:
@@ -133,7 +159,7 @@ def train_contrastive(model, tok, train: list[tuple[str, str]], a: argparse.Name
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for g in opt.param_groups:
-            g["lr"] = a.ft_lr * min(1.0, (step + 1) / 20)
+            g["lr"] = a.ft_lr * min(1.0, (step + 1) / a.ft_warmup)
         opt.step()
         if (step + 1) % 25 == 0:
             print(f"  ft step {step + 1}/{a.ft_steps} loss {float(loss.detach()):.3f} "
@@ -185,6 +211,10 @@ def args() -> argparse.Namespace:
     ap.add_argument("--ft-steps", type=int, default=120)
     ap.add_argument("--ft-lr", type=float, default=1e-4)
     ap.add_argument("--ft-batch", type=int, default=16)
+    ap.add_argument("--ft-warmup", type=int, default=20, help="linear warm-up steps of the fine-tune")
+    ap.add_argument("--query-cipher", type=int, default=0,
+                    help="K > 0: spell the K most frequent train-query words backwards in every query (a domain "
+                         "shift the base cannot read; the fine-tune must learn the code)")
     ap.add_argument("--calibration", type=int, default=2000, help="train-split texts given to refine")
     ap.add_argument("--steps", type=int, default=None, help="refine steps (None = refine's default)")
     ap.add_argument("--lr", type=float, default=None, help="refine lr (None = refine's default)")
@@ -192,6 +222,7 @@ def args() -> argparse.Namespace:
     ap.add_argument("--weights", default=None, help="comma-separated objective weights")
     ap.add_argument("--patience", type=int, default=None)
     ap.add_argument("--layers", default=None, help="comma-separated hidden-state indices for the hidden objective")
+    ap.add_argument("--seed", type=int, default=None, help="refine seed (None = refine's default)")
     ap.add_argument("--train-vectors", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tag", default="", help="suffix of the refined adapter directories")
@@ -200,7 +231,7 @@ def args() -> argparse.Namespace:
 
 
 def refine_kwargs(a: argparse.Namespace) -> dict:
-    kw = {"steps": a.steps, "lr": a.lr, "objective": a.objective, "patience": a.patience,
+    kw = {"steps": a.steps, "lr": a.lr, "objective": a.objective, "patience": a.patience, "seed": a.seed,
           "weights": tuple(float(w) for w in a.weights.split(",")) if a.weights else None,
           "layers": tuple(int(v) for v in a.layers.split(",")) if a.layers else None}
     kw = {k: v for k, v in kw.items() if v is not None}
@@ -230,6 +261,10 @@ def main() -> int:
     print(f"base against ft: {run_base.fidelity(run_ft)}", flush=True)
     print(f"held-out: base R@1 {m_base['r@1']:.3f} MRR {m_base['mrr']:.3f}   ft R@1 {m_ft['r@1']:.3f} "
           f"MRR {m_ft['mrr']:.3f}   ({len(held)} queries)", flush=True)
+    flips = mcnemar(run_ft.ranks == 1, run_base.ranks == 1)
+    rr = paired(-1.0 / run_ft.ranks.double(), -1.0 / run_base.ranks.double())
+    print(f"ft vs base: hit@1 only ft/base {flips[0]}/{flips[1]} (McNemar p {flips[2]:.1e}); reciprocal rank "
+          f"better/worse {rr[0]}/{rr[1]} (sign p {rr[2]:.1e})", flush=True)
     rows, refine_ranks = [], {int(x) for x in a.refine_ranks.split(",") if x}
     for r in [int(x) for x in a.ranks.split(",")]:
         svd = a.work / f"svd{r}"
@@ -255,13 +290,13 @@ def main() -> int:
             row.update({"refined": metrics(r_ref), "refined_kept": k_ref, "hit1_only_refined": only_ref,
                         "hit1_only_svd": only_svd, "mcnemar_p": p_mc,
                         "refined_fidelity": f_ref, "top1_agree_only_ref_svd_p": agree, "rr_better": better, "rr_worse": worse,
-                        "sign_p": p_sign, "paired_t": t, "refine_s": res.seconds, "steps_run": res.steps_run,
+                        "sign_p": p_sign, "paired_t": t, "refine_s": res.seconds, "steps_per_s": res.steps_run / res.seconds, "steps_run": res.steps_run,
                         "best_step": res.best_step, "objective": res.objective, "options": refine_kwargs(a)})
             line += (f" | refined R@1 {100 * k_ref['r@1']:6.1f} %  MRR {100 * k_ref['mrr']:6.1f} %  "
                      f"hit@1 only ref/svd {only_ref}/{only_svd} McNemar p {p_mc:.1e}  RR better/worse "
                      f"{better}/{worse} sign p {p_sign:.1e}  top-1 = ft {100 * f_ref['top1_agree']:.1f} % (only ref/svd "
-                     f"{agree[0]}/{agree[1]}, McNemar p {agree[2]:.1e})  1-cos {f_ref['one_minus_cos']:.2e}  refine {res.seconds:.0f} s (best step "
-                     f"{res.best_step}/{res.steps_run}, {res.objective})")
+                     f"{agree[0]}/{agree[1]}, McNemar p {agree[2]:.1e})  1-cos {f_ref['one_minus_cos']:.2e}  refine {res.seconds:.0f} s = {res.steps_run / res.seconds:.2f} "
+                     f"steps/s (best step {res.best_step}/{res.steps_run}, {res.objective})")
         rows.append(row)
         print(line, flush=True)
     if a.json:
