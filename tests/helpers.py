@@ -6,8 +6,12 @@ Import them as `from helpers import ...`: pyproject.toml puts tests/ on pytest's
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import random
+import re
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -94,3 +98,49 @@ def copy_export_editing(src: Path, dst: Path, pick: Any, edit: Any) -> str:
             (dst / p.name).write_bytes(p.read_bytes())
     onnx.save_model(proto, str(dst / "model.onnx"))
     return target.name
+
+
+def calibration_texts(n: int, seed: int) -> list[str]:
+    """Sentences of words every tiny tokenizer knows (bert's vocabulary is WORDS[:90])."""
+    from fixtures.make_fixtures import WORDS
+
+    rnd = random.Random(seed)
+    return [" ".join(rnd.choice(WORDS[5:90]) for _ in range(rnd.randint(4, 14))) for _ in range(n)]
+
+
+def write_calibration(directory: Path, n: int, seed: int) -> Path:
+    """DIRECTORY/calib.txt holding calibration_texts(n, seed), one per line."""
+    p = directory / "calib.txt"
+    p.write_text("\n".join(calibration_texts(n, seed)) + "\n")
+    return p
+
+
+def raises_one_line(exc_type: Any, fn: Any, needle: str | None = None) -> str:
+    """fn() raises exc_type with a one-line message (no CR/LF, no escape), matching `needle`; the message."""
+    with pytest.raises(exc_type) as ei:
+        fn()
+    msg = str(ei.value)
+    assert "\n" not in msg and "\r" not in msg and "\x1b" not in msg, msg
+    if needle:
+        assert re.search(needle, msg), msg
+    return msg
+
+
+def tree_state(*roots: Path, mtime: bool = False) -> dict[str, str]:
+    """What every entry under the roots is, without following links or opening special files: link
+    targets, content hashes of regular files ("sparse" past 1 GiB; with mtime, the mtime too), "dir",
+    "special:<type>"."""
+    out = {}
+    for root in roots:
+        for p in sorted([root, *root.rglob("*")]) if root.is_dir() and not root.is_symlink() else [root]:
+            st_ = os.lstat(p)
+            if stat.S_ISLNK(st_.st_mode):
+                out[str(p)] = "link:" + os.readlink(p)
+            elif stat.S_ISREG(st_.st_mode):
+                digest = hashlib.sha256(p.read_bytes()).hexdigest() if st_.st_size < 2**30 else "sparse"
+                out[str(p)] = digest + (f":{st_.st_mtime_ns}" if mtime else "")
+            elif stat.S_ISDIR(st_.st_mode):
+                out[str(p)] = "dir"
+            else:
+                out[str(p)] = f"special:{stat.S_IFMT(st_.st_mode)}"
+    return out

@@ -21,7 +21,6 @@ import pickle
 import re
 import shutil
 import signal
-import stat
 import struct
 import subprocess
 import sys
@@ -40,7 +39,8 @@ from safetensors.torch import load_file
 
 import surgery.io.index as index_mod
 import surgery.io.writer as wmod
-from helpers import FullDisk
+from helpers import FullDisk, raises_one_line
+from helpers import tree_state as helpers_tree_state
 from surgery.cli.main import cli
 from surgery.errors import CheckpointError, OutputError, SurgeryError
 from surgery.io import LazyReader, ShardedWriter, atomic_output_dir, escape_name, load_json, open_checkpoint
@@ -71,31 +71,9 @@ def one_line(r, needle: str | None = None) -> str:
     return lines[0]
 
 
-def raises_one_line(exc_type, fn, needle: str | None = None) -> str:
-    with pytest.raises(exc_type) as ei:
-        fn()
-    msg = str(ei.value)
-    assert "\n" not in msg and "\r" not in msg and "\x1b" not in msg, msg
-    if needle:
-        assert re.search(needle, msg), msg
-    return msg
-
-
 def tree_state(*roots: Path) -> dict[str, str]:
-    """What every entry under the roots is, without following links or opening special files."""
-    out = {}
-    for root in roots:
-        for p in sorted([root, *root.rglob("*")]) if root.is_dir() and not root.is_symlink() else [root]:
-            st_ = os.lstat(p)
-            if stat.S_ISLNK(st_.st_mode):
-                out[str(p)] = "link:" + os.readlink(p)
-            elif stat.S_ISREG(st_.st_mode):
-                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() + f":{st_.st_mtime_ns}"
-            elif stat.S_ISDIR(st_.st_mode):
-                out[str(p)] = "dir"
-            else:
-                out[str(p)] = f"special:{stat.S_IFMT(st_.st_mode)}"
-    return out
+    """helpers.tree_state with each regular file's mtime: an input rewritten with equal bytes shows."""
+    return helpers_tree_state(*roots, mtime=True)
 
 
 def listing(d: Path) -> list[str]:

@@ -21,12 +21,10 @@ and that its inputs are unchanged (hashed before and after).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
 import shutil
-import stat
 import struct
 import subprocess
 import sys
@@ -39,7 +37,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import surgery.io.writer as wmod
-from helpers import FullDisk
+from helpers import FullDisk, raises_one_line, tree_state
 from surgery.cli.main import cli
 from surgery.core.tensors import available_memory, check_fits, matrix_bytes
 from surgery.errors import (
@@ -76,31 +74,6 @@ def one_line(r, needle: str | None = None, code: int = 1) -> str:
     if needle:
         assert re.search(needle, line), line
     return line
-
-
-def raises_one_line(exc_type, fn, needle: str | None = None) -> str:
-    with pytest.raises(exc_type) as ei:
-        fn()
-    msg = str(ei.value)
-    assert "\n" not in msg and "\r" not in msg and "\x1b" not in msg, msg
-    if needle:
-        assert re.search(needle, msg), msg
-    return msg
-
-
-def tree_state(*roots: Path) -> dict[str, str]:
-    """What every entry under the roots is (content hashes), without following links."""
-    out = {}
-    for root in roots:
-        for p in sorted([root, *root.rglob("*")]) if root.is_dir() and not root.is_symlink() else [root]:
-            st_ = os.lstat(p)
-            if stat.S_ISLNK(st_.st_mode):
-                out[str(p)] = "link:" + os.readlink(p)
-            elif stat.S_ISREG(st_.st_mode):
-                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if st_.st_size < 2**30 else "sparse"
-            else:
-                out[str(p)] = "dir" if stat.S_ISDIR(st_.st_mode) else "special"
-    return out
 
 
 def leftovers(*dirs: Path) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import shutil
 import warnings
 from pathlib import Path
@@ -19,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from fixtures.make_fixtures import WORDS
+from helpers import calibration_texts as texts
+from helpers import write_calibration
 from surgery.errors import AdapterError, CheckpointError, OptionError
 from surgery.ops.extract import extract_lora
 from surgery.ops.refine import extract_and_refine, load_student, read_calibration, refine_adapter
@@ -40,12 +40,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-def texts(n: int, seed: int) -> list[str]:
-    """Sentences of words every tiny tokenizer knows (bert's vocabulary is WORDS[:90])."""
-    rnd = random.Random(seed)
-    return [" ".join(rnd.choice(WORDS[5:90]) for _ in range(rnd.randint(4, 14))) for _ in range(n)]
 
 
 def digest(adapter: Path) -> str:
@@ -99,9 +93,7 @@ def kl_err(student, teacher, enc) -> float:
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text("\n".join(texts(120, seed=1)) + "\n")
-    return p
+    return write_calibration(tmp_path_factory.mktemp("calib"), 120, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import calibration_texts as texts
+from helpers import write_calibration
 from surgery.errors import AdapterError, OptionError
 from surgery.ops.extract import extract_lora
 from surgery.ops.refine import refine_adapter
 from surgery.options.refine import RefineOptions
-from tests.test_refine import texts
 
 LR = 1e-2
 
@@ -29,9 +30,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("calib") / "calib.txt"
-    p.write_text("\n".join(texts(60, seed=1)) + "\n")
-    return p
+    return write_calibration(tmp_path_factory.mktemp("calib"), 60, seed=1)
 
 
 @pytest.fixture(scope="module")
