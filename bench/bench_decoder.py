@@ -257,31 +257,11 @@ def _session(path: Path, device: str = "cpu", threads: int = 1):
 
 
 def decode_with_past(sess, prompt, new: int) -> tuple[list[int], float, float]:
-    """Greedy decode with the cache on onnxruntime: (tokens, prefill ms, mean ms per decode step)."""
-    import numpy as np
+    """Greedy decode with the cache on onnxruntime (CPU): (tokens, prefill ms, mean ms per decode step);
+    export-onnx --benchmark's loop (surgery.onnx.generation.ort_decode)."""
+    from surgery.onnx.generation import ort_decode
 
-    ins = {i.name: i for i in sess.get_inputs()}
-    outs = [o.name for o in sess.get_outputs()]
-    pasts = sorted(n for n in ins if n.startswith("past_key_values."))
-    kv_type = np.float16 if ins[pasts[0]].type == "tensor(float16)" else np.float32
-    shape = ins[pasts[0]].shape
-    feed = {n: np.zeros((1, shape[1], 0, shape[3]), kv_type) for n in pasts}
-    ids = np.array([prompt], dtype=np.int64)
-    mask = np.ones_like(ids)
-    tokens, times = [], []
-    for _ in range(new):
-        feed.update({"input_ids": ids, "attention_mask": mask})
-        if "position_ids" in ins:
-            feed["position_ids"] = np.arange(mask.shape[1] - ids.shape[1], mask.shape[1], dtype=np.int64)[None]
-        t0 = time.perf_counter()
-        res = dict(zip(outs, sess.run(None, feed), strict=True))
-        times.append(time.perf_counter() - t0)
-        tok = int(res["logits"][0, -1].argmax())
-        tokens.append(tok)
-        feed.update({n: res[n.replace("past_key_values.", "present.")] for n in pasts})
-        ids = np.array([[tok]], dtype=np.int64)
-        mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-    return tokens, times[0] * 1e3, sum(times[1:]) / max(len(times) - 1, 1) * 1e3
+    return ort_decode(sess, "CPUExecutionProvider", list(prompt), new)
 
 
 def decode_logits_only(sess, prompt, new: int) -> tuple[list[int], float]:
@@ -394,45 +374,6 @@ def graph_nodes(path: Path) -> dict[str, int]:
 # ----------------------------------------------------------------------------- GPU (bench/gpu_check.sh)
 
 
-def decode_iobinding(sess, prompt, new: int, device: str = "cuda") -> tuple[list[int], float, float]:
-    """Greedy decode on CUDA with IOBinding: the cache stays on the GPU between steps (each step's
-    present OrtValues are bound as the next step's past); only ids/mask go up, last logits come down."""
-    import numpy as np
-    import onnxruntime as ort
-
-    ins = {i.name: i for i in sess.get_inputs()}
-    outs = [o.name for o in sess.get_outputs()]
-    pasts = sorted(n for n in ins if n.startswith("past_key_values."))
-    kv_type = np.float16 if ins[pasts[0]].type == "tensor(float16)" else np.float32
-    shape = ins[pasts[0]].shape
-    cache = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, shape[1], 0, shape[3]), kv_type), device, 0)
-             for n in pasts}
-    ids = np.array([prompt], dtype=np.int64)
-    mask = np.ones_like(ids)
-    tokens, times = [], []
-    for _ in range(new):
-        t0 = time.perf_counter()
-        b = sess.io_binding()
-        b.bind_cpu_input("input_ids", ids)
-        b.bind_cpu_input("attention_mask", mask)
-        if "position_ids" in ins:
-            b.bind_cpu_input("position_ids", np.arange(mask.shape[1] - ids.shape[1], mask.shape[1],
-                                                       dtype=np.int64)[None])
-        for n, v in cache.items():
-            b.bind_ortvalue_input(n, v)
-        for o in outs:
-            b.bind_output(o, device)
-        sess.run_with_iobinding(b)
-        res = dict(zip(outs, b.get_outputs(), strict=True))
-        tok = int(res["logits"].numpy()[0, -1].argmax())
-        times.append(time.perf_counter() - t0)
-        tokens.append(tok)
-        cache = {n: res[n.replace("past_key_values.", "present.")] for n in pasts}
-        ids = np.array([[tok]], dtype=np.int64)
-        mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-    return tokens, times[0] * 1e3, sum(times[1:]) / max(len(times) - 1, 1) * 1e3
-
-
 def gpu(a) -> dict:
     import dataclasses
 
@@ -444,6 +385,7 @@ def gpu(a) -> dict:
     from surgery.errors import ValidationError
     from surgery.onnx.decoder import export_decoder_with_past
     from surgery.onnx.decoder_check import make_session
+    from surgery.onnx.generation import ort_decode
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -481,10 +423,9 @@ def gpu(a) -> dict:
         prompt = torch.randint(3, 32000, (ctx,), generator=g).tolist()
         row = {"context": ctx, "new_tokens": SPEED_NEW}
         ref, row["torch_prefill_ms"], row["torch_ms_per_token"] = torch_generate_ms(fp16, prompt, SPEED_NEW, tdev)
-        iob = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
-        decode_iobinding(sess, prompt, 2, iob)  # warm-up
-        toks, row["ort_prefill_ms"], row["ort_ms_per_token"] = decode_iobinding(sess, prompt, SPEED_NEW, iob)
-        row["ort_iobinding_device"] = iob
+        ort_decode(sess, provider, prompt, 2)  # warm-up; IOBinding (cache kept on the GPU) when CUDA loaded
+        toks, row["ort_prefill_ms"], row["ort_ms_per_token"] = ort_decode(sess, provider, prompt, SPEED_NEW)
+        row["ort_iobinding_device"] = "cuda" if provider == "CUDAExecutionProvider" else None
         row["same_tokens_as_torch"] = toks == ref
         row["first_difference"] = next((i for i, (x, y) in enumerate(zip(toks, ref, strict=False)) if x != y), None)
         rows.append(row)
