@@ -144,3 +144,15 @@ def tree_state(*roots: Path, mtime: bool = False) -> dict[str, str]:
             else:
                 out[str(p)] = f"special:{stat.S_IFMT(st_.st_mode)}"
     return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_per_module():
+    """Torch at one thread for a whole test module (import it as a fixture there): tiny models are
+    faster on one thread, and on a loaded 2-core machine far faster (no spinning)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from helpers import calibration_texts as texts
+from helpers import one_thread_per_module as one_thread  # noqa: F401 - autouse fixture
 from helpers import write_calibration
 from surgery.errors import AdapterError, CheckpointError, OptionError
 from surgery.ops.extract import extract_lora
@@ -31,15 +32,6 @@ FP32_TOL = 1e-5       # our LoRA forward vs PEFT's, fp32 outputs
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster, and on a loaded 2-core machine far faster (no spinning)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def digest(adapter: Path) -> str:

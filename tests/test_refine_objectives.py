@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import calibration_texts as texts
+from helpers import one_thread_per_module as one_thread  # noqa: F401 - autouse fixture
 from helpers import write_calibration
 from surgery.errors import AdapterError, OptionError
 from surgery.ops.extract import extract_lora
@@ -18,14 +19,6 @@ from surgery.ops.refine import refine_adapter
 from surgery.options.refine import RefineOptions
 
 LR = 1e-2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
