@@ -454,6 +454,29 @@ def test_budget_policy(tiny_bert, tiny_bert_ft, tmp_path):
     assert 3000 < res2.adapter_params <= 6000 and res2.overall_rel_error < res.overall_rel_error
 
 
+@pytest.mark.parametrize("model", ["bert", "gpt2"])
+def test_rank_budget(request, model, tmp_path):
+    """--budget r2: exactly the LoRA parameters of a uniform rank-2 extraction, spread by the allocator
+    (per-module ranks differ), and a lower error than the uniform rank for the same parameters."""
+    base, ft = request.getfixturevalue(f"tiny_{model}"), request.getfixturevalue(f"tiny_{model}_ft")
+    uni = extract_lora(base, ft, tmp_path / "uni", rank=2, svd="exact")
+    bud = extract_lora(base, ft, tmp_path / "bud", budget="r2", svd="exact")
+    assert bud.adapter_params <= uni.adapter_params
+    assert uni.adapter_params - bud.adapter_params < min(sum(m.shape) for m in uni.modules)  # all but a scrap spent
+    assert len({m.rank for m in bud.modules}) > 1  # negative control: not the uniform rank again
+    assert bud.overall_rel_error < uni.overall_rel_error
+    cfg = json.loads((tmp_path / "bud" / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] and {cfg["rank_pattern"].get(m.module, cfg["r"]) for m in bud.modules} == {
+        m.rank for m in bud.modules}
+
+
+@pytest.mark.parametrize("text, match", [("r0", "rank >= 1"), ("r2.5", "not a rank budget"), ("rank8", "not a rank")])
+def test_rank_budget_refused(tiny_bert, tiny_bert_ft, tmp_path, text, match):
+    with pytest.raises(OptionError, match=f"^budget: .*{match}"):
+        extract_lora(tiny_bert, tiny_bert_ft, tmp_path / "ad", budget=text)
+    assert not (tmp_path / "ad").exists()
+
+
 def test_unchanged_module_gets_no_lora(tiny_bert, tiny_bert_ft, tmp_path):
     module = "encoder.layer.1.attention.self.value"
     tensors, base = load_dir(tiny_bert_ft), load_dir(tiny_bert)

@@ -31,7 +31,7 @@ import dataclasses
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from surgery.core.tensors import all_finite, check_fits, require_finite
 from surgery.errors import CheckpointError, OptionError, SurgeryError
 from surgery.io import CheckpointIndex, LazyReader, check_output_path, escape_name, open_checkpoint
 from surgery.io.hub import is_hub_id, resolve_model
-from surgery.options.extract import ExtractOptions, parse_budget
+from surgery.options.extract import ExtractOptions, budget_rank, parse_budget
 from surgery.report.cards import write_card
 from surgery.report.checks import capped_energy_warning, rounding_delta_warning
 
@@ -555,7 +555,7 @@ def plan_extraction(pair: _Pair, opts: ExtractOptions) -> ExtractPlan:
     plans, tied_notes = _settle_tied(plans, pair, tied, opts)
     plans, form = _settle_lora_bias(plans, pair, opts)
     plans = _settle_whole_modules(plans, pair)
-    budget = parse_budget(opts.budget, base_idx.total_params) if opts.budget is not None else None
+    budget = _budget_params(opts.budget, plans, pair)
     return ExtractPlan(_shard_order(plans, pair), base_idx.total_params, budget, opts.rank_cap, task_type, form,
                        tied, tuple(notes + tied_notes), _expert_layout(plans, nm), base_idx.config)
 
@@ -757,6 +757,35 @@ def _other_row(p: TensorPlan, pair: _Pair, bias_form: str) -> Row:
         return Row(p.name, bias=value, target=p.target, delta_sq=dsq)
     return Row(p.name, skipped={"tensor": p.name, "why": p.why, "delta_norm": math.sqrt(dsq)}, target=p.target,
                delta_sq=dsq)
+
+
+def _budget_params(text, plans: Sequence[TensorPlan], pair: _Pair) -> int | None:
+    """The budget in parameters: parsed, or for "rN" what rank N on every LoRA candidate would take
+    (min(N, min(m, n))·(m + n) each; an expert stack E times that)."""
+    if text is None:
+        return None
+    n = budget_rank(text)
+    if n is None:
+        return parse_budget(text, pair.base_idx.total_params)
+    total = 0
+    for p in plans:
+        if p.action not in ("lora", "experts"):
+            continue
+        shape = _plan_shape(p, pair)
+        e, (m, k) = (shape[0], shape[1:]) if len(shape) == 3 else (1, shape)
+        total += e * min(n, m, k) * (m + k)
+    return total
+
+
+def _plan_shape(p: TensorPlan, pair: _Pair) -> tuple[int, ...]:
+    """The shape of a LoRA candidate: its checkpoint tensor's, or a fused parameter's in the model."""
+    if not p.sources:
+        return tuple(pair.base_idx.tensors[p.name].shape)
+    model = pair.names.model if pair.names is not None else None
+    if model is None:
+        raise OptionError(f"budget: the shape of fused parameter {escape_name(p.target, 200)} is unknown; give "
+                          "the budget as a parameter count", field="budget")
+    return tuple(model.get_parameter(p.target).shape)
 
 
 def _spectra(p: TensorPlan, d: torch.Tensor, cap: int | None, svd: _SVDSettings) -> tuple:

@@ -43,8 +43,10 @@ class ExtractOptions(Options):
     Rank policy (at most one of rank / energy / budget; none means rank=16):
         rank:      a fixed rank for every module (>= 1).
         energy:    per module, the smallest rank keeping this fraction of ‖Δ‖²_F, in (0, 1].
-        budget:    total LoRA parameters over all modules: a count ("2e6", 150000) or a share
-                   of the model ("1%"), allocated by largest σ² gained per parameter.
+        budget:    total LoRA parameters over all modules: a count ("2e6", 150000), a share
+                   of the model ("1%"), or "rN": as many as rank N on every selected module
+                   would take; allocated by largest σ² gained per parameter (per-module ranks,
+                   PEFT's rank_pattern).
         max_rank:  cap for every policy (default 256 for energy/budget unless svd="exact").
     SVD: svd ("auto" | "exact" | "randomized"), niter (power iterations, >= 0), seed.
     Selection: include / exclude (regexes searched in module names), embeddings ("lora" |
@@ -179,8 +181,27 @@ def _budget_error(message: str) -> OptionError:
     return OptionError(message, field="budget")
 
 
+def budget_rank(text: Any) -> int | None:
+    """N for a rank budget "rN" (as many LoRA parameters as rank N on every selected module), else None.
+
+    Raises:
+        OptionError(field="budget"): "r0" or a rank that is not a whole number.
+
+    Example:
+        >>> budget_rank("r8"), budget_rank("1e6")
+        (8, None)
+    """
+    if not isinstance(text, str) or not re.fullmatch(r"[rR]\S*", text.strip()):
+        return None
+    m = re.fullmatch(r"[rR]([0-9]+)", text.strip())
+    if m is None or int(m.group(1)) < 1:
+        raise _budget_error(f"budget: {text!r} is not a rank budget like 'r8' (a rank >= 1)")
+    return int(m.group(1))
+
+
 def parse_budget(text: Any, model_params: int | None = None, *, syntax_only: bool = False) -> int:
     """A parameter budget: "150000", "1e6", "1_000_000" (or an int) or "2%" of model_params.
+    ("rN", a rank budget, is resolved by the extraction plan: see budget_rank.)
 
     Counts must be whole non-negative numbers; percentages must be in (0, 100] and are rounded
     down. Torch-free. With syntax_only, a percentage needs no model_params (returns 0).
@@ -198,6 +219,10 @@ def parse_budget(text: Any, model_params: int | None = None, *, syntax_only: boo
         >>> parse_budget("2%", 1_000_000), parse_budget("1e6")
         (20000, 1000000)
     """
+    if budget_rank(text) is not None:  # "r8": resolved against the module shapes by the extraction plan
+        if syntax_only:
+            return 0
+        raise _budget_error(f"budget: {text!r} is a rank budget; it needs the model's module shapes")
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
             raise _budget_error(f"budget: must be >= 0 parameters, got {text}")
@@ -227,5 +252,5 @@ def parse_budget(text: Any, model_params: int | None = None, *, syntax_only: boo
     return int(value)
 
 
-__all__ = ["ExtractOptions", "parse_budget", "SVD_METHODS", "EMBEDDING_MODES", "OTHER_DELTA_MODES", "BIAS_MODES",
-           "TASK_TYPES", "DEFAULT_RANK", "DEFAULT_MAX_RANK"]
+__all__ = ["ExtractOptions", "budget_rank", "parse_budget", "SVD_METHODS", "EMBEDDING_MODES", "OTHER_DELTA_MODES",
+           "BIAS_MODES", "TASK_TYPES", "DEFAULT_RANK", "DEFAULT_MAX_RANK"]

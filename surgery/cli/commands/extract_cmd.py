@@ -85,8 +85,8 @@ def _run_refine(base, ft, out, opts: ExtractOptions, ropts, prog):
 @out_option(help="Adapter directory to write.")
 @click.option("--rank", type=int, help="Fixed rank for every module (default 16).")
 @click.option("--energy", type=float, help="Smallest rank keeping this fraction of each delta's energy, in (0, 1].")
-@click.option("--budget", help="Total LoRA parameters spread over all modules: a count (2e6) or a share of the "
-              "model (1%).")
+@click.option("--budget", help="Total LoRA parameters spread over all modules: a count (2e6), a share of the "
+              "model (1%), or rN: as many as rank N on every module would take (e.g. r8).")
 @click.option("--svd", type=click.Choice(SVD_METHODS), default="auto", show_default=True)
 @click.option("--niter", type=int, default=4, show_default=True, help="Power iterations (randomized SVD).")
 @click.option("--max-rank", type=int, help="Rank cap for --energy/--budget (default 256 unless --svd exact).")
