@@ -346,3 +346,14 @@ def test_cli(tiny_bert, tiny_bert_ft, bert_svd, calib, tmp_path):
                          str(tmp_path / "empty.txt"), "-o", str(tmp_path / "d")])
     assert res.exit_code == 1 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_card_names_listed_calibration_by_count(tiny_bert, tiny_bert_ft, bert_svd, tmp_path):
+    """Calibration given as samples: the model card says how many, never copies the texts (a 4,662-text
+    list once made a 1 MB README)."""
+    sample = texts(40, seed=5)
+    refine_adapter(tiny_bert, bert_svd, tmp_path / "o", teacher=tiny_bert_ft, calibration=sample, steps=1,
+                   batch_size=8)
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert "(40 samples)" in card
+    assert not any(t in card for t in sample)  # negative control: the texts were given

@@ -75,12 +75,15 @@ def render_card(kind: str, base: str | None, options: Mapping[str, Any], summary
 
 
 def options_dict(opts: Any, drop: Iterable[str] = ("overwrite", "threads", "device")) -> dict[str, Any]:
-    """An Options object's fields for a card (machine-specific ones dropped; tuples as lists)."""
+    """An Options object's fields for a card (machine-specific ones dropped; tuples as lists), as its
+    to_json() gives them when it has one (refine's calibration samples become "(N samples)", never
+    the texts themselves)."""
     import dataclasses
 
     skip = set(drop)
-    return {f.name: list(v) if isinstance(v := getattr(opts, f.name), tuple) else v
-            for f in dataclasses.fields(opts) if f.name not in skip}
+    shown = opts.to_json() if callable(getattr(opts, "to_json", None)) else {}
+    return {f.name: shown[f.name] if f.name in shown else list(v) if isinstance(v := getattr(opts, f.name), tuple)
+            else v for f in dataclasses.fields(opts) if f.name not in skip}
 
 
 def write_card(out_dir: str | Path, kind: str, base: str | None, options: Mapping[str, Any],
