@@ -13,8 +13,12 @@ Deterministic (fixed seeds, offline): builds everything under --work, then print
 3. per rank R in --ranks: extract_lora(base, ft, rank=R) (SVD); refined (--refine-ranks) =
    refine_adapter(..., calibration = the train-split queries and passages, the held-out never seen).
 Metric: retrieval of each held-out query's passage among all held-out passages (recall@1, MRR).
-gain kept = (metric_adapter − metric_base) / (metric_ft − metric_base). Paired test refined vs SVD
-on per-query outcomes: McNemar (exact) on recall@1 hits, sign test on reciprocal ranks.
+gain kept = (metric_adapter − metric_base) / (metric_ft − metric_base), with a 95 % paired-bootstrap
+interval (queries resampled). Paired test refined vs SVD on per-query outcomes: McNemar (exact) on
+recall@1 hits, sign test on reciprocal ranks; the same tests refined vs ft say whether the adapter's
+retrieval can be told apart from the fine-tune's at all. --budget R: start from extract's budget
+allocator at rank-R's LoRA parameter count (--budget rR) instead of a uniform rank. --eval ADAPTER...
+scores existing adapters only.
 Fidelity to the fine-tune (less noisy when the retrieval gain is small): share of queries whose
 top-1 passage is the fine-tune's (McNemar refined vs SVD) and mean 1 − cos to its embeddings.
 --query-cipher K (the judging variant, see bench/RESULTS.md): every query has its K most frequent
@@ -196,8 +200,41 @@ def mcnemar(x: torch.Tensor, y: torch.Tensor) -> tuple[int, int, float]:
     return b, c, p
 
 
+def lora_params(adapter: Path) -> int:
+    """LoRA factor parameters of an adapter (lora_A / lora_B / lora_embedding_A / _B tensors)."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if ".lora_" in k)
+
+
 def kept(m: dict[str, float], base: dict[str, float], ft: dict[str, float]) -> dict[str, float]:
     return {k: (m[k] - base[k]) / (ft[k] - base[k]) for k in m}
+
+
+def kept_ci(r: torch.Tensor, r_base: torch.Tensor, r_ft: torch.Tensor, n: int = 2000) -> tuple[float, float]:
+    """95 % paired-bootstrap interval of MRR kept (queries resampled together for all three models)."""
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(len(r), (n, len(r)), generator=g)
+    rr = [(1.0 / x.double())[idx].mean(1) for x in (r, r_base, r_ft)]
+    k = ((rr[0] - rr[1]) / (rr[2] - rr[1])).sort().values
+    return float(k[int(0.025 * n)]), float(k[int(0.975 * n) - 1])
+
+
+def against_ft(r: torch.Tensor, r_ft: torch.Tensor) -> dict[str, float]:
+    """Is the adapter's retrieval distinguishable from the fine-tune's? McNemar on hit@1, sign test on RR."""
+    only_ad, only_ft, p_mc = mcnemar(r == 1, r_ft == 1)
+    better, worse, p_sign, _ = paired(-1.0 / r.double(), -1.0 / r_ft.double())
+    return {"hit1_only_adapter": only_ad, "hit1_only_ft": only_ft, "mcnemar_p": p_mc,
+            "rr_better": better, "rr_worse": worse, "sign_p": p_sign}
+
+
+def describe(r: torch.Tensor, r_base: torch.Tensor, r_ft: torch.Tensor) -> str:
+    lo, hi = kept_ci(r, r_base, r_ft)
+    v = against_ft(r, r_ft)
+    return (f"MRR kept 95 % CI [{100 * lo:.1f}, {100 * hi:.1f}] %; vs ft: hit@1 only adapter/ft "
+            f"{v['hit1_only_adapter']}/{v['hit1_only_ft']} (McNemar p {v['mcnemar_p']:.2f}), RR better/worse "
+            f"{v['rr_better']}/{v['rr_worse']} (sign p {v['sign_p']:.2f})")
 
 
 def args() -> argparse.Namespace:
@@ -218,6 +255,7 @@ def args() -> argparse.Namespace:
     ap.add_argument("--calibration", type=int, default=2000, help="train-split texts given to refine")
     ap.add_argument("--steps", type=int, default=None, help="refine steps (None = refine's default)")
     ap.add_argument("--lr", type=float, default=None, help="refine lr (None = refine's default)")
+    ap.add_argument("--batch", type=int, default=None, help="refine batch size (None = refine's default)")
     ap.add_argument("--objective", default=None)
     ap.add_argument("--weights", default=None, help="comma-separated objective weights")
     ap.add_argument("--patience", type=int, default=None)
@@ -225,13 +263,19 @@ def args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=None, help="refine seed (None = refine's default)")
     ap.add_argument("--train-vectors", action="store_true")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--budget", action="store_true",
+                    help="per rank R, start from extract's budget allocator at rank-R's LoRA parameter count "
+                         "(WORK/budR: per-module ranks) instead of a uniform rank R (WORK/svdR)")
     ap.add_argument("--tag", default="", help="suffix of the refined adapter directories")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--eval", nargs="+", type=Path, default=None, metavar="ADAPTER",
+                    help="only score these adapters (built models reused): kept, its CI, and the test against ft")
     return ap.parse_args()
 
 
 def refine_kwargs(a: argparse.Namespace) -> dict:
     kw = {"steps": a.steps, "lr": a.lr, "objective": a.objective, "patience": a.patience, "seed": a.seed,
+          "batch_size": a.batch,
           "weights": tuple(float(w) for w in a.weights.split(",")) if a.weights else None,
           "layers": tuple(int(v) for v in a.layers.split(",")) if a.layers else None}
     kw = {k: v for k, v in kw.items() if v is not None}
@@ -265,16 +309,30 @@ def main() -> int:
     rr = paired(-1.0 / run_ft.ranks.double(), -1.0 / run_base.ranks.double())
     print(f"ft vs base: hit@1 only ft/base {flips[0]}/{flips[1]} (McNemar p {flips[2]:.1e}); reciprocal rank "
           f"better/worse {rr[0]}/{rr[1]} (sign p {rr[2]:.1e})", flush=True)
+    if a.eval:
+        for ad in a.eval:
+            run = Run(load_student(a.work / "base", ad, a.device), tok, held, a.max_length)
+            k, f = kept(metrics(run.ranks), m_base, m_ft), run.fidelity(run_ft)
+            print(f"{ad}: R@1 kept {100 * k['r@1']:.1f} %  MRR kept {100 * k['mrr']:.1f} %  top-1 = ft "
+                  f"{100 * f['top1_agree']:.1f} %  1-cos {f['one_minus_cos']:.2e}  "
+                  f"{describe(run.ranks, run_base.ranks, run_ft.ranks)}", flush=True)
+        return 0
     rows, refine_ranks = [], {int(x) for x in a.refine_ranks.split(",") if x}
     for r in [int(x) for x in a.ranks.split(",")]:
         svd = a.work / f"svd{r}"
         if not (svd / "adapter_model.safetensors").exists():
             extract_lora(a.work / "base", a.work / "ft", svd, rank=r, overwrite=True)
+        if a.budget:  # the same number of LoRA parameters, spread by the budget allocator
+            bud = a.work / f"bud{r}"
+            if not (bud / "adapter_model.safetensors").exists():
+                extract_lora(a.work / "base", a.work / "ft", bud, budget=f"r{r}", overwrite=True)
+            svd = bud
         run_svd = Run(load_student(a.work / "base", svd, a.device), tok, held, a.max_length)
         r_svd, f_svd = run_svd.ranks, run_svd.fidelity(run_ft)
         k_svd = kept(metrics(r_svd), m_base, m_ft)
-        row = {"rank": r, "svd": metrics(r_svd), "svd_kept": k_svd, "svd_fidelity": f_svd}
-        line = (f"r{r:<3} SVD R@1 kept {100 * k_svd['r@1']:6.1f} %  MRR kept {100 * k_svd['mrr']:6.1f} %  "
+        row = {"rank": r, "start": svd.name, "lora_params": lora_params(svd), "svd": metrics(r_svd), "svd_kept": k_svd, "svd_fidelity": f_svd}
+        row["svd_kept_ci"], row["svd_vs_ft"] = kept_ci(r_svd, run_base.ranks, run_ft.ranks), against_ft(r_svd, run_ft.ranks)
+        line = (f"{svd.name:<5} SVD R@1 kept {100 * k_svd['r@1']:6.1f} %  MRR kept {100 * k_svd['mrr']:6.1f} %  "
                 f"top-1 = ft {100 * f_svd['top1_agree']:.1f} %  1-cos {f_svd['one_minus_cos']:.2e}")
         if r in refine_ranks:
             ref = a.work / f"ref{r}{a.tag}"
@@ -287,6 +345,8 @@ def main() -> int:
             only_ref, only_svd, p_mc = mcnemar(r_ref == 1, r_svd == 1)
             agree = mcnemar(run_ref.top1 == run_ft.top1, run_svd.top1 == run_ft.top1)
             better, worse, p_sign, t = paired(-1.0 / r_ref.double(), -1.0 / r_svd.double())
+            row.update({"refined_kept_ci": kept_ci(r_ref, run_base.ranks, run_ft.ranks),
+                        "refined_vs_ft": against_ft(r_ref, run_ft.ranks)})
             row.update({"refined": metrics(r_ref), "refined_kept": k_ref, "hit1_only_refined": only_ref,
                         "hit1_only_svd": only_svd, "mcnemar_p": p_mc,
                         "refined_fidelity": f_ref, "top1_agree_only_ref_svd_p": agree, "rr_better": better, "rr_worse": worse,
@@ -296,7 +356,8 @@ def main() -> int:
                      f"hit@1 only ref/svd {only_ref}/{only_svd} McNemar p {p_mc:.1e}  RR better/worse "
                      f"{better}/{worse} sign p {p_sign:.1e}  top-1 = ft {100 * f_ref['top1_agree']:.1f} % (only ref/svd "
                      f"{agree[0]}/{agree[1]}, McNemar p {agree[2]:.1e})  1-cos {f_ref['one_minus_cos']:.2e}  refine {res.seconds:.0f} s = {res.steps_run / res.seconds:.2f} "
-                     f"steps/s (best step {res.best_step}/{res.steps_run}, {res.objective})")
+                     f"steps/s (best step {res.best_step}/{res.steps_run}, {res.objective}); "
+                     f"{describe(r_ref, run_base.ranks, run_ft.ranks)}")
         rows.append(row)
         print(line, flush=True)
     if a.json:

@@ -454,11 +454,18 @@ def test_budget_policy(tiny_bert, tiny_bert_ft, tmp_path):
     assert 3000 < res2.adapter_params <= 6000 and res2.overall_rel_error < res.overall_rel_error
 
 
-@pytest.mark.parametrize("model", ["bert", "gpt2"])
+@pytest.mark.parametrize("model", ["bert", "gpt2", "bert-one-unchanged"])
 def test_rank_budget(request, model, tmp_path):
     """--budget r2: exactly the LoRA parameters of a uniform rank-2 extraction, spread by the allocator
-    (per-module ranks differ), and a lower error than the uniform rank for the same parameters."""
-    base, ft = request.getfixturevalue(f"tiny_{model}"), request.getfixturevalue(f"tiny_{model}_ft")
+    (per-module ranks differ), and a lower error than the uniform rank for the same parameters. An
+    unchanged module costs nothing (the uniform extraction skips it too)."""
+    arch = model.split("-")[0]
+    base, ft = request.getfixturevalue(f"tiny_{arch}"), request.getfixturevalue(f"tiny_{arch}_ft")
+    if model.endswith("unchanged"):
+        tensors, wb = load_dir(ft), load_dir(base)
+        for part in ("weight", "bias"):
+            tensors[f"encoder.layer.1.attention.self.value.{part}"] = wb[f"encoder.layer.1.attention.self.value.{part}"]
+        ft = write_model(tmp_path / "ft", tensors, ft)
     uni = extract_lora(base, ft, tmp_path / "uni", rank=2, svd="exact")
     bud = extract_lora(base, ft, tmp_path / "bud", budget="r2", svd="exact")
     assert bud.adapter_params <= uni.adapter_params

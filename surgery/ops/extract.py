@@ -760,8 +760,9 @@ def _other_row(p: TensorPlan, pair: _Pair, bias_form: str) -> Row:
 
 
 def _budget_params(text, plans: Sequence[TensorPlan], pair: _Pair) -> int | None:
-    """The budget in parameters: parsed, or for "rN" what rank N on every LoRA candidate would take
-    (min(N, min(m, n))·(m + n) each; an expert stack E times that)."""
+    """The budget in parameters: parsed, or for "rN" what rank N on every changed LoRA candidate would
+    take (min(N, min(m, n))·(m + n) each; an expert stack E times that), i.e. the size of a uniform
+    rank-N extraction, which skips unchanged modules too."""
     if text is None:
         return None
     n = budget_rank(text)
@@ -769,7 +770,7 @@ def _budget_params(text, plans: Sequence[TensorPlan], pair: _Pair) -> int | None
         return parse_budget(text, pair.base_idx.total_params)
     total = 0
     for p in plans:
-        if p.action not in ("lora", "experts"):
+        if p.action not in ("lora", "experts") or not pair.differs(p):
             continue
         shape = _plan_shape(p, pair)
         e, (m, k) = (shape[0], shape[1:]) if len(shape) == 3 else (1, shape)
