@@ -150,8 +150,9 @@ def main() -> int:
     ap.add_argument("--ft-lr", type=float, default=3e-3)
     ap.add_argument("--calibration", type=int, default=800)
     ap.add_argument("--holdout", type=int, default=300)
-    ap.add_argument("--steps", type=int, default=300, help="refine steps")
-    ap.add_argument("--lr", type=float, default=3e-3, help="refine lr")
+    ap.add_argument("--steps", type=int, default=None, help="refine steps (None = refine's default)")
+    ap.add_argument("--lr", type=float, default=None, help="refine lr (None = refine's default)")
+    ap.add_argument("--batch", type=int, default=None, help="refine batch size (None = refine's default)")
     ap.add_argument("--objective", default="auto")
     ap.add_argument("--patience", type=int, default=None)
     ap.add_argument("--device", default="cpu")
@@ -174,9 +175,10 @@ def main() -> int:
     for r in [int(x) for x in a.ranks.split(",")]:
         svd, ref = a.work / f"svd{r}", a.work / f"ref{r}"
         extract_lora(a.work / "base", a.work / "ft", svd, rank=r, overwrite=True)
-        res = refine_adapter(a.work / "base", svd, ref, teacher=a.work / "ft", calibration=calib, steps=a.steps,
-                             lr=a.lr, batch_size=16, max_length=64, objective=a.objective, patience=a.patience,
-                             threads=torch.get_num_threads(), device=a.device, overwrite=True)
+        given = {k: v for k, v in (("steps", a.steps), ("lr", a.lr), ("batch_size", a.batch)) if v is not None}
+        res = refine_adapter(a.work / "base", svd, ref, teacher=a.work / "ft", calibration=calib, max_length=64,
+                             objective=a.objective, patience=a.patience, threads=torch.get_num_threads(),
+                             device=a.device, overwrite=True, **given)
         l_svd = item_losses(load_student(a.work / "base", svd, a.device), tok, held, device)
         l_ref = item_losses(load_student(a.work / "base", ref, a.device), tok, held, device)
         k_svd, k_ref = (float(l_base.mean() - x.mean()) / gap for x in (l_svd, l_ref))
