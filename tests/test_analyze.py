@@ -126,6 +126,19 @@ def test_analyze_delta_of_tiny_bert(tiny_bert, tiny_bert_ft):
     assert allocate_budget(spectra, res.budget) == {m.module: m.recommended_rank for m in res.modules}
 
 
+def test_rank_budget_matches_extract(tiny_bert, tiny_bert_ft, tmp_path):
+    """analyze --budget r2 recommends what extract-lora --budget r2 writes (same count, same allocator)."""
+    from surgery.ops.extract import extract_lora
+
+    res = analyze(tiny_bert_ft, tiny_bert, ranks=[2], budget="r2", exact_max=4096)
+    changed = [m for m in res.modules if m.delta.norm > 0]
+    assert res.budget == sum(min(2, *m.delta.shape) * sum(m.delta.shape) for m in changed)
+    assert res.budget_used <= res.budget and len({m.recommended_rank for m in changed}) > 1
+    ex = extract_lora(tiny_bert, tiny_bert_ft, tmp_path / "ad", budget="r2", svd="exact")
+    assert {m.module: m.rank for m in ex.modules} == {m.module: m.recommended_rank for m in res.modules
+                                                       if m.recommended_rank}
+
+
 def test_delta_against_itself_is_zero_negative_control(tiny_bert):
     res = analyze(tiny_bert, tiny_bert, ranks=[2], include=["pooler"])
     (m,) = res.modules

@@ -45,6 +45,7 @@ from surgery.core.tensors import check_finite, check_fits, matrix_bytes
 from surgery.errors import CheckpointError, OptionError
 from surgery.io import CheckpointIndex, LazyReader, escape_name
 from surgery.options.analyze import DEFAULT_RANKS, EXACT_MAX, RANDOMIZED_CAP, AnalyzeOptions
+from surgery.options.extract import budget_rank
 
 __all__ = ["AnalyzeOptions", "AnalyzeResult", "ModuleAnalysis", "SpectrumStats", "analyze", "effective_rank",
            "spectrum", "spectrum_stats", "layer_type", "check_plot_path", "plot_spectra", "DEFAULT_RANKS"]
@@ -222,11 +223,14 @@ def analyze(
     plan = _plan(model, base, opts)
     with torch_threads(opts.threads):
         rows, delta_spectra = _analyze_all(plan, opts, model, base, progress)
-    used = _recommend(rows, delta_spectra, plan.budget) if plan.budget is not None else None
+    budget = plan.budget
+    if opts.budget is not None and (n := budget_rank(opts.budget)) is not None:
+        budget = rank_budget(delta_spectra, n)
+    used = _recommend(rows, delta_spectra, budget) if budget is not None else None
     return AnalyzeResult(
         model=str(model), base=None if base is None else str(base), ranks=list(opts.ranks), modules=rows,
         method_note=method_note(opts.exact_max, plan.k_cap, opts.niter), effective_rank_definition=EFFECTIVE_RANK_DEF,
-        budget=plan.budget, budget_used=used, model_params=plan.idx.total_params, skipped=plan.skipped,
+        budget=budget, budget_used=used, model_params=plan.idx.total_params, skipped=plan.skipped,
         seconds=time.perf_counter() - t0,
     )
 
@@ -254,7 +258,8 @@ def _plan(model: str | Path, base: str | Path | None, opts: AnalyzeOptions) -> _
             if bi is None or bi.shape != idx.tensors[n].shape:
                 why = "missing from BASE" if bi is None else f"shape {bi.shape} in BASE vs {idx.tensors[n].shape}"
                 raise CheckpointError(f"{escape_name(n, 200)}: {why}; MODEL and BASE must share an architecture")
-    budget = parse_budget(opts.budget, idx.total_params) if opts.budget is not None else None
+    budget = (parse_budget(opts.budget, idx.total_params)
+              if opts.budget is not None and budget_rank(opts.budget) is None else None)  # "rN": after the spectra
     plan = _Plan(idx, bidx, selected, budget, max(opts.cap, max(opts.ranks)), device, skipped)
     _check_memory(plan, opts.exact_max)
     return plan
@@ -310,6 +315,12 @@ def _delta(entry: ModuleAnalysis, M: Tensor, wb: Tensor, ranks: Sequence[int],
     bnorm = float(wb.float().norm())
     entry.rel_change = stats.norm / bnorm if bnorm else (0.0 if stats.norm == 0 else math.inf)
     return dres.S, *dres.shape
+
+
+def rank_budget(delta_spectra: dict[str, tuple[Tensor, int, int]], n: int) -> int:
+    """The "rN" budget: what rank N on every changed module would take, min(N, m, n)·(m + n) each
+    (extract-lora --budget rN counts the same)."""
+    return sum(min(n, m, k) * (m + k) for S, m, k in delta_spectra.values() if S.numel() and float(S[0]) > 0)
 
 
 def _recommend(rows: list[ModuleAnalysis], delta_spectra: dict[str, tuple[Tensor, int, int]], budget: int) -> int:

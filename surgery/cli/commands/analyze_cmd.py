@@ -98,7 +98,8 @@ def render_analyze(res) -> str:
 @click.option("--base", type=click.Path(path_type=str), help="Base model: also analyse the delta MODEL - BASE.")
 @click.option("--ranks", type=RanksType(), default=",".join(map(str, DEFAULT_RANKS)), show_default=True,
               help="Ranks at which to report the energy kept.")
-@click.option("--budget", help="With --base: recommend a rank per module for this many LoRA parameters (2e6 or 1%).")
+@click.option("--budget", help="With --base: recommend a rank per module for this many LoRA parameters (2e6, 1%, "
+              "or r8: what rank 8 on every changed module would take).")
 @click.option("--include", multiple=True, metavar="REGEX", help="Only modules matching this regex (repeatable).")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip modules matching this regex (repeatable).")
 @click.option("--exact-max", type=int, default=EXACT_MAX, show_default=True,
