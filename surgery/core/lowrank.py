@@ -54,7 +54,7 @@ import heapq
 import math
 import operator
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -73,6 +73,7 @@ __all__ = [
     "lora_factors",
     "rank_for_energy",
     "allocate_budget",
+    "rank_budget_params",
     "parse_budget",
     "lapack_threads",
     "default_oversample",
@@ -425,6 +426,17 @@ def rank_for_energy(S: Tensor, total_energy: float, energy: float) -> int:
     cum = S.detach().double().pow(2).cumsum(0)  # (k,)
     hit = torch.nonzero(cum >= energy * total_energy)
     return int(hit[0, 0]) + 1 if hit.numel() else int(S.shape[0])
+
+
+def rank_budget_params(shapes: Iterable[tuple[int, int, int]], rank: int) -> int:
+    """The "rN" budget: the LoRA parameters rank N takes on every (m, n) matrix, `copies` times each
+    (an expert stack), min(N, m, n)·(m + n) per copy: the size of a uniform rank-N extraction.
+
+    Example:
+        >>> rank_budget_params([(384, 384, 1), (2, 384, 1)], 8)
+        6916
+    """
+    return sum(copies * min(rank, m, n) * (m + n) for m, n, copies in shapes)
 
 
 def allocate_budget(modules: Mapping[str, tuple[Tensor, int, int]], budget: int) -> dict[str, int]:

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from surgery.core.hf import resolve_device, torch_threads
 from surgery.core.layers import check_includes_match, matrix_tensors, module_filter, module_of, open_model, oriented
-from surgery.core.lowrank import SVDResult, allocate_budget, parse_budget, truncated_svd
+from surgery.core.lowrank import SVDResult, allocate_budget, parse_budget, rank_budget_params, truncated_svd
 from surgery.core.tensors import check_finite, check_fits, matrix_bytes
 from surgery.errors import CheckpointError, OptionError
 from surgery.io import CheckpointIndex, LazyReader, escape_name
@@ -225,7 +225,8 @@ def analyze(
         rows, delta_spectra = _analyze_all(plan, opts, model, base, progress)
     budget = plan.budget
     if opts.budget is not None and (n := budget_rank(opts.budget)) is not None:
-        budget = rank_budget(delta_spectra, n)
+        budget = rank_budget_params([(m, k, 1) for S, m, k in delta_spectra.values()
+                                     if S.numel() and float(S[0]) > 0], n)  # changed modules, as extract counts
     used = _recommend(rows, delta_spectra, budget) if budget is not None else None
     return AnalyzeResult(
         model=str(model), base=None if base is None else str(base), ranks=list(opts.ranks), modules=rows,
@@ -315,12 +316,6 @@ def _delta(entry: ModuleAnalysis, M: Tensor, wb: Tensor, ranks: Sequence[int],
     bnorm = float(wb.float().norm())
     entry.rel_change = stats.norm / bnorm if bnorm else (0.0 if stats.norm == 0 else math.inf)
     return dres.S, *dres.shape
-
-
-def rank_budget(delta_spectra: dict[str, tuple[Tensor, int, int]], n: int) -> int:
-    """The "rN" budget: what rank N on every changed module would take, min(N, m, n)·(m + n) each
-    (extract-lora --budget rN counts the same)."""
-    return sum(min(n, m, k) * (m + k) for S, m, k in delta_spectra.values() if S.numel() and float(S[0]) > 0)
 
 
 def _recommend(rows: list[ModuleAnalysis], delta_spectra: dict[str, tuple[Tensor, int, int]], budget: int) -> int:

@@ -40,7 +40,7 @@ import torch
 
 from surgery.core.hf import parse_dtype, resolve_device, torch_threads
 from surgery.core.layers import module_filter, tensor_kinds
-from surgery.core.lowrank import allocate_budget, frob_sq, lora_factors, truncated_svd
+from surgery.core.lowrank import allocate_budget, frob_sq, lora_factors, rank_budget_params, truncated_svd
 from surgery.core.names import NameMap, name_map
 from surgery.core.peft_format import LoraModule, ParamLora, write_adapter
 from surgery.core.tensors import all_finite, check_fits, require_finite
@@ -768,14 +768,8 @@ def _budget_params(text, plans: Sequence[TensorPlan], pair: _Pair) -> int | None
     n = budget_rank(text)
     if n is None:
         return parse_budget(text, pair.base_idx.total_params)
-    total = 0
-    for p in plans:
-        if p.action not in ("lora", "experts") or not pair.differs(p):
-            continue
-        shape = _plan_shape(p, pair)
-        e, (m, k) = (shape[0], shape[1:]) if len(shape) == 3 else (1, shape)
-        total += e * min(n, m, k) * (m + k)
-    return total
+    shapes = [_plan_shape(p, pair) for p in plans if p.action in ("lora", "experts") and pair.differs(p)]
+    return rank_budget_params([(s[-2], s[-1], s[0] if len(s) == 3 else 1) for s in shapes], n)
 
 
 def _plan_shape(p: TensorPlan, pair: _Pair) -> tuple[int, ...]:
