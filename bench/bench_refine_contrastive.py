@@ -266,6 +266,8 @@ def args() -> argparse.Namespace:
     ap.add_argument("--budget", action="store_true",
                     help="per rank R, start from extract's budget allocator at rank-R's LoRA parameter count "
                          "(WORK/budR: per-module ranks) instead of a uniform rank R (WORK/svdR)")
+    ap.add_argument("--start", type=Path, default=None, metavar="ADAPTER",
+                    help="refine this existing adapter (one rank in --ranks) instead of WORK/svdR or WORK/budR")
     ap.add_argument("--tag", default="", help="suffix of the refined adapter directories")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--eval", nargs="+", type=Path, default=None, metavar="ADAPTER",
@@ -327,6 +329,8 @@ def main() -> int:
             if not (bud / "adapter_model.safetensors").exists():
                 extract_lora(a.work / "base", a.work / "ft", bud, budget=f"r{r}", overwrite=True)
             svd = bud
+        if a.start is not None:
+            svd = a.start
         run_svd = Run(load_student(a.work / "base", svd, a.device), tok, held, a.max_length)
         r_svd, f_svd = run_svd.ranks, run_svd.fidelity(run_ft)
         k_svd = kept(metrics(r_svd), m_base, m_ft)

@@ -156,6 +156,9 @@ def main() -> int:
     ap.add_argument("--objective", default="auto")
     ap.add_argument("--patience", type=int, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--budget", action="store_true",
+                    help="start from extract's --budget rR (the allocator; a row-sparse embedding delta as rows) "
+                         "instead of a uniform rank R")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     a.work = a.work or Path("bench/work/hard" + ("-gpt2" if a.arch == "gpt2" else ""))
@@ -173,8 +176,10 @@ def main() -> int:
     print(f"held-out CE: base {l_base.mean():.4f}  ft {l_ft.mean():.4f}  (gain {gap:.4f}, {len(held)} items)")
     rows = []
     for r in [int(x) for x in a.ranks.split(",")]:
-        svd, ref = a.work / f"svd{r}", a.work / f"ref{r}"
-        extract_lora(a.work / "base", a.work / "ft", svd, rank=r, overwrite=True)
+        tag = "bud" if a.budget else "svd"
+        svd, ref = a.work / f"{tag}{r}", a.work / (f"ref{r}" + ("-bud" if a.budget else ""))
+        policy = {"budget": f"r{r}"} if a.budget else {"rank": r}
+        extract_lora(a.work / "base", a.work / "ft", svd, overwrite=True, **policy)
         given = {k: v for k, v in (("steps", a.steps), ("lr", a.lr), ("batch_size", a.batch)) if v is not None}
         res = refine_adapter(a.work / "base", svd, ref, teacher=a.work / "ft", calibration=calib, max_length=64,
                              objective=a.objective, patience=a.patience, threads=torch.get_num_threads(),
@@ -183,7 +188,7 @@ def main() -> int:
         l_ref = item_losses(load_student(a.work / "base", ref, a.device), tok, held, device)
         k_svd, k_ref = (float(l_base.mean() - x.mean()) / gap for x in (l_svd, l_ref))
         better, worse, p, t = paired(l_ref, l_svd)
-        row = {"rank": r, "svd_kept": k_svd, "refined_kept": k_ref, "ref_better": better, "ref_worse": worse,
+        row = {"rank": r, "start": svd.name, "svd_kept": k_svd, "refined_kept": k_ref, "ref_better": better, "ref_worse": worse,
                "sign_p": p, "paired_t": t, "refine_s": res.seconds, "steps_run": res.steps_run,
                "steps_per_s": res.steps_per_second, "best_step": res.best_step, "device": res.device}
         rows.append(row)

@@ -38,8 +38,9 @@ LINEAR_2D = ("q_proj", "v_proj", "k_proj", "o_proj", "qkv_proj", "c_attn", "c_pr
 class XCase:
     id: str
     arch: str
-    change: str  # linears | biases | norms | embed | tied-embed | vocab | classifier | experts
+    change: str  # linears | biases | norms | embed | tied-embed | embed-rows | vocab | classifier | experts
     expect: str = "reproduce"  # reproduce | refuse
+    embeddings: str = "auto"  # extract-lora's embeddings option
 
 
 def _xcases() -> list[XCase]:
@@ -55,6 +56,8 @@ def _xcases() -> list[XCase]:
         cs.append(XCase(f"{a}-embed", a, "embed"))
     for a in ["llama-tied", "gpt2", "gemma3"]:
         cs.append(XCase(f"{a}-tied-embed", a, "tied-embed"))
+    for a in ["llama", "llama-tied", "qwen2", "gemma3", "gpt2", "gpt-neox", "opt", "bert-cls"]:
+        cs.append(XCase(f"{a}-embed-rows", a, "embed-rows", embeddings="rows"))  # PEFT trainable tokens
     for a in ["llama", "gpt2", "gpt-neox"]:
         cs.append(XCase(f"{a}-vocab", a, "vocab"))
     for a in ["llama", "gpt-neox", "bert-cls", "vit"]:
@@ -64,6 +67,7 @@ def _xcases() -> list[XCase]:
 
 
 XCASES = _xcases()
+ROWS = (5, 7, 11, 30, 64)  # the rows "embed-rows" changes (inside _inputs' id range)
 
 
 def _lowrank(shape: tuple[int, ...], g: torch.Generator, scale: float) -> torch.Tensor:
@@ -98,6 +102,8 @@ def _fine_tune(model: torch.nn.Module, change: str, seed: int = 1) -> torch.nn.M
                 p += torch.randn(p.shape, generator=g) * 0.02
             elif change in ("embed", "tied-embed") and is_emb:
                 p += _lowrank(tuple(p.shape), g, 0.05)
+            elif change == "embed-rows" and is_emb:  # a few tokens' rows, as a fine-tune on new text moves them
+                p[list(ROWS)] += torch.randn(len(ROWS), p.shape[1], generator=g) * 0.05
             elif change == "head" and (is_head or "classifier" in name or "score" in name) and not is_emb:
                 p += _lowrank(tuple(p.shape), g, 0.05) if p.ndim == 2 else torch.randn(p.shape, generator=g) * 0.02
             elif change == "experts" and "experts" in name and p.ndim >= 2:
@@ -172,7 +178,7 @@ def test_extracted_adapter_loads_in_peft_and_reproduces(case: XCase, tmp_path: P
     want = _out(ft_model, inputs)
     out = tmp_path / "adapter"
     try:
-        extract_lora(base, ft, out, rank=4)
+        extract_lora(base, ft, out, rank=4, embeddings=case.embeddings)
     except SurgeryError as e:
         assert case.expect == "refuse", f"refused: {e}"
         assert "\n" not in str(e).strip() and not out.exists()
@@ -201,6 +207,8 @@ def test_extracted_adapter_loads_in_peft_and_reproduces(case: XCase, tmp_path: P
         warnings.simplefilter("ignore")
         am = auto.from_pretrained(str(out)).eval()
     _close(_out(am, inputs), want, f"{auto.__name__} forward")
+    if case.change == "embed-rows":  # written as PEFT's trainable tokens: exactly the changed rows
+        assert sorted(next(iter(cfg["trainable_token_indices"].values()))) == list(ROWS)
 
 
 def test_extract_matrix_negative_control(tmp_path: Path) -> None:

@@ -14,7 +14,9 @@ Public API::
     res.rank_for_energy(energy)                smallest r ≤ k with energy_kept(r) ≥ energy
     lora_factors(res, r) -> (A (r, n), B (m, r))   B @ A = U_r S_r V_rᵀ, √S on both sides
     rank_for_energy(S, total_energy, energy) -> int
-    allocate_budget({name: (S, m, n)}, budget) -> {name: rank}
+    allocate_budget({name: (S, m, n) | RowSpectrum}, budget) -> {name: rank | rows}
+    RowSpectrum.of(delta)                      a row-sparse candidate (embedding rows) for the allocator
+    prefer_rows(S, m, n, rows, rank)           whether rows hold more of Δ than rank `rank` at equal cost
     parse_budget("2%" | "1e6" | "150000", model_params) -> int
     default_oversample(rank) -> max(10, rank // 4)
     lapack_threads()                           context manager used around LAPACK calls
@@ -73,6 +75,8 @@ __all__ = [
     "lora_factors",
     "rank_for_energy",
     "allocate_budget",
+    "RowSpectrum",
+    "prefer_rows",
     "rank_budget_params",
     "parse_budget",
     "lapack_threads",
@@ -439,47 +443,116 @@ def rank_budget_params(shapes: Iterable[tuple[int, int, int]], rank: int) -> int
     return sum(copies * min(rank, m, n) * (m + n) for m, n, copies in shapes)
 
 
-def allocate_budget(modules: Mapping[str, tuple[Tensor, int, int]], budget: int) -> dict[str, int]:
-    """Spread `budget` LoRA parameters over modules, greedily by σ² gained per parameter.
+@dataclass(frozen=True)
+class RowSpectrum:
+    """An embedding delta written as whole rows (PEFT's trainable tokens) instead of LoRA factors:
+    its rows' squared norms `sq` (descending, zeros dropped), the row width (parameters per row)
+    and the row count of the whole matrix.
 
-    modules: name -> (S, m, n), S descending (the computed singular values; their
-    count caps the module's rank). A rank-1 step on an (m, n) module costs m + n
-    parameters and removes σ² from the squared error. Steps are taken in order of
-    σ²/(m+n) (a heap); a step that no longer fits is skipped and cheaper ones may
-    still fit. Zero singular values are never bought. Ties go to the module that
-    comes first in `modules`. Every module appears in the result (rank 0 if none).
+    Example:
+        >>> RowSpectrum.of(torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 0.0]])).sq.tolist()
+        [25.0, 1.0]
+    """
+
+    sq: Tensor  # (k,) fp64, descending, > 0
+    width: int  # parameters per row
+    rows: int  # rows of the matrix (changed or not)
+
+    @staticmethod
+    def row_sq(delta: Tensor) -> Tensor:
+        """Squared norm of each row of a (rows, width) delta, fp64, a block of rows at a time."""
+        out = torch.empty(delta.shape[0], dtype=torch.float64)
+        step = max(1, (1 << 22) // max(1, delta.shape[1]))
+        for i in range(0, delta.shape[0], step):
+            out[i : i + step] = delta[i : i + step].double().pow(2).sum(1)
+        return out
+
+    @classmethod
+    def of(cls, delta: Tensor) -> RowSpectrum:
+        """The rows of a (rows, width) delta in storage layout (an embedding's (vocab, dim))."""
+        sq = cls.row_sq(delta)
+        sq = torch.sort(sq[sq > 0], descending=True).values
+        return cls(sq, int(delta.shape[1]), int(delta.shape[0]))
+
+
+def prefer_rows(S: Tensor, m: int, n: int, rows: RowSpectrum, rank: int) -> bool:
+    """Whether whole rows hold more of a delta than a rank-`rank` LoRA of the same size: the top
+    ⌊rank·(m + n) / width⌋ rows' squared norms against σ_1² + … + σ_rank² (S descending), by more
+    than rounding (a tie, e.g. both exact on a tiny matrix, stays a LoRA)."""
+    k = rank * (m + n) // max(rows.width, 1)
+    return float(rows.sq[:k].sum()) > float(S[:rank].double().pow(2).sum()) * (1 + 1e-4)
+
+
+def _lora_entry(name: str, spec) -> tuple[list[float], int]:
+    """(σ² per rank step, cost per step m + n) of an allocator entry (S, m, n)."""
+    try:
+        S, m, n = spec
+    except (TypeError, ValueError):
+        raise OptionError(f"module {name}: expected (S, m, n) or a RowSpectrum, got {type(spec).__name__}") from None
+    m, n = _as_int(m, f"{name} rows"), _as_int(n, f"{name} cols")
+    if m <= 0 or n <= 0:
+        raise OptionError(f"module {name}: shape ({m}, {n}) must be positive")
+    s2 = [float(x) ** 2 for x in torch.as_tensor(S).detach().double().reshape(-1).tolist()]
+    if any(not math.isfinite(x) for x in s2):
+        raise ValidationError(f"module {name}: singular values contain NaN/Inf")
+    return s2[: min(m, n)], m + n
+
+
+def _row_counts(modules: Mapping[str, object], entries: Mapping[str, tuple[list[float], int]],
+                budget: int) -> dict[str, int]:
+    """Rows for each RowSpectrum entry: the share of `budget` a uniform rank would give its matrix,
+    budget·(rows + width) / Σ(m + n) over the changed matrices, in whole rows, at most the changed ones."""
+    weights = {n: e[1] for n, e in entries.items() if e[0] and e[0][0] > 0}
+    for name, spec in modules.items():
+        if isinstance(spec, RowSpectrum) and spec.sq.numel():
+            weights[name] = spec.rows + spec.width
+    total = sum(weights.values())
+    out = {}
+    for name, spec in modules.items():
+        if isinstance(spec, RowSpectrum):
+            if spec.width <= 0 or not bool(torch.isfinite(spec.sq).all()):
+                raise ValidationError(f"module {name}: row norms must be finite with a positive width")
+            share = budget * weights.get(name, 0) // total if total else 0
+            out[name] = min(share // spec.width, int(spec.sq.numel()))
+    return out
+
+
+def allocate_budget(modules: Mapping[str, tuple[Tensor, int, int] | RowSpectrum], budget: int) -> dict[str, int]:
+    """Spread `budget` parameters over modules; {name: rank} (row count for a RowSpectrum).
+
+    modules: name -> (S, m, n), S descending (the computed singular values; their count caps
+    the module's rank), or a RowSpectrum (an embedding written as whole rows).
+
+    Rows first: σ² per parameter cannot weigh a lookup table against dense layers (a row is
+    used whole by every occurrence of its token, and never otherwise), so a RowSpectrum keeps
+    the share a uniform rank would give it (see _row_counts): its most changed rows.
+    Then LoRA ranks, greedily: a rank-1 step on an (m, n) module costs m + n parameters and
+    removes σ² from the squared error; steps are taken in order of σ²/(m+n) (a heap); a step
+    that no longer fits is skipped and cheaper ones may still fit. Zero singular values are
+    never bought. Ties go to the module that comes first in `modules`. Every module appears in
+    the result (0 if none).
     """
     budget = _as_int(budget, "budget")
     if budget < 0:
         raise OptionError(f"budget must be >= 0 parameters, got {budget}")
-    ranks: dict[str, int] = {}
-    heap: list[tuple[float, int, int]] = []  # (-gain per param, module order, next index)
-    entries = []
-    for order, (name, spec) in enumerate(modules.items()):
-        try:
-            S, m, n = spec
-        except (TypeError, ValueError):
-            raise OptionError(f"module {name}: expected (S, m, n), got {type(spec).__name__}") from None
-        m, n = _as_int(m, f"{name} rows"), _as_int(n, f"{name} cols")
-        if m <= 0 or n <= 0:
-            raise OptionError(f"module {name}: shape ({m}, {n}) must be positive")
-        s2 = [float(x) ** 2 for x in torch.as_tensor(S).detach().double().reshape(-1).tolist()]
-        if any(not math.isfinite(x) for x in s2):
-            raise ValidationError(f"module {name}: singular values contain NaN/Inf")
-        s2 = s2[: min(m, n)]
-        entries.append((name, s2, m + n))
-        ranks[name] = 0
+    entries = {name: _lora_entry(name, spec) for name, spec in modules.items() if not isinstance(spec, RowSpectrum)}
+    ranks = _row_counts(modules, entries, budget)
+    left = budget - sum(k * spec.width for n, k in ranks.items() if isinstance(spec := modules[n], RowSpectrum))
+    heap: list[tuple[float, int, str]] = []  # (-gain per param, module order, name)
+    steps: dict[str, int] = {}
+    for order, (name, (s2, cost)) in enumerate(entries.items()):
+        ranks[name] = steps[name] = 0
         if s2 and s2[0] > 0.0:
-            heap.append((-s2[0] / (m + n), order, 0))
+            heap.append((-s2[0] / cost, order, name))
     heapq.heapify(heap)
-    left = budget
     while heap:
-        _, order, i = heapq.heappop(heap)
-        name, s2, cost = entries[order]
+        _, order, name = heapq.heappop(heap)
+        s2, cost = entries[name]
         if cost > left:
             continue  # this module cannot grow any more; cheaper ones still might
         left -= cost
-        ranks[name] = i + 1
+        i = steps[name]
+        ranks[name] = steps[name] = i + 1
         if i + 1 < len(s2) and s2[i + 1] > 0.0:
-            heapq.heappush(heap, (-s2[i + 1] / cost, order, i + 1))
-    return ranks
+            heapq.heappush(heap, (-s2[i + 1] / cost, order, name))
+    return {name: ranks[name] for name in modules}

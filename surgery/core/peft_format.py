@@ -51,7 +51,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -598,6 +598,35 @@ def read_adapter(
 TOKENS_DELTA = ".token_adapter.trainable_tokens_delta"
 
 
+def token_indices(cfg: LoraAdapterConfig, module: str, where: str) -> list[int]:
+    """The token ids of MODULE's trainable tokens: trainable_token_indices as a list (the input
+    embedding's) or a dict whose key is MODULE or a dotted suffix of it (PEFT's matching)."""
+    spec = cfg.raw.get("trainable_token_indices")
+    if isinstance(spec, dict):
+        spec = next((v for k, v in spec.items() if module == k or module.endswith("." + k)), None)
+    if not isinstance(spec, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+        raise AdapterError(f"{where}: trainable_token_indices gives no list of token ids for {module}")
+    return spec
+
+
+def split_token_rows(cfg: LoraAdapterConfig, full: Mapping[str, torch.Tensor], where: str,
+                     ) -> tuple[dict[str, tuple[list[int], torch.Tensor]], dict[str, torch.Tensor]]:
+    """read_adapter's full tensors (read with allow=("trainable_token_indices",)) split into
+    trainable tokens {module: (ids, rows)} and the other full tensors."""
+    tokens, rest = {}, {}
+    for name, t in full.items():
+        if name.endswith(TOKENS_DELTA):
+            module = name.removesuffix(TOKENS_DELTA)
+            ids = token_indices(cfg, module, where)
+            if t.dim() != 2 or t.shape[0] != len(ids):
+                raise AdapterError(f"{where}: trainable tokens of {module}: rows {tuple(t.shape)} for {len(ids)} "
+                                   "token ids")
+            tokens[module] = (list(ids), t)
+        else:
+            rest[name] = t
+    return tokens, rest
+
+
 def _param_wrapper(cfg: LoraAdapterConfig, module: str) -> bool:
     """Whether saved module key `module` is a PEFT ParamWrapper (a target_parameters LoRA): nested
     ones are saved under ``.base_layer``; the outermost one on a module target_modules does not take."""
@@ -705,7 +734,7 @@ def config_for_ranks(ranks: Mapping[str, int], scalings: Mapping[str, float] | f
 
 
 _COMPUTED = ("peft_type", "bias", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules",
-             "lora_bias", "use_dora", "use_rslora", "modules_to_save")
+             "lora_bias", "use_dora", "use_rslora", "modules_to_save", "trainable_token_indices")
 _NAME = re.compile(r"[^.\s]+(\.[^.\s]+)*")
 
 
@@ -759,6 +788,7 @@ def write_adapter(
     target_parameters: Mapping[str, ParamLora] | None = None,
     bias_tensors: Mapping[str, torch.Tensor] | None = None,
     copy_files: tuple[Path, Iterable[str]] | None = None,
+    trainable_tokens: Mapping[str, tuple[Sequence[int], torch.Tensor]] | None = None,
 ) -> LoraAdapterConfig:
     """Write a PEFT LoRA adapter directory atomically; returns its parsed config.
 
@@ -766,35 +796,32 @@ def write_adapter(
     modules_to_save. `extra_config` adds/overrides non-computed config fields. `target_parameters`
     ({parameter name: ParamLora}): LoRAs on raw parameters. `bias_tensors` ({"<module>.bias":
     tensor}): PEFT ``bias: "all"`` values. `copy_files`: (directory, file names) to copy beside.
-    Everything is validated before the first byte is written.
+    `trainable_tokens` ({embedding module: (token ids, rows (len(ids), dim))}): PEFT's
+    trainable_token_indices, rows that replace the base's (``<module>.token_adapter.
+    trainable_tokens_delta``). Everything is validated before the first byte is written.
     """
     full_tensors = dict(full_tensors or {})
     params = dict(target_parameters or {})
     bias_tensors = dict(bias_tensors or {})
+    tokens = dict(trainable_tokens or {})
     mts, use_dora, lora_bias = _check_written(modules, full_tensors, params, bias_tensors)
+    _validate_tokens(tokens, modules, mts)
     cfg = {
-        "peft_type": "LORA",
-        **_ranks_config(modules, params),
-        "target_modules": sorted(modules),
-        "fan_in_fan_out": bool(fan_in_fan_out),
-        "use_rslora": False,
-        "use_dora": bool(any(use_dora)),
-        "lora_bias": lora_bias,
-        "modules_to_save": mts,
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "bias": "all" if bias_tensors else "none",
+        "peft_type": "LORA", **_ranks_config(modules, params), "target_modules": sorted(modules),
+        "fan_in_fan_out": bool(fan_in_fan_out), "use_rslora": False, "use_dora": bool(any(use_dora)),
+        "lora_bias": lora_bias, "modules_to_save": mts, "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path, "bias": "all" if bias_tensors else "none",
         "lora_dropout": 0.0,
         "init_lora_weights": True,  # zero-init for anything not in the file (e.g. absent biases)
-        "inference_mode": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "exclude_modules": None,
+        "inference_mode": True, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
         "revision": None,
     }
     _add_extra_config(cfg, extra_config, params)
+    if tokens:
+        cfg["trainable_token_indices"] = {m: [int(i) for i in ids] for m, (ids, _) in sorted(tokens.items())}
     parsed = _settle_patterns(cfg, modules)
     sd = _written_tensors(modules, full_tensors, params, bias_tensors)
+    sd.update({PREFIX + m + TOKENS_DELTA: rows for m, (_, rows) in tokens.items()})
     with ShardedWriter(out_dir, shard_size=None, overwrite=overwrite, basename="adapter_model",
                        metadata={"format": "pt"}, inputs=inputs) as w:
         for key in sorted(sd):
@@ -824,6 +851,23 @@ def _check_written(modules: Mapping[str, LoraModule], full_tensors: Mapping[str,
     if lora_bias and any(use_dora):
         raise AdapterError("PEFT does not support lora_bias together with DoRA; drop the biases or the magnitudes")
     return mts, use_dora, lora_bias
+
+
+def _validate_tokens(tokens: Mapping[str, tuple[Sequence[int], torch.Tensor]], modules: Mapping[str, LoraModule],
+                     mts: list[str] | None) -> None:
+    """Trainable tokens: distinct non-negative ids, one (dim,) row each, on a module that is
+    neither a LoRA nor saved whole (PEFT wraps a layer one way)."""
+    for name, (ids, rows) in tokens.items():
+        if not _NAME.fullmatch(name):
+            raise AdapterError(f"trainable tokens on {name!r}: expected a module name like 'embed_tokens'")
+        if name in modules or _in_modules_to_save(name, mts):
+            raise AdapterError(f"trainable tokens on {name!r}, which is also a LoRA module or saved whole; "
+                               "PEFT wraps a layer one way")
+        if not ids or len(set(ids)) != len(ids) or not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise AdapterError(f"trainable tokens on {name!r}: token ids must be distinct non-negative integers")
+        if rows.dim() != 2 or rows.shape[0] != len(ids) or not rows.is_floating_point():
+            raise AdapterError(f"trainable tokens on {name!r}: rows {tuple(rows.shape)} for {len(ids)} ids; "
+                               "expected one floating-point row per id")
 
 
 def _ranks_config(modules: Mapping[str, LoraModule], params: Mapping[str, ParamLora]) -> dict:
@@ -884,7 +928,7 @@ def _parse_written(cfg: dict) -> LoraAdapterConfig:
     """parse_adapter_config of a config being written (target_parameters, which the reader
     refuses, checked by write_adapter itself)."""
     return parse_adapter_config({k: v for k, v in cfg.items() if k != "target_parameters"},
-                                "adapter config being written")
+                                "adapter config being written", allow=("trainable_token_indices",))
 
 
 def _validate_extras(modules: Mapping[str, LoraModule], params: Mapping[str, ParamLora],

@@ -22,6 +22,7 @@ Orientation (PEFT's delta is scale * B @ A, transposed where the layout asks):
   Conv1D    W (in, out):   Δᵀ ≈ B @ A              fan_in_fan_out: true
   Embedding W (vocab, d):  Δᵀ ≈ B @ A              lora_embedding_A (r, vocab), _B (d, r)
   Experts   W (E, d1, d2): Δ_e ≈ B_e @ A_e         target_parameters (peft_format.ParamLora)
+  Rows      W (vocab, d):  W[i] = W_ft[i], i ∈ I    trainable_token_indices (embeddings "rows"/"auto")
 Every module gets scale exactly 1 (lora_alpha = r, rank_pattern/alpha_pattern).
 """
 
@@ -40,7 +41,15 @@ import torch
 
 from surgery.core.hf import parse_dtype, resolve_device, torch_threads
 from surgery.core.layers import module_filter, tensor_kinds
-from surgery.core.lowrank import allocate_budget, frob_sq, lora_factors, rank_budget_params, truncated_svd
+from surgery.core.lowrank import (
+    RowSpectrum,
+    allocate_budget,
+    frob_sq,
+    lora_factors,
+    prefer_rows,
+    rank_budget_params,
+    truncated_svd,
+)
 from surgery.core.names import NameMap, name_map
 from surgery.core.peft_format import LoraModule, ParamLora, write_adapter
 from surgery.core.tensors import all_finite, check_fits, require_finite
@@ -77,6 +86,7 @@ class ModuleReport:
     energy_kept: float
     method: str
     note: str = ""
+    rows: int = 0  # method "rows": how many whole rows (trainable tokens) stand for the delta
 
 
 @dataclass
@@ -118,7 +128,7 @@ class TensorPlan:
 
     name: str  # checkpoint name; a fused parameter: its model name
     kind: str  # layer kind (surgery.core.layers), or "experts" (a 3-D stack of expert matrices)
-    action: str  # "lora" | "experts" | "full" | "bias" | "skip" | "check" (non-float: must be equal)
+    action: str  # "lora" | "experts" | "rows" | "full" | "bias" | "skip" | "check" (non-float: must be equal)
     why: str = ""  # skip: the reason; full: why it is whole
     grown: bool = False  # vocabulary growth: no delta, saved whole
     instead_of_lora: bool = False  # a LoRA candidate saved whole to settle a conflict
@@ -304,7 +314,7 @@ def _tensor_plan(name: str, kind: str, floating: bool, grown: bool, selected: bo
             return plan("skip", "embeddings='skip'" if selected else _EXCLUDED)
         if grown or opts.embeddings == "full":
             return plan("full", _GREW if grown else "embeddings='full'", grown=grown)
-        return plan("lora")
+        return plan("rows" if opts.embeddings == "rows" else "lora")
     if kind == "bias":
         return plan("bias") if selected else plan("skip", _EXCLUDED)
     if kind != "norm":  # buffers and other float tensors
@@ -546,7 +556,7 @@ def plan_extraction(pair: _Pair, opts: ExtractOptions) -> ExtractPlan:
         pair.names = name_map(base_idx.config, base_idx.tensors)
     nm = pair.names
     plans, notes = _base_plans(pair, nm, opts)
-    if not any(p.action in ("lora", "experts") for p in plans):
+    if not any(p.action in ("lora", "experts", "rows") for p in plans):
         raise OptionError("no Linear/Conv1D/Embedding weight is selected for LoRA; check include/exclude and "
                           "embeddings")
     task_type = opts.task_type or infer_task_type(base_idx.config)
@@ -579,6 +589,7 @@ class Row:
     target: str = ""  # the model's name of the tensor ("" = name)
     param: ParamLora | None = None  # an expert LoRA (target_parameters)
     delta_sq: float = 0.0  # ‖Δ‖² of this tensor, whatever became of it (for the left-out share)
+    tokens: tuple[list[int], torch.Tensor] | None = None  # embedding rows (ids ascending, the FT's rows)
 
 
 @dataclass(frozen=True)
@@ -768,7 +779,7 @@ def _budget_params(text, plans: Sequence[TensorPlan], pair: _Pair) -> int | None
     n = budget_rank(text)
     if n is None:
         return parse_budget(text, pair.base_idx.total_params)
-    shapes = [_plan_shape(p, pair) for p in plans if p.action in ("lora", "experts") and pair.differs(p)]
+    shapes = [_plan_shape(p, pair) for p in plans if p.action in ("lora", "experts", "rows") and pair.differs(p)]
     return rank_budget_params([(s[-2], s[-1], s[0] if len(s) == 3 else 1) for s in shapes], n)
 
 
@@ -796,19 +807,82 @@ def _spectra(p: TensorPlan, d: torch.Tensor, cap: int | None, svd: _SVDSettings)
     return (S, E * m, E * n)
 
 
-def _budget_ranks(plan: ExtractPlan, budget: int, pair: _Pair, svd: _SVDSettings,
-                  progress: Progress | None) -> dict[str, int]:
-    """The budget policy's first pass: every LoRA candidate's spectrum (each expert's), then the
-    allocator."""
-    lora = [p for p in plan.tensors if p.action in ("lora", "experts")]
-    spectra: dict[str, tuple] = {}
-    for i, p in enumerate(lora):
+def _rows_rank(opts: ExtractOptions) -> int:
+    """The rank whose parameters "auto" compares an embedding's rows against: N of "rN", else 8."""
+    return budget_rank(opts.budget) or 8
+
+
+def _budget_ranks(plan: ExtractPlan, budget: int, pair: _Pair, svd: _SVDSettings, opts: ExtractOptions,
+                  progress: Progress | None) -> tuple[dict[str, int], set[str]]:
+    """The budget policy's first pass: every LoRA candidate's spectrum (each expert's), an
+    embedding's row norms where it may go as rows, then the allocator. Returns the ranks (row
+    counts for row candidates) and the tensors written as rows."""
+    cands = [p for p in plan.tensors if p.action in ("lora", "experts", "rows")]
+    auto = opts.embeddings == "auto" and not opts.serving_safe
+    spectra: dict[str, Any] = {}
+    rows: set[str] = set()
+    for i, p in enumerate(cands):
         d = pair.delta(p)[0]
-        spectra[p.name] = _spectra(p, d, plan.cap, svd)
+        spectra[p.name] = RowSpectrum.of(d) if p.action == "rows" else _spectra(p, d, plan.cap, svd)
+        if auto and p.kind == "embedding" and p.action == "lora":
+            S, m, n = spectra[p.name]
+            rs = RowSpectrum.of(d)
+            if prefer_rows(S, m, n, rs, _rows_rank(opts)):
+                spectra[p.name] = rs
+        if isinstance(spectra[p.name], RowSpectrum):
+            rows.add(p.name)
         del d
         if progress:
-            progress("spectra", i + 1, len(lora))
-    return allocate_budget(spectra, budget)
+            progress("spectra", i + 1, len(cands))
+    return allocate_budget(spectra, budget), rows
+
+
+def _row_count(p: TensorPlan, d: torch.Tensor, opts: ExtractOptions) -> int:
+    """How many rows embeddings="rows" keeps outside a budget: as many as a rank-N LoRA's
+    parameters buy (N the fixed rank), or the fewest reaching `energy` of ‖Δ‖²."""
+    vocab, dim = d.shape
+    if opts.energy is None:
+        return (opts.effective_rank or 1) * (vocab + dim) // dim
+    sq = RowSpectrum.of(d).sq
+    cum = sq.cumsum(0)
+    hit = torch.nonzero(cum >= float(opts.energy) * float(sq.sum()))
+    return int(hit[0, 0]) + 1 if hit.numel() else int(sq.numel())
+
+
+def decompose_rows(p: TensorPlan, d: torch.Tensor, total: float, wsq: float, count: int,
+                   ft: Callable[[], torch.Tensor], out_dtype: torch.dtype) -> Row:
+    """An embedding delta -> its `count` most changed rows, whole (the fine-tune's values, which
+    PEFT's trainable tokens put in place of the base's), and the report row. The error is the
+    squared norm of the rows left out plus what the cast to out_dtype costs."""
+    name = p.name
+    if total == 0.0:
+        return Row(name, skipped={"tensor": name, "why": "delta is zero"}, target=p.target)
+    sq = RowSpectrum.row_sq(d)  # (vocab,)
+    changed = int((sq > 0).sum())
+    k = min(count, changed)
+    if k == 0:
+        return Row(name, skipped={"tensor": name, "why": "budget gave no rows", "delta_norm": math.sqrt(total)},
+                   sq_err=total, sq_tot=total, target=p.target, delta_sq=total)
+    order = torch.sort(sq, descending=True, stable=True).indices
+    idx = order[:k].sort().values
+    full = ft()[idx]
+    values = full.to(out_dtype)
+    err = float(sq[order[k:]].sum()) + float((values.double() - full.double()).pow(2).sum())
+    wnorm = math.sqrt(wsq)
+    vocab, dim = d.shape
+    note = f"{k} of {changed} changed rows, whole (trainable tokens)"
+    report = ModuleReport(p.module, p.kind, (int(vocab), int(dim)), 0, values.numel(), math.sqrt(total),
+                          math.sqrt(total) / wnorm if wnorm else math.inf, math.sqrt(min(err, total) / total),
+                          1.0 - min(err, total) / total, "rows", note, rows=k)
+    return Row(name, report=report, sq_err=min(err, total), sq_tot=total, target=p.target, delta_sq=total,
+               tokens=([int(i) for i in idx], values.contiguous()))
+
+
+def _rows_row(p: TensorPlan, pair: _Pair, opts: ExtractOptions, count: int | None) -> Row:
+    d, total, wsq = pair.delta(p)
+    dtype = parse_dtype(opts.dtype) or pair.base_idx.tensors[p.name].dtype
+    count = _row_count(p, d, opts) if count is None else count
+    return decompose_rows(p, d, total, wsq, count, lambda: pair.ft(p), dtype)
 
 
 def _lora_row(p: TensorPlan, plan: ExtractPlan, pair: _Pair, opts: ExtractOptions, svd: _SVDSettings,
@@ -828,10 +902,13 @@ def decompose(plan: ExtractPlan, pair: _Pair, opts: ExtractOptions, svd: _SVDSet
               progress: Progress | None = None) -> list[Row]:
     """One row per planned tensor, in shard order; one delta in memory at a time."""
     out_dtype = parse_dtype(opts.dtype)
-    ranks = None if plan.budget_params is None else _budget_ranks(plan, plan.budget_params, pair, svd, progress)
+    ranks, as_rows = (None, set()) if plan.budget_params is None else \
+        _budget_ranks(plan, plan.budget_params, pair, svd, opts, progress)
     rows = []
     for i, p in enumerate(plan.tensors):
-        if p.action in ("lora", "experts"):
+        if p.action == "rows" or p.name in as_rows:
+            rows.append(_rows_row(p, pair, opts, None if ranks is None else ranks[p.name]))
+        elif p.action in ("lora", "experts"):
             rows.append(_lora_row(p, plan, pair, opts, svd, ranks))
         elif p.action == "full":
             rows.append(_whole_row(p, pair, out_dtype))
@@ -853,6 +930,7 @@ class _Adapter:
     notes: list[str]
     params: dict[str, ParamLora] = field(default_factory=dict)
     biases: dict[str, torch.Tensor] = field(default_factory=dict)  # bias="all" values, model names
+    tokens: dict[str, tuple[list[int], torch.Tensor]] = field(default_factory=dict)  # module -> (ids, rows)
 
 
 def _zero_lora(module: str, kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> LoraModule:
@@ -890,7 +968,8 @@ def _collect(rows: list[Row], plan: ExtractPlan, pair: _Pair, out_dtype: torch.d
             notes.append(f"{module}: only its bias changed; a zero rank-1 LoRA carries it (lora_B.bias)")
         modules[module] = dataclasses.replace(modules[module], bias=r.bias.to(modules[module].B.dtype))
     whole = {r.target or r.name: r.whole for r in rows if r.whole is not None}
-    return _Adapter(modules, whole, skipped, notes, params, biases)
+    tokens = {(r.target or r.name).rsplit(".", 1)[0]: r.tokens for r in rows if r.tokens is not None}
+    return _Adapter(modules, whole, skipped, notes, params, biases, tokens)
 
 
 def _common_rank(ad: _Adapter) -> int:
@@ -988,6 +1067,7 @@ def _share_notes(rows: list[Row], ad: _Adapter, whole: Mapping[str, torch.Tensor
     parts = {f"{n} (LoRA)": m.A.numel() + m.B.numel() for n, m in ad.modules.items()}
     parts.update({f"{n} (expert LoRA)": p.A.numel() + p.B.numel() for n, p in ad.params.items()})
     parts.update({f"{n} (whole)": t.numel() for n, t in whole.items()})
+    parts.update({f"{n} (rows)": t.numel() for n, (_, t) in ad.tokens.items()})
     size = sum(parts.values()) + sum(t.numel() for t in ad.biases.values())
     warnings = []
     if model_params and size > SIZE_WARNING_SHARE * model_params:
@@ -1052,7 +1132,7 @@ def assemble(plan: ExtractPlan, rows: list[Row], opts: ExtractOptions, inputs: _
              pair: _Pair, report_options: dict | None = None, t0: float | None = None) -> ExtractResult:
     """Write the adapter directory (atomically) and return the report (timed from t0)."""
     ad = _collect(rows, plan, pair, parse_dtype(opts.dtype))
-    if not (ad.modules or ad.params or ad.whole or ad.biases):
+    if not (ad.modules or ad.params or ad.whole or ad.biases or ad.tokens):
         changed = [s for s in ad.skipped if s.get("delta_norm") or "differs" in s["why"]]
         if changed:
             raise SurgeryError(f"every change between {inputs.base} and {inputs.ft} is left out ({len(changed)} "
@@ -1074,6 +1154,7 @@ def assemble(plan: ExtractPlan, rows: list[Row], opts: ExtractOptions, inputs: _
                            "Conv1D layers need; exclude one of them with include/exclude")
     stored = [(f"{n} {slot}", t) for n, m in ad.modules.items()  # as written: after the cast to the adapter dtype
               for slot, t in (("lora_A", m.A), ("lora_B", m.B), ("lora_B.bias", m.bias)) if t is not None]
+    stored += [(f"{n} rows", t) for n, (_, t) in ad.tokens.items()]
     require_finite(stored + list(whole.items()) + list((ad.biases or {}).items()), "the adapter",
                    "the delta is too large to store in that dtype; exclude this module, or use dtype fp32 "
                    "for an fp16/bf16 adapter")
@@ -1081,7 +1162,8 @@ def assemble(plan: ExtractPlan, rows: list[Row], opts: ExtractOptions, inputs: _
     write_adapter(out, ad.modules, full_tensors=whole, base_model_name_or_path=inputs.base_ref,
                   task_type=plan.task_type, fan_in_fan_out=fan_in_fan_out, overwrite=opts.overwrite,
                   inputs=[inputs.base, inputs.ft], extra_config=extra or None, target_parameters=ad.params or None,
-                  bias_tensors=ad.biases or None, copy_files=_tokenizer_files(inputs, plan))
+                  bias_tensors=ad.biases or None, copy_files=_tokenizer_files(inputs, plan),
+                  trainable_tokens=ad.tokens or None)
     left_share, warnings = _share_notes(rows, ad, whole, plan.model_params)
     warnings += quality_warnings(rows, plan, pair, opts)
     sq_err, sq_tot = sum(r.sq_err for r in rows), sum(r.sq_tot for r in rows)
@@ -1105,11 +1187,16 @@ def _card(res: ExtractResult, inputs: _Inputs, options: dict | None) -> None:
     opts = {k: v for k, v in (options or {}).items() if k != "device"}
     worst = max(res.modules, key=lambda m: m.rel_error, default=None)
     share = 100 * (res.adapter_params + res.full_params) / max(res.model_params, 1)
-    summary = {"LoRA modules": len(res.modules), "LoRA parameters": res.adapter_params,
-               "tensors saved whole": len(res.full),
-               "share of the model's parameters": f"{share:.2f}%",
-               "overall relative error |delta - BA| / |delta|": round(res.overall_rel_error, 6),
-               "share of the delta left out": f"{100 * res.left_out_share:.2f}%"}
+    rows = [m for m in res.modules if m.method == "rows"]
+    summary: dict[str, Any] = {"LoRA modules": len(res.modules) - len(rows), "LoRA parameters": res.adapter_params}
+    if rows:
+        summary = {"LoRA modules": len(res.modules) - len(rows),
+                   "embedding rows (trainable_token_indices)": ", ".join(f"{m.module}: {m.rows}" for m in rows),
+                   "adapter parameters (LoRA + rows)": res.adapter_params}
+    summary.update({"tensors saved whole": len(res.full),
+                    "share of the model's parameters": f"{share:.2f}%",
+                    "overall relative error |delta - BA| / |delta|": round(res.overall_rel_error, 6),
+                    "share of the delta left out": f"{100 * res.left_out_share:.2f}%"})
     if worst is not None:
         summary["worst module"] = f"{worst.module}: relative error {worst.rel_error:.4f}, energy kept " \
                                   f"{100 * worst.energy_kept:.2f}%"

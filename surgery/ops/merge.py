@@ -55,7 +55,7 @@ import torch
 
 from surgery.core.hf import DTYPE_NAMES, DTYPES, parse_dtype, resolve_device, torch_threads
 from surgery.core.names import NameMap, name_map
-from surgery.core.peft_format import TOKENS_DELTA, LoraAdapterConfig, LoraModule, read_adapter
+from surgery.core.peft_format import TOKENS_DELTA, LoraAdapterConfig, LoraModule, read_adapter, token_indices
 from surgery.core.tensors import all_finite, count_non_finite
 from surgery.errors import AdapterError, CheckpointError, OptionError, ValidationError
 from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, TensorInfo, check_output_path, open_checkpoint
@@ -664,18 +664,9 @@ def _param_op(i: int, ad: _Adapter, key: str, order: list[str], base: _Base) -> 
     return target, _Op(i, "param", ad.weight, module=mod, fifo=transposed, experts=experts), source
 
 
-def _token_indices(ad: _Adapter, module: str) -> list[int]:
-    spec = ad.config.raw.get("trainable_token_indices")
-    if isinstance(spec, dict):
-        spec = next((v for k, v in spec.items() if module == k or module.endswith("." + k)), None)
-    if not isinstance(spec, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
-        raise AdapterError(f"{ad.path}: trainable_token_indices gives no list of token ids for {module}")
-    return spec
-
-
 def _token_op(i: int, ad: _Adapter, module: str, base: _Base, unmerge: bool) -> tuple[str, _Op]:
     """Adapter i's op for one trainable-tokens delta: the saved rows replace those rows."""
-    rows, index = ad.tokens[module], _token_indices(ad, module)
+    rows, index = ad.tokens[module], token_indices(ad.config, module, ad.path)
     if unmerge:
         raise AdapterError(f"{ad.path}: trainable tokens of {module} replace rows whose base values are not in the "
                            f"adapter, so unmerge cannot restore them; merge from the original base")

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.core.hf import config_dict, load_pretrained, quiet, resolve_device, torch_threads
-from surgery.core.peft_format import LoraAdapterConfig, LoraModule, read_adapter, write_adapter
+from surgery.core.peft_format import LoraAdapterConfig, LoraModule, read_adapter, split_token_rows, write_adapter
 from surgery.errors import AdapterError, CheckpointError, OptionError, SurgeryError
 from surgery.io import check_output_path, escape_name, open_checkpoint
 from surgery.io.guards import JSONRefused, check_output_file, decode_json, open_regular, staged_text
@@ -71,7 +71,7 @@ _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 _CACHE_LIMIT = 8 * 2**30  # bytes of cached teacher outputs before we refuse (logits are vocab-sized)
 _CONFIG_COMPUTED = ("peft_type", "bias", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules",
                     "lora_bias", "use_dora", "use_rslora", "modules_to_save", "fan_in_fan_out", "task_type",
-                    "base_model_name_or_path")
+                    "base_model_name_or_path", "trainable_token_indices")
 
 
 # ----------------------------------------------------------------------------- results
@@ -485,13 +485,42 @@ class _Lora(nn.Module):
         return out + self.head_delta(args[0]) if self.enabled else out
 
 
+class _Tokens(nn.Module):
+    """An embedding's trainable tokens (PEFT's trainable_token_indices): rows that replace the
+    base's rows `ids`, by a forward hook on the unchanged embedding (and on an output head tied
+    to it, whose logits of those ids then use the new rows, as in the merged model)."""
+
+    def __init__(self, ids: Sequence[int], rows: torch.Tensor, weight: torch.Tensor, device):
+        super().__init__()
+        self.ids = torch.tensor(list(ids), dtype=torch.long, device=device)  # (k,)
+        self.rows = nn.Parameter(rows.detach().to(device=device, dtype=torch.float32).clone())  # (k, dim)
+        slot = torch.full((weight.shape[0],), -1, dtype=torch.long, device=device)
+        slot[self.ids] = torch.arange(len(ids), device=device)
+        self.slot = slot  # (vocab,): the row holding each id, -1 for the base's
+        self.weight = weight  # the base embedding (frozen)
+        self.enabled = True
+
+    def hook(self, _mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return out
+        s = self.slot[args[0]]  # (...,)
+        return torch.where((s >= 0).unsqueeze(-1), self.rows[s.clamp(min=0)].to(out.dtype), out)
+
+    def head_hook(self, _mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return out
+        change = self.rows - self.weight[self.ids].detach().float()  # (k, dim)
+        return out.index_add(-1, self.ids, (args[0].float() @ change.T).to(out.dtype))
+
+
 class _Student:
     """BASE with the adapter's full tensors loaded and LoRA hooks attached."""
 
     def __init__(self, model: nn.Module, loras: Mapping[str, _Lora], handles: list,
-                 vectors: Mapping[str, nn.Parameter] | None = None):
+                 vectors: Mapping[str, nn.Parameter] | None = None, tokens: Mapping[str, _Tokens] | None = None):
         self.model, self.loras, self.handles = model, loras, handles
         self.vectors = dict(vectors or {})  # trainable 1-D full tensors of the adapter, by base tensor name
+        self.tokens = dict(tokens or {})  # trainable tokens by embedding module
 
     def named_params(self) -> list[tuple[tuple[str, str], nn.Parameter]]:
         """((slot, name), parameter): A / B / bias per LoRA module, then "full" 1-D tensors."""
@@ -500,6 +529,7 @@ class _Student:
             out += [(("A", name), m.A), (("B", name), m.B)]
             if m.bias is not None:
                 out.append((("bias", name), m.bias))
+        out += [(("tokens", n), t.rows) for n, t in self.tokens.items()]
         return out + [(("full", n), p) for n, p in self.vectors.items()]
 
     def params(self) -> list[nn.Parameter]:
@@ -511,12 +541,13 @@ class _Student:
 
     @contextlib.contextmanager
     def disabled(self):
-        for m in self.loras.values():
+        hooked = [*self.loras.values(), *self.tokens.values()]
+        for m in hooked:
             m.enabled = False
         try:
             yield
         finally:
-            for m in self.loras.values():
+            for m in hooked:
                 m.enabled = True
 
     def remove(self) -> None:
@@ -612,10 +643,35 @@ def _vector_params(model: nn.Module, full: Mapping[str, torch.Tensor]) -> dict[s
     return out
 
 
+def _make_tokens(model: nn.Module, name: str, ids: Sequence[int], rows: torch.Tensor, where: str, device,
+                 ) -> tuple[_Tokens, list]:
+    """Trainable tokens on embedding NAME, checked against it; (module, forward-hook handles)."""
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        mod = None
+    if not isinstance(mod, nn.Embedding):
+        raise AdapterError(f"{escape_name(where)}: trainable tokens on '{escape_name(name, 200)}', which is not an "
+                           "embedding of the base model; is the adapter for another model?")
+    if rows.shape[1] != mod.embedding_dim or not all(0 <= i < mod.num_embeddings for i in ids):
+        raise AdapterError(f"{escape_name(where)}: trainable tokens of {escape_name(name, 200)}: rows "
+                           f"{tuple(rows.shape)} / ids up to {max(ids)} do not fit the embedding "
+                           f"({mod.num_embeddings}, {mod.embedding_dim})")
+    tok = _Tokens(ids, rows, mod.weight, device)
+    handles = [mod.register_forward_hook(tok.hook)]
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if isinstance(head, nn.Linear) and head.weight is mod.weight:
+        handles.append(head.register_forward_hook(tok.head_hook))
+    return tok, handles
+
+
 def _attach(model: nn.Module, modules: Mapping[str, LoraModule], full: Mapping[str, torch.Tensor],
-            where: str, device, train_vectors: bool = False) -> _Student:
-    """MODEL with the adapter's full tensors loaded and a LoRA forward hook on every adapted module;
-    TRAIN_VECTORS: lora_B biases and 1-D full tensors become trainable too."""
+            where: str, device, train_vectors: bool = False,
+            tokens: Mapping[str, tuple[list[int], torch.Tensor]] | None = None) -> _Student:
+    """MODEL with the adapter's full tensors loaded, a LoRA forward hook on every adapted module and
+    one on every embedding with trainable TOKENS; TRAIN_VECTORS: lora_B biases and 1-D full tensors
+    become trainable too."""
     _load_full_tensors(model, full, where)
     loras: dict[str, _Lora] = {}
     handles = []
@@ -624,7 +680,11 @@ def _attach(model: nn.Module, modules: Mapping[str, LoraModule], full: Mapping[s
         loras[name] = _make_lora(mod, name, m, where, device, train_vectors)
         handles.append(mod.register_forward_hook(loras[name].hook))
     handles += _tied_head_hooks(model, loras)
-    return _Student(model, loras, handles, _vector_params(model, full) if train_vectors else None)
+    toks: dict[str, _Tokens] = {}
+    for name, (ids, rows) in (tokens or {}).items():
+        toks[name], more = _make_tokens(model, name, ids, rows, where, device)
+        handles += more
+    return _Student(model, loras, handles, _vector_params(model, full) if train_vectors else None, toks)
 
 
 def load_student(base: str | Path, adapter: str | Path, device: str = "cpu") -> nn.Module:
@@ -646,9 +706,9 @@ def load_student(base: str | Path, adapter: str | Path, device: str = "cpu") -> 
         >>> model = load_student("fixtures/tiny-bert", "out/lora-refined")
     """
     dev = resolve_device(device)
-    _, modules, full = read_adapter(adapter)
+    _, modules, full, tokens = _read_lora(Path(adapter))
     model = _load_model(Path(base), dev)
-    _attach(model, modules, full, str(adapter), dev)
+    _attach(model, modules, full, str(adapter), dev, tokens=tokens)
     return model
 
 
@@ -858,7 +918,8 @@ VECTOR_LR_SCALE = 0.1
 
 
 def _param_groups(student: _Student) -> list[dict[str, Any]]:
-    """AdamW groups: the factors at lr, the 1-D deltas at VECTOR_LR_SCALE · lr."""
+    """AdamW groups: the factors at lr, the 1-D deltas and token rows at VECTOR_LR_SCALE · lr (a row
+    holds the absolute values of every use of its token, like a vector)."""
     named = student.named_params()
     factors = [p for (slot, _), p in named if slot in ("A", "B")]
     vectors = [p for (slot, _), p in named if slot not in ("A", "B")]
@@ -905,9 +966,10 @@ def _train(student: _Student, setup: _Setup, cache: _Cache, opts: RefineOptions,
 
 
 def _save(out: Path, cfg: LoraAdapterConfig, modules: Mapping[str, LoraModule], full: Mapping[str, torch.Tensor],
-          state: Mapping[tuple[str, str], torch.Tensor], overwrite: bool, inputs: list[Path]) -> None:
-    """The refined adapter: the input's modules, ranks, scales, config fields; new factors (and trained
-    1-D deltas from STATE, in their input dtypes)."""
+          state: Mapping[tuple[str, str], torch.Tensor], overwrite: bool, inputs: list[Path],
+          tokens: Mapping[str, tuple[list[int], torch.Tensor]] | None = None) -> None:
+    """The refined adapter: the input's modules, ranks, scales, config fields, token ids; new factors
+    and token rows (and trained 1-D deltas) from STATE, in their input dtypes."""
     def trained(slot: str, name: str, like: torch.Tensor) -> torch.Tensor:
         return state[(slot, name)].cpu().to(like.dtype).contiguous()
 
@@ -919,9 +981,10 @@ def _save(out: Path, cfg: LoraAdapterConfig, modules: Mapping[str, LoraModule], 
     full = {n: trained("full", n, t) if ("full", n) in state else t for n, t in full.items()}
     extra = {k: v for k, v in cfg.raw.items() if k not in _CONFIG_COMPUTED and k != "bias"}
     whole, biases = _split_biases(cfg, full)
+    rows = {n: (ids, trained("tokens", n, t)) for n, (ids, t) in (tokens or {}).items()}
     write_adapter(out, refined, full_tensors=whole, base_model_name_or_path=cfg.base_model_name_or_path,
                   task_type=cfg.task_type, fan_in_fan_out=bool(cfg.fan_in_fan_out), extra_config=extra,
-                  overwrite=overwrite, inputs=inputs, bias_tensors=biases or None)
+                  overwrite=overwrite, inputs=inputs, bias_tensors=biases or None, trainable_tokens=rows or None)
 
 
 def _split_biases(cfg: LoraAdapterConfig, full: Mapping[str, torch.Tensor],
@@ -950,11 +1013,14 @@ def _result_options(opts: RefineOptions, setup: _Setup) -> dict[str, Any]:
             "threads": opts.threads or torch.get_num_threads(), "calibration": setup.data.where}
 
 
-def _read_lora(adapter: Path) -> tuple[LoraAdapterConfig, dict[str, LoraModule], dict[str, torch.Tensor]]:
-    cfg, modules, full = read_adapter(adapter)
+def _read_lora(adapter: Path) -> tuple[LoraAdapterConfig, dict[str, LoraModule], dict[str, torch.Tensor],
+                                       dict[str, tuple[list[int], torch.Tensor]]]:
+    """(config, LoRA modules, full tensors, trainable tokens {embedding: (ids, rows)})."""
+    cfg, modules, full = read_adapter(adapter, allow=("trainable_token_indices",))
     if cfg.use_dora:
         raise AdapterError(f"{escape_name(adapter)}: DoRA adapter; refine trains plain LoRA factors only")
-    return cfg, modules, full
+    tokens, full = split_token_rows(cfg, full, escape_name(adapter))
+    return cfg, modules, full, tokens
 
 
 def _base_shape(index, name: str) -> tuple[int, ...] | None:
@@ -966,13 +1032,21 @@ def _base_shape(index, name: str) -> tuple[int, ...] | None:
     return tuple(t.shape) if t is not None else None
 
 
-def _check_fits_base(base: Path, modules: Mapping[str, LoraModule], where: Path) -> None:
+def _check_fits_base(base: Path, modules: Mapping[str, LoraModule], where: Path,
+                     tokens: Mapping[str, tuple[list[int], torch.Tensor]] | None = None) -> None:
     """Refuse, before any model is loaded, an adapter whose targets or ranks do not fit BASE's weights.
 
     Raises:
-        AdapterError: a LoRA module naming no weight of BASE, or factors whose shapes do not fit it.
+        AdapterError: a LoRA module naming no weight of BASE, factors whose shapes do not fit it,
+            trainable tokens whose ids or rows do not fit the embedding.
     """
     index = open_checkpoint(base)
+    for name, (ids, rows) in (tokens or {}).items():
+        shape = _base_shape(index, name + ".weight")
+        if shape is None or len(shape) != 2 or rows.shape[1] != shape[1] or not all(0 <= i < shape[0] for i in ids):
+            raise AdapterError(f"{escape_name(where)}: trainable tokens of '{escape_name(name, 200)}' (rows "
+                               f"{tuple(rows.shape)}, ids up to {max(ids, default=0)}) do not fit the base "
+                               f"weight {shape}; is the adapter for another model?")
     tied = set(index.tied) | set(index.tied.values())
     for name, m in modules.items():
         shape = _base_shape(index, name + ".weight")
@@ -1020,14 +1094,15 @@ def _paths(base: Path, adapter: Path, teacher: Path, out: Path, opts: RefineOpti
 def _refine(paths: _Paths, lora: tuple, opts: RefineOptions, setup: _Setup, progress: Progress | None,
             t0: float) -> RefineResult:
     """The phases after _prepare: teacher cache -> student -> train -> save. LORA: _read_lora(ADAPTER)."""
-    cfg, modules, full = lora
+    cfg, modules, full, tokens = lora
     emit = _progress_fn(progress)
     applied = _result_options(opts, setup)
     dev = setup.device
     with torch_threads(opts.threads), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(opts.seed)
         cache = _teacher_cache(paths.teacher, setup, opts.batch_size, emit)
-        student = _attach(_load_model(paths.base, dev), modules, full, str(paths.adapter), dev, opts.train_vectors)
+        student = _attach(_load_model(paths.base, dev), modules, full, str(paths.adapter), dev, opts.train_vectors,
+                          tokens)
         trained = _train(student, setup, cache, opts, emit)
         student.remove()
         trainable = sum(p.numel() for p in student.params())
@@ -1043,7 +1118,7 @@ def _refine(paths: _Paths, lora: tuple, opts: RefineOptions, setup: _Setup, prog
     # the report is written first (a full disk fails here, before OUT is touched) and moved in with OUT
     report = json.dumps(result.to_json(), indent=2) + "\n"
     with staged_text(paths.report, report) if paths.report is not None else contextlib.nullcontext():
-        _save(paths.out, cfg, modules, full, trained.best_state, opts.overwrite, list(paths.inputs))
+        _save(paths.out, cfg, modules, full, trained.best_state, opts.overwrite, list(paths.inputs), tokens)
     _write_card(result, cfg, paths, opts)
     return result
 
@@ -1109,7 +1184,7 @@ def refine_adapter(
     base, adapter, teacher, out = Path(base), Path(adapter), Path(teacher), Path(out)
     paths = _paths(base, adapter, teacher, out, opts, report, (base, adapter, teacher))
     lora = _read_lora(adapter)  # a bad adapter fails before the calibration text is tokenised
-    _check_fits_base(base, lora[1], adapter)  # ... and before any model is loaded or trained
+    _check_fits_base(base, lora[1], adapter, lora[3])  # ... and before any model is loaded or trained
     setup = _prepare(base, teacher, opts)
     return _refine(paths, lora, opts, setup, progress, t0)
 

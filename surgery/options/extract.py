@@ -26,7 +26,7 @@ from surgery.options.base import (
 )
 
 SVD_METHODS = ("auto", "exact", "randomized")
-EMBEDDING_MODES = ("lora", "full", "skip")
+EMBEDDING_MODES = ("auto", "lora", "rows", "full", "skip")
 OTHER_DELTA_MODES = ("full", "skip")
 BIAS_MODES = ("auto", "lora", "all", "skip")
 #: PEFT's TaskType values (peft.utils.peft_types.TaskType)
@@ -49,8 +49,16 @@ class ExtractOptions(Options):
                    PEFT's rank_pattern).
         max_rank:  cap for every policy (default 256 for energy/budget unless svd="exact").
     SVD: svd ("auto" | "exact" | "randomized"), niter (power iterations, >= 0), seed.
-    Selection: include / exclude (regexes searched in module names), embeddings ("lora" |
-        "full" | "skip"), other_deltas (norm deltas: "full" saves them whole, "skip"; default
+    Selection: include / exclude (regexes searched in module names), embeddings: how a changed
+        input embedding is written —
+            "lora": LoRA factors; "full": saved whole (modules_to_save); "skip": left out;
+            "rows": its most changed rows, whole (PEFT's trainable_token_indices; PEFT >= 0.15):
+                    as many as a rank-N LoRA's parameters buy under rank N, the fewest reaching
+                    `energy`, or the allocator's count under `budget`;
+            "auto" (default): "lora", except that under `budget` an embedding whose delta lives in
+                    few rows (the rows a rank-N LoRA's parameters buy hold more of it than rank N,
+                    N from "rN", else 8) is written as rows; always "lora" with serving_safe.
+        other_deltas (norm deltas: "full" saves them whole, "skip"; default
         "full", or "skip" with serving_safe), bias: how bias deltas are written —
             "lora": lora_B.bias (lora_bias: true; PEFT then refuses embedding LoRAs, so changed
                     embeddings are saved whole), "all": the fine-tune's biases with PEFT's
@@ -86,7 +94,7 @@ class ExtractOptions(Options):
     seed: int = 0
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    embeddings: str = "lora"
+    embeddings: str = "auto"
     other_deltas: str | None = None
     bias: str = "auto"
     serving_safe: bool = False
@@ -122,6 +130,8 @@ class ExtractOptions(Options):
         for name in ("serving_safe", "overwrite"):
             require(isinstance(getattr(self, name), bool), name, f"must be True or False, got {getattr(self, name)!r}")
         if self.serving_safe:
+            require(self.embeddings != "rows", "serving_safe",
+                    "writes plain LoRA only, so it cannot be combined with embeddings='rows' (trainable tokens)")
             require(self.embeddings != "full", "serving_safe",
                     "saves nothing whole (no modules_to_save), so it cannot be combined with embeddings='full'")
             require(self.other_deltas != "full", "serving_safe",

@@ -43,15 +43,18 @@ def render_extract(res, top: int | None = 20, ctx: click.Context | None = None) 
     rows = sorted(res.modules, key=lambda m: -m.rel_error)
     shown = rows if top is None else rows[:top]
     lines = [table(
-        [[m.module, m.kind, "x".join(str(d) for d in m.shape), m.rank, human_count(m.params),
+        [[m.module, m.kind, "x".join(str(d) for d in m.shape), f"{m.rows} rows" if m.method == "rows" else m.rank,
+          human_count(m.params),
           f"{m.rel_change:.2e}", f"{m.rel_error:.4f}", f"{100 * m.energy_kept:.2f}"] for m in shown],
         EXTRACT_HEADERS, "lllrrrrr")]
     more = shown_line(len(shown), len(rows), "modules", "worst relative error first")
     if more:
         lines.append(more)
     share = 100 * (res.adapter_params + res.full_params) / max(res.model_params, 1)
+    n_rows = sum(m.method == "rows" for m in res.modules)
     lines.append(
-        f"{len(res.modules)} LoRA modules, {human_count(res.adapter_params)} LoRA params"
+        f"{len(res.modules) - n_rows} LoRA modules{f' + {n_rows} as rows (trainable tokens)' if n_rows else ''}, "
+        f"{human_count(res.adapter_params)} adapter params"
         f" + {human_count(res.full_params)} saved whole ({len(res.full)} tensors) = {share:.2f}% of the model;"
         f" overall relative error {res.overall_rel_error:.4f}; {res.seconds:.1f} s"
     )
@@ -92,7 +95,9 @@ def _run_refine(base, ft, out, opts: ExtractOptions, ropts, prog):
 @click.option("--max-rank", type=int, help="Rank cap for --energy/--budget (default 256 unless --svd exact).")
 @click.option("--include", multiple=True, metavar="REGEX", help="Only modules matching this regex (repeatable).")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip modules matching this regex (repeatable).")
-@click.option("--embeddings", type=click.Choice(EMBEDDING_MODES), default="lora", show_default=True)
+@click.option("--embeddings", type=click.Choice(EMBEDDING_MODES), default="auto", show_default=True,
+              help="A changed input embedding as LoRA, as its most changed rows (PEFT trainable tokens), whole, "
+                   "or skipped; auto: LoRA, or rows under --budget when its delta lives in few rows.")
 @click.option("--revision", help="Hub revision (branch, tag, commit) for BASE / FT given as Hub ids (from the cache).")
 @click.option("--other-deltas", type=click.Choice(OTHER_DELTA_MODES),
               help="Norm deltas: saved whole (modules_to_save) or skipped. [default: full; skip with --serving-safe]")
@@ -162,4 +167,7 @@ def extract_cmd(ctx, base, ft, out, report, plot, as_json, quiet, refine, **fiel
     click.echo(render_extract(res, ctx=ctx), err=True)
     if ref is not None:
         click.echo(render_refine(ref, ctx=ctx), err=True)
-    click.echo(f"wrote {out}: {len(res.modules)} LoRA modules, overall relative error {res.overall_rel_error:.4f}")
+    n_rows = sum(m.method == "rows" for m in res.modules)
+    rows = f" + {n_rows} as rows" if n_rows else ""
+    click.echo(f"wrote {out}: {len(res.modules) - n_rows} LoRA modules{rows}, overall relative error "
+               f"{res.overall_rel_error:.4f}")
