@@ -40,7 +40,7 @@ class XCase:
     arch: str
     change: str  # linears | biases | norms | embed | tied-embed | embed-rows | vocab | classifier | experts
     expect: str = "reproduce"  # reproduce | refuse
-    embeddings: str = "auto"  # extract-lora's embeddings option
+    embeddings: str = "lora"  # extract-lora's embeddings option
 
 
 def _xcases() -> list[XCase]:

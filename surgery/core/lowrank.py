@@ -15,8 +15,7 @@ Public API::
     lora_factors(res, r) -> (A (r, n), B (m, r))   B @ A = U_r S_r V_rᵀ, √S on both sides
     rank_for_energy(S, total_energy, energy) -> int
     allocate_budget({name: (S, m, n) | RowSpectrum}, budget) -> {name: rank | rows}
-    RowSpectrum.of(delta)                      a row-sparse candidate (embedding rows) for the allocator
-    prefer_rows(S, m, n, rows, rank)           whether rows hold more of Δ than rank `rank` at equal cost
+    RowSpectrum.of(delta)                      an embedding written as whole rows, for the allocator
     parse_budget("2%" | "1e6" | "150000", model_params) -> int
     default_oversample(rank) -> max(10, rank // 4)
     lapack_threads()                           context manager used around LAPACK calls
@@ -76,7 +75,6 @@ __all__ = [
     "rank_for_energy",
     "allocate_budget",
     "RowSpectrum",
-    "prefer_rows",
     "rank_budget_params",
     "parse_budget",
     "lapack_threads",
@@ -473,14 +471,6 @@ class RowSpectrum:
         sq = cls.row_sq(delta)
         sq = torch.sort(sq[sq > 0], descending=True).values
         return cls(sq, int(delta.shape[1]), int(delta.shape[0]))
-
-
-def prefer_rows(S: Tensor, m: int, n: int, rows: RowSpectrum, rank: int) -> bool:
-    """Whether whole rows hold more of a delta than a rank-`rank` LoRA of the same size: the top
-    ⌊rank·(m + n) / width⌋ rows' squared norms against σ_1² + … + σ_rank² (S descending), by more
-    than rounding (a tie, e.g. both exact on a tiny matrix, stays a LoRA)."""
-    k = rank * (m + n) // max(rows.width, 1)
-    return float(rows.sq[:k].sum()) > float(S[:rank].double().pow(2).sum()) * (1 + 1e-4)
 
 
 def _lora_entry(name: str, spec) -> tuple[list[float], int]:

@@ -40,15 +40,7 @@ from torch import Tensor
 
 from surgery.core.hf import resolve_device, torch_threads
 from surgery.core.layers import check_includes_match, matrix_tensors, module_filter, module_of, open_model, oriented
-from surgery.core.lowrank import (
-    RowSpectrum,
-    SVDResult,
-    allocate_budget,
-    parse_budget,
-    prefer_rows,
-    rank_budget_params,
-    truncated_svd,
-)
+from surgery.core.lowrank import SVDResult, allocate_budget, parse_budget, rank_budget_params, truncated_svd
 from surgery.core.tensors import check_finite, check_fits, matrix_bytes
 from surgery.errors import CheckpointError, OptionError
 from surgery.io import CheckpointIndex, LazyReader, escape_name
@@ -151,7 +143,6 @@ class ModuleAnalysis:
     delta: SpectrumStats | None = None
     rel_change: float | None = None  # ‖Δ‖_F / ‖W_base‖_F
     recommended_rank: int | None = None  # from --budget
-    recommended_rows: int | None = None  # from --budget: an embedding written as its most changed rows
 
 
 @dataclass
@@ -234,9 +225,8 @@ def analyze(
         rows, delta_spectra = _analyze_all(plan, opts, model, base, progress)
     budget = plan.budget
     if opts.budget is not None and (n := budget_rank(opts.budget)) is not None:
-        shapes = [(s.rows, s.width) if isinstance(s, RowSpectrum) else (s[1], s[2]) for s in delta_spectra.values()
-                  if (s.sq.numel() if isinstance(s, RowSpectrum) else s[0].numel() and float(s[0][0]) > 0)]
-        budget = rank_budget_params([(m, k, 1) for m, k in shapes], n)  # changed modules, as extract counts
+        budget = rank_budget_params([(m, k, 1) for S, m, k in delta_spectra.values()
+                                     if S.numel() and float(S[0]) > 0], n)  # changed modules, as extract counts
     used = _recommend(rows, delta_spectra, budget) if budget is not None else None
     return AnalyzeResult(
         model=str(model), base=None if base is None else str(base), ranks=list(opts.ranks), modules=rows,
@@ -296,7 +286,7 @@ def _analyze_all(plan: _Plan, opts: AnalyzeOptions, model, base, progress: Progr
     kw: dict[str, Any] = dict(exact_max=opts.exact_max, cap=plan.k_cap, niter=opts.niter, seed=opts.seed,
                               device=plan.device)
     rows: list[ModuleAnalysis] = []
-    delta_spectra: dict[str, Any] = {}
+    delta_spectra: dict[str, tuple[Tensor, int, int]] = {}
     with LazyReader(plan.idx) as rm, (LazyReader(plan.bidx) if plan.bidx is not None else _Null()) as rb:
         order = rm.order(plan.selected)
         for i, name in enumerate(order):
@@ -309,7 +299,7 @@ def _analyze_all(plan: _Plan, opts: AnalyzeOptions, model, base, progress: Progr
             if rb is not None:
                 wb = rb.get(name)
                 check_finite(wb, name, base)
-                delta_spectra[entry.module] = _delta(entry, M, wb, opts.ranks, kw, budget_rank(opts.budget))
+                delta_spectra[entry.module] = _delta(entry, M, wb, opts.ranks, kw)
             rows.append(entry)
             del w, M
             if progress:
@@ -318,35 +308,24 @@ def _analyze_all(plan: _Plan, opts: AnalyzeOptions, model, base, progress: Progr
 
 
 def _delta(entry: ModuleAnalysis, M: Tensor, wb: Tensor, ranks: Sequence[int],
-           kw: dict[str, Any], rows_rank: int | None) -> tuple[Tensor, int, int] | RowSpectrum:
-    """Fill entry.delta and entry.rel_change from Δ = M − W_base; returns the budget allocator's
-    entry: (Δ's singular values, m, n), or for an embedding whose delta lives in few rows (the
-    rule of extract-lora's embeddings "auto") its RowSpectrum."""
+           kw: dict[str, Any]) -> tuple[Tensor, int, int]:
+    """Fill entry.delta and entry.rel_change from Δ = M − W_base; returns (Δ's singular values, m, n)."""
     D = M - oriented(wb, entry.kind)  # (out, in)
     dres = spectrum(D, name=entry.tensor, **kw)
     stats = entry.delta = spectrum_stats(dres, ranks, DELTA_ENERGIES)
     bnorm = float(wb.float().norm())
     entry.rel_change = stats.norm / bnorm if bnorm else (0.0 if stats.norm == 0 else math.inf)
-    if entry.kind == "embedding" and stats.norm > 0:
-        rs = RowSpectrum.of(D)  # (vocab, dim): oriented() keeps an embedding in storage layout
-        if prefer_rows(dres.S, *dres.shape, rs, rows_rank or 8):
-            return rs
     return dres.S, *dres.shape
 
 
-def _recommend(rows: list[ModuleAnalysis], delta_spectra: dict[str, Any], budget: int) -> int:
-    """Set each row's recommended_rank, or recommended_rows for an embedding written as rows
-    (extract-lora's allocator); returns the parameters used."""
+def _recommend(rows: list[ModuleAnalysis], delta_spectra: dict[str, tuple[Tensor, int, int]], budget: int) -> int:
+    """Set each row's recommended_rank (extract-lora's allocator); returns the parameters used."""
     alloc = allocate_budget(delta_spectra, budget)
     used = 0
     for e in rows:
-        spec = delta_spectra[e.module]
-        if isinstance(spec, RowSpectrum):
-            e.recommended_rank, e.recommended_rows = 0, alloc.get(e.module, 0)
-            used += e.recommended_rows * spec.width
-        else:
-            e.recommended_rank = alloc.get(e.module, 0)
-            used += e.recommended_rank * (spec[1] + spec[2])
+        e.recommended_rank = alloc.get(e.module, 0)
+        _, m, n = delta_spectra[e.module]
+        used += e.recommended_rank * (m + n)
     return used
 
 

@@ -22,7 +22,7 @@ Orientation (PEFT's delta is scale * B @ A, transposed where the layout asks):
   Conv1D    W (in, out):   Δᵀ ≈ B @ A              fan_in_fan_out: true
   Embedding W (vocab, d):  Δᵀ ≈ B @ A              lora_embedding_A (r, vocab), _B (d, r)
   Experts   W (E, d1, d2): Δ_e ≈ B_e @ A_e         target_parameters (peft_format.ParamLora)
-  Rows      W (vocab, d):  W[i] = W_ft[i], i ∈ I    trainable_token_indices (embeddings "rows"/"auto")
+  Rows      W (vocab, d):  W[i] = W_ft[i], i ∈ I    trainable_token_indices (embeddings "rows")
 Every module gets scale exactly 1 (lora_alpha = r, rank_pattern/alpha_pattern).
 """
 
@@ -46,7 +46,6 @@ from surgery.core.lowrank import (
     allocate_budget,
     frob_sq,
     lora_factors,
-    prefer_rows,
     rank_budget_params,
     truncated_svd,
 )
@@ -807,34 +806,19 @@ def _spectra(p: TensorPlan, d: torch.Tensor, cap: int | None, svd: _SVDSettings)
     return (S, E * m, E * n)
 
 
-def _rows_rank(opts: ExtractOptions) -> int:
-    """The rank whose parameters "auto" compares an embedding's rows against: N of "rN", else 8."""
-    return budget_rank(opts.budget) or 8
-
-
-def _budget_ranks(plan: ExtractPlan, budget: int, pair: _Pair, svd: _SVDSettings, opts: ExtractOptions,
-                  progress: Progress | None) -> tuple[dict[str, int], set[str]]:
-    """The budget policy's first pass: every LoRA candidate's spectrum (each expert's), an
-    embedding's row norms where it may go as rows, then the allocator. Returns the ranks (row
-    counts for row candidates) and the tensors written as rows."""
+def _budget_ranks(plan: ExtractPlan, budget: int, pair: _Pair, svd: _SVDSettings,
+                  progress: Progress | None) -> dict[str, int]:
+    """The budget policy's first pass: every LoRA candidate's spectrum (each expert's), the row
+    norms of an embedding written as rows, then the allocator: {tensor: rank, or row count}."""
     cands = [p for p in plan.tensors if p.action in ("lora", "experts", "rows")]
-    auto = opts.embeddings == "auto" and not opts.serving_safe
     spectra: dict[str, Any] = {}
-    rows: set[str] = set()
     for i, p in enumerate(cands):
         d = pair.delta(p)[0]
         spectra[p.name] = RowSpectrum.of(d) if p.action == "rows" else _spectra(p, d, plan.cap, svd)
-        if auto and p.kind == "embedding" and p.action == "lora":
-            S, m, n = spectra[p.name]
-            rs = RowSpectrum.of(d)
-            if prefer_rows(S, m, n, rs, _rows_rank(opts)):
-                spectra[p.name] = rs
-        if isinstance(spectra[p.name], RowSpectrum):
-            rows.add(p.name)
         del d
         if progress:
             progress("spectra", i + 1, len(cands))
-    return allocate_budget(spectra, budget), rows
+    return allocate_budget(spectra, budget)
 
 
 def _row_count(p: TensorPlan, d: torch.Tensor, opts: ExtractOptions) -> int:
@@ -902,11 +886,10 @@ def decompose(plan: ExtractPlan, pair: _Pair, opts: ExtractOptions, svd: _SVDSet
               progress: Progress | None = None) -> list[Row]:
     """One row per planned tensor, in shard order; one delta in memory at a time."""
     out_dtype = parse_dtype(opts.dtype)
-    ranks, as_rows = (None, set()) if plan.budget_params is None else \
-        _budget_ranks(plan, plan.budget_params, pair, svd, opts, progress)
+    ranks = None if plan.budget_params is None else _budget_ranks(plan, plan.budget_params, pair, svd, progress)
     rows = []
     for i, p in enumerate(plan.tensors):
-        if p.action == "rows" or p.name in as_rows:
+        if p.action == "rows":
             rows.append(_rows_row(p, pair, opts, None if ranks is None else ranks[p.name]))
         elif p.action in ("lora", "experts"):
             rows.append(_lora_row(p, plan, pair, opts, svd, ranks))

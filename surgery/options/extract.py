@@ -26,7 +26,7 @@ from surgery.options.base import (
 )
 
 SVD_METHODS = ("auto", "exact", "randomized")
-EMBEDDING_MODES = ("auto", "lora", "rows", "full", "skip")
+EMBEDDING_MODES = ("lora", "rows", "full", "skip")
 OTHER_DELTA_MODES = ("full", "skip")
 BIAS_MODES = ("auto", "lora", "all", "skip")
 #: PEFT's TaskType values (peft.utils.peft_types.TaskType)
@@ -51,13 +51,11 @@ class ExtractOptions(Options):
     SVD: svd ("auto" | "exact" | "randomized"), niter (power iterations, >= 0), seed.
     Selection: include / exclude (regexes searched in module names), embeddings: how a changed
         input embedding is written —
-            "lora": LoRA factors; "full": saved whole (modules_to_save); "skip": left out;
+            "lora" (default): LoRA factors; "full": saved whole (modules_to_save); "skip": left out;
             "rows": its most changed rows, whole (PEFT's trainable_token_indices; PEFT >= 0.15):
                     as many as a rank-N LoRA's parameters buy under rank N, the fewest reaching
-                    `energy`, or the allocator's count under `budget`;
-            "auto" (default): "lora", except that under `budget` an embedding whose delta lives in
-                    few rows (the rows a rank-N LoRA's parameters buy hold more of it than rank N,
-                    N from "rN", else 8) is written as rows; always "lora" with serving_safe.
+                    `energy`; under `budget` the share a uniform rank would give the embedding
+                    (the allocator spreads the rest).
         other_deltas (norm deltas: "full" saves them whole, "skip"; default
         "full", or "skip" with serving_safe), bias: how bias deltas are written —
             "lora": lora_B.bias (lora_bias: true; PEFT then refuses embedding LoRAs, so changed
@@ -94,7 +92,7 @@ class ExtractOptions(Options):
     seed: int = 0
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    embeddings: str = "auto"
+    embeddings: str = "lora"
     other_deltas: str | None = None
     bias: str = "auto"
     serving_safe: bool = False

@@ -67,7 +67,7 @@ def _delta_table(res) -> str:
                *[_pct(d.energy[r]) for r in rk],
                *[_r(d.rank_for_energy[e], d.k) for e in ("0.9", "0.95", "0.99")]]
         if res.budget is not None:
-            row.append(f"{m.recommended_rows} rows" if m.recommended_rows is not None else m.recommended_rank)
+            row.append(m.recommended_rank)
         rows.append(row)
     head = ["module", "shape", "|d|/|W|", "d stable rank", "d eff. rank", *[f"d kept r={r} (%)" for r in rk],
             "r for 90%", "r for 95%", "r for 99%"] + (["recommended r"] if res.budget is not None else [])

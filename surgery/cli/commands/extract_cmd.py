@@ -95,9 +95,9 @@ def _run_refine(base, ft, out, opts: ExtractOptions, ropts, prog):
 @click.option("--max-rank", type=int, help="Rank cap for --energy/--budget (default 256 unless --svd exact).")
 @click.option("--include", multiple=True, metavar="REGEX", help="Only modules matching this regex (repeatable).")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Skip modules matching this regex (repeatable).")
-@click.option("--embeddings", type=click.Choice(EMBEDDING_MODES), default="auto", show_default=True,
-              help="A changed input embedding as LoRA, as its most changed rows (PEFT trainable tokens), whole, "
-                   "or skipped; auto: LoRA, or rows under --budget when its delta lives in few rows.")
+@click.option("--embeddings", type=click.Choice(EMBEDDING_MODES), default="lora", show_default=True,
+              help="A changed embedding as LoRA, as its most changed rows (PEFT trainable tokens: as many as "
+                   "rank N's parameters buy), whole, or skipped.")
 @click.option("--revision", help="Hub revision (branch, tag, commit) for BASE / FT given as Hub ids (from the cache).")
 @click.option("--other-deltas", type=click.Choice(OTHER_DELTA_MODES),
               help="Norm deltas: saved whole (modules_to_save) or skipped. [default: full; skip with --serving-safe]")
