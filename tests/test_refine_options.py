@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_defaults_and_resolved_values():
     o = RefineOptions(calibration="texts.txt")
-    assert (o.steps, o.lr, o.batch_size, o.max_length, o.objective, o.holdout) == (600, 3e-3, 32, 128, "auto", 0.1)
+    assert (o.steps, o.lr, o.batch_size, o.max_length, o.objective, o.holdout) == (1000, 3e-3, 32, 128, "auto", 0.1)
     assert o.device == "auto" and o.seed == 0 and o.threads is None and o.overwrite is False
-    assert o.eval_interval == 60 and o.warmup_steps == 60
+    assert o.eval_interval == 100 and o.warmup_steps == 100
     assert o.replace(steps=5).eval_interval == 1 and o.replace(steps=5).warmup_steps == 1  # at least 1
     assert o.replace(steps=5000).warmup_steps == 100  # capped
     assert o.replace(eval_every=7, warmup=0).eval_interval == 7 and o.replace(warmup=0).warmup_steps == 0
