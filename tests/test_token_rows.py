@@ -75,6 +75,10 @@ def test_rows_extract_load_merge(request, arch, tmp_path):
     causal = arch == "gpt2"
     pm = peft_model(base, tmp_path / "ad", causal=causal)
     y_peft = outputs(pm)
+    # refine's student (our hooks; GPT-2's tied head sees the rows too) computes what PEFT does
+    from surgery.ops.refine import load_student
+
+    assert torch.allclose(outputs(load_student(base, tmp_path / "ad")), y_peft, atol=1e-5)
     merged = pm.merge_and_unload()
     merge(base, [tmp_path / "ad"], tmp_path / "merged")
     ours = hf_model(tmp_path / "merged", causal)
