@@ -47,6 +47,7 @@ from surgery.core.lowrank import (
     frob_sq,
     lora_factors,
     rank_budget_params,
+    rank_for_energy,
     truncated_svd,
 )
 from surgery.core.names import NameMap, name_map
@@ -821,27 +822,25 @@ def _budget_ranks(plan: ExtractPlan, budget: int, pair: _Pair, svd: _SVDSettings
     return allocate_budget(spectra, budget)
 
 
-def _row_count(p: TensorPlan, d: torch.Tensor, opts: ExtractOptions) -> int:
+def _row_count(sq: torch.Tensor, dim: int, opts: ExtractOptions) -> int:
     """How many rows embeddings="rows" keeps outside a budget: as many as a rank-N LoRA's
-    parameters buy (N the fixed rank), or the fewest reaching `energy` of ‖Δ‖²."""
-    vocab, dim = d.shape
+    parameters buy (N the fixed rank), or the fewest reaching `energy` of ‖Δ‖² (SQ: each row's
+    squared norm)."""
     if opts.energy is None:
-        return (opts.effective_rank or 1) * (vocab + dim) // dim
-    sq = RowSpectrum.of(d).sq
-    cum = sq.cumsum(0)
-    hit = torch.nonzero(cum >= float(opts.energy) * float(sq.sum()))
-    return int(hit[0, 0]) + 1 if hit.numel() else int(sq.numel())
+        return (opts.effective_rank or 1) * (sq.numel() + dim) // dim
+    norms = torch.sort(sq, descending=True).values.sqrt()
+    return rank_for_energy(norms, float(sq.sum()), float(opts.energy))
 
 
-def decompose_rows(p: TensorPlan, d: torch.Tensor, total: float, wsq: float, count: int,
+def decompose_rows(p: TensorPlan, sq: torch.Tensor, dim: int, total: float, wsq: float, count: int,
                    ft: Callable[[], torch.Tensor], out_dtype: torch.dtype) -> Row:
-    """An embedding delta -> its `count` most changed rows, whole (the fine-tune's values, which
-    PEFT's trainable tokens put in place of the base's), and the report row. The error is the
-    squared norm of the rows left out plus what the cast to out_dtype costs."""
+    """An embedding delta, given as each row's squared norm SQ (vocab,) -> its `count` most changed
+    rows, whole (the fine-tune's values, which PEFT's trainable tokens put in place of the base's),
+    and the report row. The error is the squared norm of the rows left out plus what the cast to
+    out_dtype costs."""
     name = p.name
     if total == 0.0:
         return Row(name, skipped={"tensor": name, "why": "delta is zero"}, target=p.target)
-    sq = RowSpectrum.row_sq(d)  # (vocab,)
     changed = int((sq > 0).sum())
     k = min(count, changed)
     if k == 0:
@@ -853,9 +852,8 @@ def decompose_rows(p: TensorPlan, d: torch.Tensor, total: float, wsq: float, cou
     values = full.to(out_dtype)
     err = float(sq[order[k:]].sum()) + float((values.double() - full.double()).pow(2).sum())
     wnorm = math.sqrt(wsq)
-    vocab, dim = d.shape
     note = f"{k} of {changed} changed rows, whole (trainable tokens)"
-    report = ModuleReport(p.module, p.kind, (int(vocab), int(dim)), 0, values.numel(), math.sqrt(total),
+    report = ModuleReport(p.module, p.kind, (int(sq.numel()), int(dim)), 0, values.numel(), math.sqrt(total),
                           math.sqrt(total) / wnorm if wnorm else math.inf, math.sqrt(min(err, total) / total),
                           1.0 - min(err, total) / total, "rows", note, rows=k)
     return Row(name, report=report, sq_err=min(err, total), sq_tot=total, target=p.target, delta_sq=total,
@@ -864,9 +862,11 @@ def decompose_rows(p: TensorPlan, d: torch.Tensor, total: float, wsq: float, cou
 
 def _rows_row(p: TensorPlan, pair: _Pair, opts: ExtractOptions, count: int | None) -> Row:
     d, total, wsq = pair.delta(p)
+    sq, dim = RowSpectrum.row_sq(d), int(d.shape[1])
+    del d
     dtype = parse_dtype(opts.dtype) or pair.base_idx.tensors[p.name].dtype
-    count = _row_count(p, d, opts) if count is None else count
-    return decompose_rows(p, d, total, wsq, count, lambda: pair.ft(p), dtype)
+    count = _row_count(sq, dim, opts) if count is None else count
+    return decompose_rows(p, sq, dim, total, wsq, count, lambda: pair.ft(p), dtype)
 
 
 def _lora_row(p: TensorPlan, plan: ExtractPlan, pair: _Pair, opts: ExtractOptions, svd: _SVDSettings,
@@ -1171,11 +1171,10 @@ def _card(res: ExtractResult, inputs: _Inputs, options: dict | None) -> None:
     worst = max(res.modules, key=lambda m: m.rel_error, default=None)
     share = 100 * (res.adapter_params + res.full_params) / max(res.model_params, 1)
     rows = [m for m in res.modules if m.method == "rows"]
-    summary: dict[str, Any] = {"LoRA modules": len(res.modules) - len(rows), "LoRA parameters": res.adapter_params}
+    summary: dict[str, Any] = {"LoRA modules": len(res.modules) - len(rows)}
     if rows:
-        summary = {"LoRA modules": len(res.modules) - len(rows),
-                   "embedding rows (trainable_token_indices)": ", ".join(f"{m.module}: {m.rows}" for m in rows),
-                   "adapter parameters (LoRA + rows)": res.adapter_params}
+        summary["embedding rows (trainable_token_indices)"] = ", ".join(f"{m.module}: {m.rows}" for m in rows)
+    summary[f"{'adapter parameters (LoRA + rows)' if rows else 'LoRA parameters'}"] = res.adapter_params
     summary.update({"tensors saved whole": len(res.full),
                     "share of the model's parameters": f"{share:.2f}%",
                     "overall relative error |delta - BA| / |delta|": round(res.overall_rel_error, 6),

@@ -55,7 +55,7 @@ import torch
 
 from surgery.core.hf import DTYPE_NAMES, DTYPES, parse_dtype, resolve_device, torch_threads
 from surgery.core.names import NameMap, name_map
-from surgery.core.peft_format import TOKENS_DELTA, LoraAdapterConfig, LoraModule, read_adapter, token_indices
+from surgery.core.peft_format import LoraAdapterConfig, LoraModule, read_adapter, split_token_rows
 from surgery.core.tensors import all_finite, count_non_finite
 from surgery.errors import AdapterError, CheckpointError, OptionError, ValidationError
 from surgery.io import CheckpointIndex, LazyReader, ShardedWriter, TensorInfo, check_output_path, open_checkpoint
@@ -199,7 +199,7 @@ class _Adapter:
     weight: float
     origin: dict[str, str] = field(default_factory=dict)  # stored module name -> PEFT's (where they differ)
     params: dict[str, LoraModule] = field(default_factory=dict)  # target_parameters: PEFT module key -> LoRA
-    tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # trainable tokens: module -> saved rows
+    tokens: dict[str, tuple[list[int], torch.Tensor]] = field(default_factory=dict)  # module -> (ids, rows)
 
     def peft_name(self, module: str) -> str:
         """The module name PEFT keys this adapter by (the model's in-memory name)."""
@@ -666,7 +666,7 @@ def _param_op(i: int, ad: _Adapter, key: str, order: list[str], base: _Base) -> 
 
 def _token_op(i: int, ad: _Adapter, module: str, base: _Base, unmerge: bool) -> tuple[str, _Op]:
     """Adapter i's op for one trainable-tokens delta: the saved rows replace those rows."""
-    rows, index = ad.tokens[module], token_indices(ad.config, module, ad.path)
+    index, rows = ad.tokens[module]
     if unmerge:
         raise AdapterError(f"{ad.path}: trainable tokens of {module} replace rows whose base values are not in the "
                            f"adapter, so unmerge cannot restore them; merge from the original base")
@@ -875,7 +875,7 @@ def _load_adapters(adapters: Sequence[str | Path], weights: list[float]) -> list
             raise AdapterError(f"{p}: not an adapter directory "
                                f"(expected adapter_config.json + adapter_model.safetensors)")
         cfg, modules, full = read_adapter(p, allow=("target_parameters", "trainable_token_indices"))
-        tokens = {n.removesuffix(TOKENS_DELTA): full.pop(n) for n in list(full) if n.endswith(TOKENS_DELTA)}
+        tokens, full = split_token_rows(cfg, full, str(p))
         params = {n: modules.pop(n) for n in list(modules) if modules[n].kind == "param"}
         out.append(_Adapter(str(path), cfg, modules, _normalize_full(p, full), w, params=params, tokens=tokens))
     return out

@@ -621,14 +621,18 @@ def _make_lora(mod: nn.Module, name: str, m: LoraModule, where: str, device, tra
     return lo
 
 
-def _tied_head_hooks(model: nn.Module, loras: Mapping[str, _Lora]) -> list:
-    """An output head tied to a LoRA'd input embedding must see the same delta (the merged model has it)."""
+def _tied_head(model: nn.Module, weight: torch.Tensor) -> nn.Linear | None:
+    """The model's output head when it is a Linear sharing WEIGHT (an input embedding's), else None."""
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
-    if head is None or not isinstance(head, nn.Linear):
-        return []
-    return [head.register_forward_hook(lo.head_hook) for name, lo in loras.items()
-            if lo.kind == "embedding" and model.get_submodule(name).weight is head.weight]
+    return head if isinstance(head, nn.Linear) and head.weight is weight else None
+
+
+def _tied_head_hooks(model: nn.Module, loras: Mapping[str, _Lora]) -> list:
+    """An output head tied to a LoRA'd input embedding must see the same delta (the merged model has it)."""
+    heads = [(head, lo) for name, lo in loras.items() if lo.kind == "embedding"
+             and (head := _tied_head(model, cast(torch.Tensor, model.get_submodule(name).weight))) is not None]
+    return [head.register_forward_hook(lo.head_hook) for head, lo in heads]
 
 
 def _vector_params(model: nn.Module, full: Mapping[str, torch.Tensor]) -> dict[str, nn.Parameter]:
@@ -659,9 +663,8 @@ def _make_tokens(model: nn.Module, name: str, ids: Sequence[int], rows: torch.Te
                            f"({mod.num_embeddings}, {mod.embedding_dim})")
     tok = _Tokens(ids, rows, mod.weight, device)
     handles = [mod.register_forward_hook(tok.hook)]
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    if isinstance(head, nn.Linear) and head.weight is mod.weight:
+    head = _tied_head(model, mod.weight)
+    if head is not None:
         handles.append(head.register_forward_hook(tok.head_hook))
     return tok, handles
 

@@ -35,6 +35,12 @@ EXTRACT_HEADERS = ["module", "kind", "shape (out x in)", "rank", "params", "|d|/
                    "energy kept (%)"]
 
 
+def _module_counts(res) -> str:
+    """"N LoRA modules" (+ "K as rows (trainable tokens)") of an ExtractResult."""
+    n_rows = sum(m.method == "rows" for m in res.modules)
+    return f"{len(res.modules) - n_rows} LoRA modules" + (f" + {n_rows} as rows (trainable tokens)" if n_rows else "")
+
+
 def render_extract(res, top: int | None = 20, ctx: click.Context | None = None) -> str:
     """The stderr report of an ExtractResult: the TOP worst modules (a summary, said so), grouped
     skips, notes and warnings (each once). The full list is the JSON report."""
@@ -51,10 +57,8 @@ def render_extract(res, top: int | None = 20, ctx: click.Context | None = None) 
     if more:
         lines.append(more)
     share = 100 * (res.adapter_params + res.full_params) / max(res.model_params, 1)
-    n_rows = sum(m.method == "rows" for m in res.modules)
     lines.append(
-        f"{len(res.modules) - n_rows} LoRA modules{f' + {n_rows} as rows (trainable tokens)' if n_rows else ''}, "
-        f"{human_count(res.adapter_params)} adapter params"
+        f"{_module_counts(res)}, {human_count(res.adapter_params)} adapter params"
         f" + {human_count(res.full_params)} saved whole ({len(res.full)} tensors) = {share:.2f}% of the model;"
         f" overall relative error {res.overall_rel_error:.4f}; {res.seconds:.1f} s"
     )
@@ -167,7 +171,4 @@ def extract_cmd(ctx, base, ft, out, report, plot, as_json, quiet, refine, **fiel
     click.echo(render_extract(res, ctx=ctx), err=True)
     if ref is not None:
         click.echo(render_refine(ref, ctx=ctx), err=True)
-    n_rows = sum(m.method == "rows" for m in res.modules)
-    rows = f" + {n_rows} as rows" if n_rows else ""
-    click.echo(f"wrote {out}: {len(res.modules) - n_rows} LoRA modules{rows}, overall relative error "
-               f"{res.overall_rel_error:.4f}")
+    click.echo(f"wrote {out}: {_module_counts(res)}, overall relative error {res.overall_rel_error:.4f}")
